@@ -1,0 +1,117 @@
+"""The node process: DICOM listener(s) and the scheduler over one database and storage.
+
+``listener_processes > 1`` starts extra listener processes sharing the port
+(``SO_REUSEPORT``): one Python process is bound by one core, so concurrent senders scale
+with processes. The scheduler runs in the main process only.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import make_engine, make_session_factory
+from dicom_node.jobs import SendTask
+from dicom_node.migrate import require_current_schema
+from dicom_node.scheduler import Scheduler
+from dicom_node.scp import DicomService, SrReceived, StoreContext
+from dicom_node.settings import Settings
+from dicom_node.storage import FileStore
+
+log = logging.getLogger(__name__)
+
+
+def make_store(settings: Settings) -> FileStore:
+    return FileStore(
+        settings.resolved_storage_dir, min_free_bytes=settings.min_free_disk_mb * 1024 * 1024
+    )
+
+
+def _sr_hook() -> SrReceived | None:
+    """The handler that turns a received ROI report into an annotation, if available."""
+    try:
+        from dicom_node.annotations import annotation_from_sr
+    except ImportError:
+        return None
+    return annotation_from_sr
+
+
+@dataclass
+class Node:
+    """A running node; :meth:`stop` shuts everything down."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: FileStore
+    service: DicomService
+    scheduler: Scheduler | None
+    children: list[Any] = field(default_factory=list)
+
+    @property
+    def dicom_address(self) -> tuple[str, int]:
+        return self.service.address
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.join(timeout=10)
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self.service.stop()
+        self.engine.dispose()
+
+
+def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool = True) -> Node:
+    """Start the listener(s) and, with ``send``, the scheduler. Returns at once."""
+    engine = make_engine(settings.resolved_database_url)
+    require_current_schema(engine)
+    sessions = make_session_factory(engine)
+    store = make_store(settings)
+    store.sweep_incoming()
+    service = DicomService(settings, StoreContext(store=store, sessions=sessions, on_sr=_sr_hook()))
+    service.start()
+    children = []
+    if settings.listener_processes > 1:
+        if settings.dicom_port == 0:
+            raise ValueError("several listener processes need a fixed DICOM port")
+        ctx = multiprocessing.get_context("spawn")
+        for number in range(1, settings.listener_processes):
+            child = ctx.Process(
+                target=_listener_main,
+                args=(settings.model_dump(),),
+                name=f"dicom-listener-{number}",
+                daemon=True,
+            )
+            child.start()
+            children.append(child)
+    scheduler = None
+    if run_scheduler and send is not None:
+        scheduler = Scheduler(settings, sessions, send)
+        scheduler.start()
+    return Node(settings, engine, sessions, store, service, scheduler, children)
+
+
+def _listener_main(settings_data: dict[str, Any]) -> None:
+    """Entry point of an extra listener process (no scheduler)."""
+    settings = Settings(**settings_data)
+    logging.basicConfig(level=logging.INFO)
+    engine = make_engine(settings.resolved_database_url)
+    sessions = make_session_factory(engine)
+    service = DicomService(
+        settings, StoreContext(store=make_store(settings), sessions=sessions, on_sr=_sr_hook())
+    )
+    service.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    service.stop()
+    engine.dispose()

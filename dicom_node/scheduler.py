@@ -1,0 +1,143 @@
+"""The node's own scheduler: study completion, waking workers, and the sweep.
+
+Every tick (``completion_check_interval_s``):
+  1. studies quiet for the quiet period become complete;
+  2. ready annotations never sent to a worker are sent (this is what makes "whichever
+     arrives last, study or ROI, wakes the worker" true);
+  3. deliveries that are due are sent.
+Every ``sweeper_interval_s`` it also re-sends ready work whose message is older than
+``4 × sweeper_interval_s`` (lost with a broker restart or a killed worker) and work whose
+worker's lease expired. Duplicate messages are harmless: a worker claims in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import transaction
+from dicom_node.jobs import (
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
+    TRIAGE_QUEUE,
+    TRIAGE_TASK,
+    SendTask,
+    SweepReport,
+    complete_quiet_studies,
+    due_delivery_ids,
+    mark_enqueued,
+    publish,
+    ready_annotation_ids,
+)
+from dicom_node.schema import Delivery, RoiAnnotation
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DELIVERY_IN_FLIGHT_S = 120.0
+"""A delivery sent to a worker is not re-sent for this long unless the worker reports back."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        send: SendTask,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.send = send
+        self.clock = clock
+        self._last_sweep = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stale_after_s(self) -> float:
+        return 4 * self.settings.sweeper_interval_s
+
+    def tick(self, *, sweep: bool = False) -> SweepReport:
+        """One pass; ``sweep`` also re-sends stale and expired work."""
+        now = self.clock()
+        with transaction(self.sessions) as session:
+            completed = complete_quiet_studies(
+                session, quiet_period_s=self.settings.quiet_period_s, now=now
+            )
+        for study_uid in completed:
+            log.info(
+                "study %s complete (quiet for %.0f s)", study_uid, self.settings.quiet_period_s
+            )
+
+        with transaction(self.sessions) as session:
+            ready = ready_annotation_ids(
+                session, now=now, stale_after_s=self.stale_after_s if sweep else None
+            )
+            mark_enqueued(session, ready, now)
+        sent = publish(self.send, TRIAGE_TASK, ready, TRIAGE_QUEUE)
+        unsent = sorted(set(ready) - set(sent))
+        if unsent:
+            with transaction(self.sessions) as session:
+                session.execute(
+                    update(RoiAnnotation)
+                    .where(RoiAnnotation.id.in_(unsent))
+                    .values(enqueued_at=None)
+                )
+
+        with transaction(self.sessions) as session:
+            due = due_delivery_ids(session, now=now)
+            if due:
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(due))
+                    .values(next_attempt_at=now + timedelta(seconds=DELIVERY_IN_FLIGHT_S))
+                )
+        delivered_msgs = publish(self.send, DELIVER_TASK, due, DELIVERY_QUEUE)
+        unsent_deliveries = sorted(set(due) - set(delivered_msgs))
+        if unsent_deliveries:
+            with transaction(self.sessions) as session:
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(unsent_deliveries))
+                    .values(next_attempt_at=now)
+                )
+        if sent or delivered_msgs:
+            log.info(
+                "woke workers: %d triage job(s), %d delivery(ies)", len(sent), len(delivered_msgs)
+            )
+        return SweepReport(
+            studies_completed=tuple(completed),
+            triage_enqueued=tuple(sent),
+            deliveries_enqueued=tuple(delivered_msgs),
+        )
+
+    def run(self) -> None:
+        """Tick until :meth:`stop`; a database or broker outage is logged and waited out."""
+        while not self._stop.is_set():
+            monotonic = time.monotonic()
+            sweep = monotonic - self._last_sweep >= self.settings.sweeper_interval_s
+            try:
+                self.tick(sweep=sweep)
+                if sweep:
+                    self._last_sweep = monotonic
+            except SQLAlchemyError as exc:
+                log.error("scheduler: database unavailable (%s); retrying", type(exc).__name__)
+            self._stop.wait(self.settings.completion_check_interval_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,252 @@
+"""The database schema: the node is the archive of record for what it received and decided.
+
+Tables are created and changed only by the Alembic migrations in ``migrations/``; this module
+is their metadata. The job of a triage is an ROI annotation: its ``state`` and lease columns
+are the queue of record (the broker only wakes workers).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy import Enum as SqlEnum
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UID = String(64)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A point in time, stored as naive UTC, returned timezone-aware (UTC) on every backend."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances arrived within the quiet period
+    COMPLETE = "complete"  # quiet for the quiet period: ready for triage
+
+
+class AnnotationState(enum.StrEnum):
+    PENDING = "pending"  # waiting for its study to be complete, or for a worker
+    PROCESSING = "processing"  # claimed by a worker (lease in claimed_until)
+    DONE = "done"  # a result exists
+    FAILED = "failed"  # permanent failure; failure_reason says why
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"  # due at next_attempt_at
+    SENDING = "sending"  # claimed by a worker (lease in claimed_until)
+    DELIVERED = "delivered"
+    FAILED = "failed"  # attempts exhausted or permanent refusal; can be retried by hand
+
+
+def _enum(enum_cls: type[enum.Enum], name: str) -> SqlEnum:
+    return SqlEnum(
+        enum_cls,
+        name=name,
+        native_enum=False,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState, "study_state"))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    completion_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+    __table_args__ = (Index("ix_study_state_last_received", "state", "last_received_at"),)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(UID)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512))  # relative to the storage root
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class RoiAnnotation(Base):
+    """A radiologist's ROI on the most abnormal vertebra: the unit of triage work."""
+
+    __tablename__ = "roi_annotation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    slices_x_mm: Mapped[list[float]] = mapped_column(JSON)
+    polygon_yz_mm: Mapped[list[list[float]]] = mapped_column(JSON)
+    vertebra: Mapped[str | None] = mapped_column(String(16))
+    annotator: Mapped[str | None] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(String(16))  # rest | sr | csv
+    # Identity of the source object (SR SOP Instance UID, client key): a re-sent SR is one ROI.
+    source_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    state: Mapped[AnnotationState] = mapped_column(_enum(AnnotationState, "annotation_state"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    enqueued_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    results: Mapped[list[TriageResult]] = relationship(back_populates="annotation")
+
+    __table_args__ = (Index("ix_roi_annotation_state", "state", "claimed_until"),)
+
+    def roi_json(self) -> dict[str, Any]:
+        """The METHOD.md ROI JSON of this annotation."""
+        data: dict[str, Any] = {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "slices_x_mm": list(self.slices_x_mm),
+            "polygon_yz_mm": [list(point) for point in self.polygon_yz_mm],
+        }
+        if self.vertebra:
+            data["vertebra"] = self.vertebra
+        return data
+
+
+class TriageResult(Base):
+    """The model's answer for one annotation and one model version (idempotence key)."""
+
+    __tablename__ = "triage_result"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(
+        ForeignKey("roi_annotation.id", ondelete="CASCADE"), index=True
+    )
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    patient_probability: Mapped[float] = mapped_column(Float)
+    slice_x_mm: Mapped[list[float]] = mapped_column(JSON)
+    slice_probabilities: Mapped[list[float]] = mapped_column(JSON)
+    label: Mapped[str] = mapped_column(String(16))  # malignant | benign
+    priority: Mapped[str] = mapped_column(String(16))  # HIGH | ROUTINE
+    threshold: Mapped[float] = mapped_column(Float)
+    demonstration_model: Mapped[bool] = mapped_column(default=False)
+    sr_series_instance_uid: Mapped[str] = mapped_column(UID)
+    sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sr_path: Mapped[str] = mapped_column(String(512))  # relative to the storage root
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    annotation: Mapped[RoiAnnotation] = relationship(back_populates="results")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
+
+    __table_args__ = (UniqueConstraint("annotation_id", "model_version", name="uq_result_key"),)
+
+
+class Delivery(Base):
+    """One result to one destination (PACS, HL7, Orthanc, webhook): the outbox."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(
+        ForeignKey("triage_result.id", ondelete="CASCADE"), index=True
+    )
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState, "delivery_state"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    result: Mapped[TriageResult] = relationship(back_populates="deliveries")
+
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination", name="uq_delivery_key"),
+        Index("ix_delivery_due", "state", "next_attempt_at"),
+    )

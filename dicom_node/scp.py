@@ -1,0 +1,261 @@
+"""The node's DICOM service: C-ECHO and C-STORE, durable before Success.
+
+The C-STORE handler is a plain function with its dependencies passed in (pynetdicom's
+``evt_handlers`` style) and answers with DIMSE status codes instead of raising:
+
+* ``0x0000`` Success: the bytes as received are fsynced in storage and the index committed;
+* ``0xA700`` Out of resources: disk full (or below its reserve); nothing is left behind;
+* ``0xC000``-range: the dataset cannot be understood (bad UID, unreadable header: ``0xC210``)
+  or the database is unavailable (``0xC001``); nothing is left behind; the sender retries.
+
+Pixel data are never decoded on the receive path: ``event.encoded_dataset()`` goes to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from io import BytesIO
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedSRStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.index import RecordOutcome, header_from_dataset, record_instance
+from dicom_node.settings import Settings
+from dicom_node.storage import FileStore, InvalidUidError, StorageFullError
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_3D_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.34")
+
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+    COMPREHENSIVE_3D_SR_STORAGE,
+)
+SR_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES[2:])
+
+# Every transfer syntax a CT or SR commonly arrives in; stored exactly as received.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_DATABASE_UNAVAILABLE = 0xC001
+STATUS_PROCESSING_FAILURE = 0x0110
+
+SrReceived = Callable[[Session, Dataset], None]
+"""Called inside the indexing transaction when an SR arrives (ROI annotations)."""
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    """What ``handle_store`` needs, passed in as data."""
+
+    store: FileStore
+    sessions: sessionmaker[Session]
+    on_sr: SrReceived | None = None
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
+    """C-STORE: store the bytes durably, index them, then (only then) answer Success."""
+    calling_ae = event.assoc.requestor.ae_title
+    try:
+        data = event.encoded_dataset()
+        transfer_syntax = event.context.transfer_syntax
+        header_ds = dcmread(BytesIO(data), stop_before_pixels=True)
+        header = header_from_dataset(header_ds, str(transfer_syntax))
+        if header.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+            raise InvalidUidError("SOPInstanceUID differs from the request's")
+    except InvalidUidError as exc:
+        log.warning("refused instance from %s: %s", calling_ae, exc)
+        return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+    except Exception as exc:  # an unreadable dataset: refuse it, keep serving
+        log.warning("refused unreadable dataset from %s: %s", calling_ae, type(exc).__name__)
+        return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be read")
+
+    try:
+        stored = context.store.write(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
+        )
+    except StorageFullError:
+        log.error("storage full: refused instance from %s (sender should retry)", calling_ae)
+        return _status(STATUS_OUT_OF_RESOURCES, "storage full")
+    except OSError as exc:
+        log.error("storage write failed (%s): refused instance from %s", exc.strerror, calling_ae)
+        return _status(STATUS_OUT_OF_RESOURCES, "storage unavailable")
+
+    try:
+        with context.sessions() as session, session.begin():
+            result = record_instance(
+                session, header, stored, calling_ae=calling_ae, now=context.now()
+            )
+            if (
+                context.on_sr is not None
+                and header.sop_class_uid in SR_SOP_CLASSES
+                and result.outcome is not RecordOutcome.IDENTICAL
+            ):
+                context.on_sr(session, dcmread(BytesIO(data)))
+    except SQLAlchemyError as exc:
+        if stored.created:  # no row can point at a file this call created
+            context.store.remove(stored.relative_path)
+        log.error(
+            "database unavailable (%s): refused instance from %s", type(exc).__name__, calling_ae
+        )
+        return _status(STATUS_DATABASE_UNAVAILABLE, "database unavailable")
+
+    if result.previous_path is not None and result.previous_path != stored.relative_path:
+        context.store.remove(result.previous_path)
+    log.debug(
+        "stored %s (%s) study=%s outcome=%s",
+        header.sop_instance_uid,
+        header.transfer_syntax_uid,
+        header.study_instance_uid,
+        result.outcome.value,
+    )
+    return STATUS_SUCCESS
+
+
+def handle_echo(event: evt.Event) -> int:
+    return STATUS_SUCCESS
+
+
+def handle_conn_open(event: evt.Event) -> None:
+    """Nagle off on every accepted socket: small responses must not wait on delayed ACKs."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """A threaded association server whose port several listener processes may share."""
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert settings.tls_certificate is not None and settings.tls_private_key is not None
+    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    if settings.tls_ca_certificates is not None:
+        context.load_verify_locations(settings.tls_ca_certificates)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def make_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.require_called_aet = settings.require_called_ae
+    if settings.allowed_calling_aes:
+        ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class DicomService:
+    """One listener: a pynetdicom AE serving on ``(host, port)`` in background threads."""
+
+    def __init__(self, settings: Settings, context: StoreContext) -> None:
+        self.settings = settings
+        self.context = context
+        self.ae = make_ae(settings)
+        self._server: ReusePortServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> tuple[str, int]:
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, handle_store, [self.context]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_CONN_OPEN, handle_conn_open),
+        ]
+        server = self.ae.make_server(
+            (self.settings.dicom_host, self.settings.dicom_port),
+            ssl_context=make_ssl_context(self.settings),
+            evt_handlers=handlers,
+            server_class=ReusePortServer,
+        )
+        assert isinstance(server, ReusePortServer)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="dicom-listener", daemon=True
+        )
+        self._thread.start()
+        host, port = server.server_address[:2]
+        log.info(
+            "DICOM service %s listening on %s:%d%s",
+            self.settings.ae_title,
+            host,
+            port,
+            " (TLS)" if self.settings.tls_enabled else "",
+        )
+        return str(host), int(port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("service not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.ae.shutdown()

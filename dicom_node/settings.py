@@ -1,0 +1,279 @@
+"""Settings of the node and the workers, from the environment (prefix ``SPINE_TRIAGE_``).
+
+The defaults are the *embedded mode*: SQLite, storage and a local broker under ``./var/``,
+nothing to install but Python packages. Production sets a PostgreSQL URL and a Redis broker.
+
+Every field carries a description; ``.env.example`` and the operator guide are generated from
+this model (``spine-triage config env-example``), so they cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "SPINE_TRIAGE_"
+_AE_TITLE = re.compile(
+    r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
+)  # default character repertoire, no backslash
+
+
+def _split_list(value: Any) -> Any:
+    """Accept ``A,B,C`` (or a JSON list) for list settings given in the environment."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """All settings; see ``.env.example`` for the environment variable of each field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- where things live -------------------------------------------------------------
+    var_dir: Path = Field(
+        Path("var"),
+        description="Folder for embedded-mode state: SQLite database, storage, broker, caches.",
+    )
+    database_url: str = Field(
+        "",
+        description=(
+            "SQLAlchemy database URL. Empty: SQLite at VAR_DIR/spine-triage.db (embedded mode). "
+            "Production: postgresql+psycopg2://user:password@host:5432/dbname."
+        ),
+    )
+    storage_dir: Path | None = Field(
+        None,
+        description="Root of the DICOM file store (archive of record). Empty: VAR_DIR/storage.",
+    )
+
+    # --- DICOM service (SCP) -----------------------------------------------------------
+    ae_title: str = Field("SPINE_TRIAGE", description="AE title of the node's DICOM service.")
+    dicom_host: str = Field("0.0.0.0", description="Address the DICOM service listens on.")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="TCP port of the DICOM service.")
+    allowed_calling_aes: CommaList = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated calling AE titles allowed to associate. Empty: any calling AE "
+            "(set it in production)."
+        ),
+    )
+    require_called_ae: bool = Field(
+        True, description="Reject associations whose called AE title is not AE_TITLE."
+    )
+    max_associations: int = Field(
+        16, ge=1, description="Maximum number of concurrent associations per listener process."
+    )
+    listener_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Number of DICOM listener processes sharing the port (SO_REUSEPORT). One Python "
+            "process is bound by one core; several serve concurrent senders in parallel."
+        ),
+    )
+    max_pdu_size: int = Field(
+        0,
+        ge=0,
+        description="Maximum PDU size the node receives, in bytes (0: unlimited, the fastest).",
+    )
+    network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout (s).")
+    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout (s).")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout (s).")
+    tls_certificate: Path | None = Field(
+        None, description="PEM certificate of the node. With TLS_PRIVATE_KEY, enables DICOM TLS."
+    )
+    tls_private_key: Path | None = Field(None, description="PEM private key of the node.")
+    tls_ca_certificates: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, peers must present a certificate it signed.",
+    )
+    quiet_period_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "A study is complete when no instance of it arrived for this long (Orthanc's "
+            "StableAge). An instance arriving later re-opens the study."
+        ),
+    )
+    completion_check_interval_s: float = Field(
+        1.0, gt=0, description="How often the node looks for studies that became complete (s)."
+    )
+    min_free_disk_mb: int = Field(
+        512,
+        ge=0,
+        description="Below this much free space in STORAGE_DIR the node answers C-STORE with "
+        "0xA700 (out of resources) so the sender retries later.",
+    )
+
+    # --- broker and workers ------------------------------------------------------------
+    broker_url: str = Field(
+        "",
+        description=(
+            "Celery broker URL. Empty: a local filesystem transport under VAR_DIR/broker "
+            "(embedded mode). Production: redis://host:6379/0."
+        ),
+    )
+    broker_visibility_timeout_s: int = Field(
+        3600,
+        gt=0,
+        description="Redis: a task not acknowledged within this time is redelivered. Keep it "
+        "above the longest job.",
+    )
+    job_lease_s: float = Field(
+        600.0,
+        gt=0,
+        description="A worker's claim on an annotation expires after this long; another worker "
+        "may then take it over.",
+    )
+    job_max_attempts: int = Field(
+        5, ge=1, description="Attempts of one annotation before it is failed for good."
+    )
+    sweeper_interval_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often the sweeper re-enqueues ready work whose message was lost and "
+        "expired claims (s).",
+    )
+
+    # --- model ---------------------------------------------------------------------------
+    model_checkpoint: Path | None = Field(
+        None,
+        description=(
+            "Checkpoint the workers serve. Empty: the demonstration model (trained on synthetic "
+            "data on first use and cached under VAR_DIR/models; not for clinical use)."
+        ),
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Patient probability at or above which a study is flagged HIGH. Empty: the "
+        "threshold stored in the checkpoint (0.5 unless the site chose another).",
+    )
+    inference_device: str = Field(
+        "auto", description="auto (CUDA when present, else CPU), cpu, or cuda[:N]."
+    )
+    series_selection: CommaList = Field(
+        default_factory=lambda: ["Modality=CT"],
+        description="Rules a series must meet to be used as the CT of an ROI, KEY=REGEX pairs "
+        "matched case-insensitively against DICOM attributes.",
+    )
+
+    # --- HTTP service ------------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", description="Address of the REST API and worklist page.")
+    http_port: int = Field(8080, ge=1, le=65535, description="Port of the REST API and worklist.")
+    api_token: str = Field(
+        "",
+        description="Bearer token required on every write to the REST API. Empty: a random "
+        "token is generated at start and written to VAR_DIR/api-token (embedded mode).",
+    )
+
+    @field_validator("allowed_calling_aes", "series_selection", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or not value.strip():
+            raise ValueError("an AE title is 1-16 printable characters, no backslash")
+        return value.strip()
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _valid_calling_aes(cls, value: list[str]) -> list[str]:
+        for title in value:
+            if not _AE_TITLE.match(title):
+                raise ValueError(f"invalid AE title {title!r}")
+        return [title.strip() for title in value]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("TLS needs both TLS_CERTIFICATE and TLS_PRIVATE_KEY")
+        return self
+
+    # --- derived values ----------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'spine-triage.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.var_dir / "storage").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the embedded filesystem transport."""
+        return (self.var_dir / "broker").resolve()
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certificate is not None
+
+    @property
+    def is_embedded(self) -> bool:
+        return not self.broker_url
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and ``.env``), with explicit overrides on top."""
+    return Settings(**overrides)
+
+
+def render_env_example() -> str:
+    """The text of ``.env.example``: every setting, its default and its meaning."""
+    lines = [
+        "# spine-triage settings. Every variable is optional; the defaults run embedded mode",
+        "# (SQLite, storage and a local broker under ./var/). Generated from",
+        "# dicom_node/settings.py by `spine-triage config env-example`; do not edit by hand.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            shown = ",".join(str(item) for item in default)
+        elif default is None:
+            shown = ""
+        elif isinstance(default, bool):
+            shown = "true" if default else "false"
+        else:
+            shown = str(default)
+        for text_line in _wrap(field.description or ""):
+            lines.append(f"# {text_line}")
+        lines.append(f"#{ENV_PREFIX}{name.upper()}={shown}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int = 92) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width) or [""]
