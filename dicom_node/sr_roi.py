@@ -1,0 +1,469 @@
+"""A radiologist's ROI arriving as a DICOM Structured Report.
+
+Viewers such as OHIF save an ROI as a TID 1500 "Imaging Measurement Report" (Comprehensive 3D
+SR, Comprehensive SR or Enhanced SR). This module turns such a report into the ROI of
+``METHOD.md``: the lateral positions x of the sagittal slices and one polygon of (y, z) points,
+in patient coordinates (LPS, mm). Everything is parsed with highdicom.
+
+Where the region is found:
+
+- a TID 1410 planar ROI group's "Image Region" (SCOORD or SCOORD3D), or
+- a TID 1501 measurement group whose measurements are "inferred from" a SCOORD/SCOORD3D
+  polygon (how dcmjs, and so OHIF, stores rectangle and freehand ROIs).
+
+Geometry rules:
+
+- SCOORD3D points are patient coordinates already and are taken as they are.
+- SCOORD points are (column, row) pairs on the referenced image, in the DICOM image coordinate
+  convention (PS3.3 C.18.6.1.2): (0, 0) is the top left corner of the top left pixel, so the
+  centre of that pixel is (0.5, 0.5). They are mapped to patient coordinates through the
+  referenced image's Image Position/Orientation (Patient) and Pixel Spacing with highdicom's
+  ``ImageToReferenceTransformer``, which applies that half-pixel convention.
+- A 2D POLYLINE or a 3D POLYGON/POLYLINE with at least three distinct points is a region (a
+  polyline is read as closed). POINT, MULTIPOINT, CIRCLE, ELLIPSE, ELLIPSOID and segmentation
+  references are refused with a message.
+- Every polygon must lie in a sagittal plane: its points' x spread by at most
+  ``SAGITTAL_TOLERANCE_MM``; the polygon's slice position is the mean x. Each region adds its
+  x to ``slices_x_mm`` (positions closer than ``SAME_SLICE_TOLERANCE_MM`` count once, sorted).
+- With several regions, ``polygon_yz_mm`` is their common polygon when they all agree, else
+  the bounding rectangle of all their (y, z) points. The method only uses the smallest square
+  around the polygon's bounding box, so the model input is the same either way.
+- Coordinates are rounded to ``COORDINATE_DECIMALS`` decimals (SCOORD3D stores float32).
+
+The CT series the ROI refers to is the referenced image's series (SCOORD) or, for SCOORD3D,
+the one CT series among the SR's evidence whose Frame of Reference matches; none or several
+is an error. ``resolve_image(sop_instance_uid)`` returns an instance's header from storage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+)
+
+logger = logging.getLogger(__name__)
+
+SAGITTAL_TOLERANCE_MM = 1.0
+SAME_SLICE_TOLERANCE_MM = 0.01
+COORDINATE_DECIMALS = 4
+
+SR_CLASSES: dict[str, type[hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR]] = {
+    Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
+    ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
+    EnhancedSRStorage: hd.sr.EnhancedSR,
+}
+
+_AREA_GRAPHIC_TYPES_2D = {"POLYLINE", "CIRCLE", "ELLIPSE"}
+_AREA_GRAPHIC_TYPES_3D = {"POLYGON", "POLYLINE", "ELLIPSE"}
+_READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError)
+
+
+def _vertebra_codes() -> dict[str, Code]:
+    table: dict[str, Code] = {}
+    for prefix, count in (("C", 7), ("T", 12), ("L", 5)):
+        for level in range(1, count + 1):
+            table[f"{prefix}{level}"] = getattr(codes.SCT, f"{prefix}{level}Vertebra")
+    table["SACRUM"] = codes.SCT.Sacrum
+    table["COCCYX"] = codes.SCT.Coccyx
+    return table
+
+
+VERTEBRA_CODES: dict[str, Code] = _vertebra_codes()
+"""Vertebra label → SNOMED CT concept (C1–C7, T1–T12, L1–L5, sacrum, coccyx)."""
+
+_VERTEBRA_ALIASES = {f"S{level}": "SACRUM" for level in range(1, 6)} | {
+    "S": "SACRUM",
+    "CO": "COCCYX",
+    "CO1": "COCCYX",
+}
+_LABEL_FOR_CODE = {(c.value, c.scheme_designator): label for label, c in VERTEBRA_CODES.items()}
+
+
+def vertebra_code(label: str) -> Code | None:
+    """SNOMED CT concept for a vertebra label ("L1", "t12", "S1" → sacrum), None if unknown."""
+    key = label.strip().upper()
+    key = _VERTEBRA_ALIASES.get(key, key)
+    return VERTEBRA_CODES.get(key)
+
+
+def vertebra_label(concept: Code | hd.sr.CodedConcept) -> str | None:
+    """Label ("L1", "sacrum", "coccyx") of a vertebra concept, None if it is not one."""
+    label = _LABEL_FOR_CODE.get((concept.value, concept.scheme_designator))
+    if label in ("SACRUM", "COCCYX"):
+        return label.lower()
+    return label
+
+
+class RoiSrError(ValueError):
+    """The SR does not hold an ROI this product can use; the message says why."""
+
+
+@dataclass(frozen=True)
+class SrRoi:
+    """An ROI read from an SR, in patient coordinates (LPS, mm)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    slices_x_mm: tuple[float, ...]
+    polygon_yz_mm: tuple[tuple[float, float], ...]
+    vertebra: str | None
+    annotator: str | None
+    sr_sop_instance_uid: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The ROI JSON of METHOD.md (plus ``annotator``); absent optional values are left out."""
+        body: dict[str, Any] = {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "slices_x_mm": list(self.slices_x_mm),
+            "polygon_yz_mm": [[y, z] for y, z in self.polygon_yz_mm],
+        }
+        if self.vertebra is not None:
+            body["vertebra"] = self.vertebra
+        if self.annotator is not None:
+            body["annotator"] = self.annotator
+        return body
+
+
+@dataclass(frozen=True)
+class _Region:
+    """One planar region found in the report, already in patient coordinates."""
+
+    where: str
+    points_xyz: tuple[tuple[float, float, float], ...]
+    frame_of_reference_uid: str
+    series_instance_uid: str | None
+
+
+ImageResolver = Callable[[str], pydicom.Dataset | None]
+
+
+def is_roi_report(ds: pydicom.Dataset) -> bool:
+    """Whether ``ds`` is an SR whose root is TID 1500 with at least one planar ROI.
+
+    A report whose measurement groups carry "Probability of cancer" (DCM 111047) is an
+    algorithm's result (this product's own SR coming back from the PACS, or another CAD's),
+    not a request for triage, and is not an ROI report.
+    """
+    try:
+        report = _measurement_report(ds)
+    except RoiSrError as error:
+        logger.debug("not an ROI report: %s", error)
+        return False
+    groups = _roi_groups(report)
+    if not groups:
+        return False
+    for group in groups:
+        if group.get_measurements(name=codes.DCM.ProbabilityOfCancer):
+            logger.debug("SR %s is a triage result, not an ROI report", ds.get("SOPInstanceUID"))
+            return False
+    return True
+
+
+def extract_roi(ds: pydicom.Dataset, resolve_image: ImageResolver) -> SrRoi:
+    """The ROI held by a TID 1500 SR; raises :class:`RoiSrError` saying why when there is none."""
+    report = _measurement_report(ds)
+    groups = _roi_groups(report)
+    if not groups:
+        raise RoiSrError("the measurement report holds no planar ROI")
+    regions = [
+        region
+        for index, group in enumerate(groups, start=1)
+        for region in _group_regions(group, f"measurement group {index}", resolve_image)
+    ]
+    frames = {region.frame_of_reference_uid for region in regions}
+    if len(frames) != 1:
+        raise RoiSrError(f"the ROIs lie in {len(frames)} different frames of reference")
+    series_uid = _series_instance_uid(ds, regions, frames.pop(), resolve_image)
+
+    slice_positions = [_sagittal_x(region) for region in regions]
+    polygons = [_polygon_yz(region) for region in regions]
+    return SrRoi(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=series_uid,
+        slices_x_mm=_distinct_sorted(slice_positions),
+        polygon_yz_mm=_combined_polygon(polygons),
+        vertebra=_vertebra(groups),
+        annotator=_annotator(report),
+        sr_sop_instance_uid=str(ds.SOPInstanceUID),
+    )
+
+
+def _measurement_report(ds: pydicom.Dataset) -> hd.sr.MeasurementReport:
+    sop_class_uid = ds.get("SOPClassUID")
+    sr_class = SR_CLASSES.get(sop_class_uid)
+    if sr_class is None:
+        raise RoiSrError(
+            f"SOP class {sop_class_uid} is not a Comprehensive 3D, Comprehensive or Enhanced SR"
+        )
+    templates = ds.get("ContentTemplateSequence") or []
+    if not templates or templates[0].get("TemplateIdentifier") != "1500":
+        raise RoiSrError("the SR's root is not TID 1500 (Measurement Report)")
+    try:
+        document = sr_class.from_dataset(ds)
+    except _READ_ERRORS as error:
+        raise RoiSrError(f"the measurement report cannot be read: {error}") from error
+    content = document.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise RoiSrError("the SR's root is not TID 1500 (Measurement Report)")
+    return content
+
+
+_RoiGroup = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+
+
+def _roi_groups(report: hd.sr.MeasurementReport) -> list[_RoiGroup]:
+    """Planar ROI groups (TID 1410) and measurement groups drawn as an area (TID 1501)."""
+    try:
+        planar: list[_RoiGroup] = list(report.get_planar_roi_measurement_groups())
+        image_groups = report.get_image_measurement_groups()
+    except _READ_ERRORS as error:
+        raise RoiSrError(f"the measurement groups cannot be read: {error}") from error
+    drawn = [group for group in image_groups if _drawn_coordinates(group)]
+    return planar + drawn
+
+
+def _drawn_coordinates(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations,
+) -> list[hd.sr.CoordinatesForMeasurement | hd.sr.CoordinatesForMeasurement3D]:
+    """Area-like coordinates (not points, not two-point lines) under a group's measurements."""
+    found = []
+    for measurement in group.get_measurements():
+        for coordinates in measurement.referenced_coordinates:
+            graphic_type = str(coordinates.GraphicType)
+            three_d = coordinates.ValueType == "SCOORD3D"
+            allowed = _AREA_GRAPHIC_TYPES_3D if three_d else _AREA_GRAPHIC_TYPES_2D
+            if graphic_type not in allowed:
+                continue
+            if graphic_type == "POLYLINE" and len(_distinct(coordinates.value)) < 3:
+                continue
+            found.append(coordinates)
+    return found
+
+
+def _group_regions(group: _RoiGroup, where: str, resolve_image: ImageResolver) -> list[_Region]:
+    items: list[Any]
+    if isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+        if group.reference_type != codes.DCM.ImageRegion:
+            raise RoiSrError(
+                f"{where}: the ROI is a {group.reference_type.meaning}; "
+                "only a polygon drawn as SCOORD or SCOORD3D is supported"
+            )
+        items = [group.roi]
+    else:
+        items = _drawn_coordinates(group)
+    regions: list[_Region] = []
+    for item in items:
+        region = _region(item, where, resolve_image)
+        if all(region.points_xyz != known.points_xyz for known in regions):
+            regions.append(region)
+    return regions
+
+
+def _region(item: Any, where: str, resolve_image: ImageResolver) -> _Region:
+    graphic_type = str(item.GraphicType)
+    if item.ValueType == "SCOORD3D":
+        if graphic_type not in ("POLYGON", "POLYLINE"):
+            raise RoiSrError(
+                f"{where}: graphic type {graphic_type} is not supported; draw a polygon"
+            )
+        points = np.asarray(item.value, dtype=float).reshape(-1, 3)
+        _require_area(points, where)
+        return _Region(where, _as_points(points), str(item.ReferencedFrameOfReferenceUID), None)
+    if graphic_type != "POLYLINE":
+        raise RoiSrError(f"{where}: graphic type {graphic_type} is not supported; draw a polygon")
+    image_items = hd.sr.utils.find_content_items(item, value_type=hd.sr.ValueTypeValues.IMAGE)
+    if not image_items:
+        raise RoiSrError(f"{where}: the SCOORD region names no source image")
+    reference = image_items[0].ReferencedSOPSequence[0]
+    sop_instance_uid = str(reference.ReferencedSOPInstanceUID)
+    image = resolve_image(sop_instance_uid)
+    if image is None:
+        raise RoiSrError(f"{where}: referenced image {sop_instance_uid} is not in storage")
+    frame_numbers = reference.get("ReferencedFrameNumber")
+    frame_number = _first_frame(frame_numbers) if int(image.get("NumberOfFrames", 1)) > 1 else None
+    try:
+        transformer = hd.spatial.ImageToReferenceTransformer.for_image(
+            image, frame_number=frame_number
+        )
+        column_row = np.asarray(item.value, dtype=float).reshape(-1, 2)
+        points = transformer(column_row)
+    except _READ_ERRORS as error:
+        raise RoiSrError(
+            f"{where}: image {sop_instance_uid} has no usable geometry: {error}"
+        ) from error
+    _require_area(points, where)
+    frame_of_reference = image.get("FrameOfReferenceUID")
+    if not frame_of_reference:
+        raise RoiSrError(f"{where}: image {sop_instance_uid} has no Frame of Reference UID")
+    return _Region(where, _as_points(points), str(frame_of_reference), str(image.SeriesInstanceUID))
+
+
+def _first_frame(frame_numbers: Any) -> int | None:
+    if frame_numbers is None:
+        return None
+    if isinstance(frame_numbers, Iterable) and not isinstance(frame_numbers, str):
+        numbers = list(frame_numbers)
+        return int(numbers[0]) if numbers else None
+    return int(frame_numbers)
+
+
+def _require_area(points: np.ndarray, where: str) -> None:
+    if len(_distinct(points)) < 3:
+        raise RoiSrError(f"{where}: the region has fewer than three distinct points")
+
+
+def _distinct(points: Any) -> list[tuple[float, ...]]:
+    array = np.asarray(points, dtype=float)
+    array = array.reshape(len(array), -1)
+    return list(dict.fromkeys(tuple(row) for row in np.round(array, COORDINATE_DECIMALS)))
+
+
+def _as_points(points: np.ndarray) -> tuple[tuple[float, float, float], ...]:
+    return tuple((float(x), float(y), float(z)) for x, y, z in points)
+
+
+def _sagittal_x(region: _Region) -> float:
+    xs = np.array([point[0] for point in region.points_xyz])
+    spread = float(xs.max() - xs.min())
+    if spread > SAGITTAL_TOLERANCE_MM:
+        raise RoiSrError(
+            f"{region.where}: the ROI is not in a sagittal plane "
+            f"(its x spans {spread:.2f} mm, at most {SAGITTAL_TOLERANCE_MM} mm allowed)"
+        )
+    return round(float(xs.mean()), COORDINATE_DECIMALS)
+
+
+def _polygon_yz(region: _Region) -> tuple[tuple[float, float], ...]:
+    points = [
+        (round(y, COORDINATE_DECIMALS), round(z, COORDINATE_DECIMALS))
+        for _, y, z in region.points_xyz
+    ]
+    if len(points) > 1 and points[0] == points[-1]:
+        points = points[:-1]
+    yz = np.array(points)
+    doubled_area = np.dot(yz[:, 0], np.roll(yz[:, 1], 1)) - np.dot(yz[:, 1], np.roll(yz[:, 0], 1))
+    if abs(float(doubled_area)) < 1e-6:
+        raise RoiSrError(f"{region.where}: the ROI has no area in the sagittal plane")
+    return tuple(points)
+
+
+def _distinct_sorted(values: Sequence[float]) -> tuple[float, ...]:
+    kept: list[float] = []
+    for value in sorted(values):
+        if not kept or value - kept[-1] > SAME_SLICE_TOLERANCE_MM:
+            kept.append(value)
+    return tuple(kept)
+
+
+def _combined_polygon(
+    polygons: Sequence[tuple[tuple[float, float], ...]],
+) -> tuple[tuple[float, float], ...]:
+    first = polygons[0]
+    if all(
+        len(polygon) == len(first) and np.allclose(polygon, first, atol=SAME_SLICE_TOLERANCE_MM)
+        for polygon in polygons[1:]
+    ):
+        return first
+    points = np.array([point for polygon in polygons for point in polygon])
+    (y_min, z_min), (y_max, z_max) = points.min(axis=0), points.max(axis=0)
+    return ((y_min, z_min), (y_max, z_min), (y_max, z_max), (y_min, z_max))
+
+
+def _series_instance_uid(
+    ds: pydicom.Dataset,
+    regions: Sequence[_Region],
+    frame_of_reference_uid: str,
+    resolve_image: ImageResolver,
+) -> str:
+    named = {region.series_instance_uid for region in regions if region.series_instance_uid}
+    if len(named) > 1:
+        raise RoiSrError(f"the ROIs are drawn on images of {len(named)} different series")
+    if named:
+        return named.pop()
+    return _series_for_frame_of_reference(ds, frame_of_reference_uid, resolve_image)
+
+
+def _series_for_frame_of_reference(
+    ds: pydicom.Dataset, frame_of_reference_uid: str, resolve_image: ImageResolver
+) -> str:
+    """The one CT series of the SR's evidence in this frame of reference."""
+    evidence: dict[str, list[str]] = {}
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in ds.get(keyword) or []:
+            for series in study.get("ReferencedSeriesSequence") or []:
+                instances = evidence.setdefault(str(series.SeriesInstanceUID), [])
+                instances.extend(
+                    str(item.ReferencedSOPInstanceUID)
+                    for item in series.get("ReferencedSOPSequence") or []
+                )
+    if not evidence:
+        raise RoiSrError("the SR lists no evidence, so the CT series of its 3D ROI is unknown")
+    matching: list[str] = []
+    unresolved: list[str] = []
+    for series_uid, instance_uids in evidence.items():
+        header = next(
+            (image for uid in instance_uids if (image := resolve_image(uid)) is not None), None
+        )
+        if header is None:
+            unresolved.append(series_uid)
+            continue
+        if (
+            header.get("Modality") == "CT"
+            and header.get("FrameOfReferenceUID") == frame_of_reference_uid
+        ):
+            matching.append(series_uid)
+    if len(matching) == 1:
+        return matching[0]
+    if len(matching) > 1:
+        raise RoiSrError(
+            f"the 3D ROI's frame of reference matches {len(matching)} CT series of the "
+            "evidence; it is ambiguous which one it was drawn on"
+        )
+    if unresolved:
+        raise RoiSrError(
+            "no CT series of the evidence matches the ROI's frame of reference; evidence series "
+            f"not in storage: {', '.join(unresolved)}"
+        )
+    raise RoiSrError("no CT series of the evidence matches the ROI's frame of reference")
+
+
+def _vertebra(groups: Sequence[_RoiGroup]) -> str | None:
+    sites = []
+    for group in groups:
+        sites.extend(group.finding_sites)
+        for measurement in group.get_measurements():
+            sites.extend(measurement.finding_sites)
+    found = [vertebra_label(site.value) for site in sites]
+    labels = {label for label in found if label is not None}
+    if found and not labels:
+        logger.info("finding site of the ROI is not a vertebra this product knows; ignored")
+    if len(labels) > 1:
+        logger.warning(
+            "ROI names %d different vertebrae (%s); none kept", len(labels), sorted(labels)
+        )
+        return None
+    return labels.pop() if labels else None
+
+
+def _annotator(report: hd.sr.MeasurementReport) -> str | None:
+    for context in report.get_observer_contexts(observer_type=codes.DCM.Person):
+        attributes = context.observer_identifying_attributes
+        if isinstance(attributes, hd.sr.PersonObserverIdentifyingAttributes) and attributes.name:
+            return str(attributes.name)
+    return None
