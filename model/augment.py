@@ -37,6 +37,14 @@ class AugmentParams:
         if not 0.0 <= self.max_rotation_degrees <= 180.0:
             raise ValueError("max_rotation_degrees must be in [0, 180]")
 
+    @property
+    def is_identity(self) -> bool:
+        return (
+            self.max_translation_fraction == 0.0
+            and self.min_scale == self.max_scale == 1.0
+            and self.max_rotation_degrees == 0.0
+        )
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -87,6 +95,8 @@ def augment_batch(
     """Apply a fresh random affine to each (3, H, W) tensor of ``batch`` and re-z-score."""
     if batch.ndim != 4:
         raise ValueError(f"expected a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
+    if params.is_identity:
+        return batch.float()
     matrices = random_affine_matrices(
         batch.shape[0], params, generator=generator, device=batch.device
     )

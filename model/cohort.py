@@ -1,0 +1,262 @@
+"""A labelled cohort: the manifest, its validation, and each patient's network inputs.
+
+The manifest is a CSV with one row per patient and the columns ``patient_id``, ``label``
+(``benign`` or ``malignant``), ``series_dir`` (a folder holding the patient's CT series; other
+series in the folder are ignored, the ROI names the one to use) and ``roi`` (the ROI JSON of
+METHOD.md). Relative paths are relative to the manifest's folder.
+
+Every row is checked (files present, ROI valid, series readable with sound geometry, ROI
+inside the volume) and every problem found is reported together, each with its row number
+(the header is row 1, as a spreadsheet shows it), before any training starts. The inputs of
+each patient are built once here, with the same preprocessing as inference.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from tqdm import tqdm
+
+from model.preprocess import PreprocessParams, build_inputs
+from model.roi import RoiAnnotation, RoiError
+from model.volume import SeriesError, load_series
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("patient_id", "label", "series_dir", "roi")
+LABEL_VALUES = {"benign": 0, "malignant": 1}
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    row_number: int
+    patient_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        who = f" (patient {self.patient_id})" if self.patient_id else ""
+        return f"row {self.row_number}{who}: {self.message}"
+
+
+class CohortError(ValueError):
+    """The manifest has problems; ``problems`` lists all of them, by row."""
+
+    def __init__(self, manifest: Path, problems: Sequence[RowProblem]) -> None:
+        self.manifest = manifest
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {problem}" for problem in self.problems)
+        super().__init__(f"{manifest}: {len(self.problems)} problem(s), nothing trained:\n{lines}")
+
+
+@dataclass(frozen=True)
+class CohortRow:
+    """A manifest row that passed the file-level checks."""
+
+    row_number: int
+    patient_id: str
+    label: int  # 1 = malignant
+    series_dir: Path
+    roi_path: Path
+    roi: RoiAnnotation
+    series_files: tuple[Path, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class PatientInputs:
+    """One patient's network inputs (n, 3, 64, 64) float32 and the slices' positions x."""
+
+    patient_id: str
+    label: int  # 1 = malignant
+    inputs: np.ndarray = field(repr=False)
+    x_mm: tuple[float, ...]
+    row_number: int = 0
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim != 4 or self.inputs.shape[0] != len(self.x_mm):
+            raise ValueError(
+                f"inputs of shape {self.inputs.shape} do not match {len(self.x_mm)} slice(s)"
+            )
+        if self.label not in (0, 1):
+            raise ValueError("label must be 0 (benign) or 1 (malignant)")
+
+
+def _candidate_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            yield path
+
+
+def files_of_series(folder: Path, series_instance_uid: str) -> tuple[list[Path], set[str]]:
+    """The DICOM files of one series under ``folder``, and the other series UIDs seen there."""
+    chosen: list[Path] = []
+    others: set[str] = set()
+    for path in _candidate_files(folder):
+        try:
+            header = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+            )
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue  # not DICOM (a README, a thumbnail): not part of any series
+        uid = str(header.get("SeriesInstanceUID", ""))
+        if uid == series_instance_uid:
+            chosen.append(path)
+        elif uid:
+            others.add(uid)
+    return chosen, others
+
+
+def _read_roi(path: Path) -> RoiAnnotation:
+    with path.open(encoding="utf-8") as handle:
+        return RoiAnnotation.from_json(json.load(handle))
+
+
+def _check_row(
+    row: dict[str, str], row_number: int, base: Path, seen: dict[str, int]
+) -> tuple[CohortRow | None, list[RowProblem]]:
+    patient_id = (row.get("patient_id") or "").strip()
+    problems: list[RowProblem] = []
+
+    def problem(message: str) -> None:
+        problems.append(RowProblem(row_number, patient_id or None, message))
+
+    if not patient_id:
+        problem("patient_id is empty")
+    elif patient_id in seen:
+        problem(f"patient_id repeats row {seen[patient_id]}")
+    else:
+        seen[patient_id] = row_number
+    label_text = (row.get("label") or "").strip().lower()
+    if label_text not in LABEL_VALUES:
+        problem(f"unknown label {row.get('label')!r} (expected 'benign' or 'malignant')")
+    roi: RoiAnnotation | None = None
+    roi_text = (row.get("roi") or "").strip()
+    roi_path = base / roi_text
+    if not roi_text:
+        problem("roi is empty")
+    elif not roi_path.is_file():
+        problem(f"ROI file {roi_path} does not exist")
+    else:
+        try:
+            roi = _read_roi(roi_path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem(f"ROI file {roi_path} is not readable JSON: {exc}")
+        except RoiError as exc:
+            problem(f"ROI file {roi_path} is invalid: {exc}")
+    series_text = (row.get("series_dir") or "").strip()
+    series_dir = base / series_text
+    files: list[Path] = []
+    if not series_text:
+        problem("series_dir is empty")
+    elif not series_dir.is_dir():
+        problem(f"series folder {series_dir} does not exist")
+    elif roi is not None:
+        files, others = files_of_series(series_dir, roi.series_instance_uid)
+        if not files:
+            found = f" (it holds series {', '.join(sorted(others))})" if others else ""
+            problem(
+                f"series folder {series_dir} holds no DICOM file of the ROI's series "
+                f"{roi.series_instance_uid}{found}"
+            )
+    if problems or roi is None:
+        return None, problems
+    return (
+        CohortRow(
+            row_number=row_number,
+            patient_id=patient_id,
+            label=LABEL_VALUES[label_text],
+            series_dir=series_dir,
+            roi_path=roi_path,
+            roi=roi,
+            series_files=tuple(files),
+        ),
+        problems,
+    )
+
+
+def read_manifest(manifest: Path) -> list[CohortRow]:
+    """Parse and check every row; raise :class:`CohortError` listing all problems."""
+    base = manifest.parent
+    rows: list[CohortRow] = []
+    problems: list[RowProblem] = []
+    try:
+        handle = manifest.open(newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise CohortError(manifest, [RowProblem(0, None, f"cannot open manifest: {exc}")]) from exc
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CohortError(
+                manifest,
+                [RowProblem(1, None, f"header lacks column(s) {', '.join(missing)}")],
+            )
+        seen: dict[str, int] = {}
+        for row in reader:
+            row_number = reader.line_num
+            checked, row_problems = _check_row(row, row_number, base, seen)
+            problems.extend(row_problems)
+            if checked is not None:
+                rows.append(checked)
+    if not rows and not problems:
+        problems.append(RowProblem(2, None, "the manifest lists no patient"))
+    if problems:
+        raise CohortError(manifest, problems)
+    return rows
+
+
+def load_patient_inputs(
+    row: CohortRow, params: PreprocessParams, *, workers: int | None = None
+) -> PatientInputs:
+    """Load the series (only the slices the ROI needs) and build the network inputs."""
+    volume = load_series(row.series_files, roi=row.roi, workers=workers)
+    inputs = build_inputs(volume, row.roi, params)
+    return PatientInputs(
+        patient_id=row.patient_id,
+        label=row.label,
+        inputs=np.ascontiguousarray(inputs, dtype=np.float32),
+        x_mm=tuple(float(x) for x in row.roi.slices_x_mm),
+        row_number=row.row_number,
+    )
+
+
+def load_cohort(
+    manifest: Path,
+    params: PreprocessParams | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[PatientInputs]:
+    """Every patient's inputs, or :class:`CohortError` with every problem of every row."""
+    params = params or PreprocessParams()
+    rows = read_manifest(manifest)
+    patients: list[PatientInputs] = []
+    problems: list[RowProblem] = []
+    for row in tqdm(rows, desc="loading cohort", unit="patient", disable=not progress):
+        try:
+            patients.append(load_patient_inputs(row, params, workers=workers))
+        except SeriesError as exc:  # includes an ROI outside the volume
+            problems.append(RowProblem(row.row_number, row.patient_id, f"{exc}"))
+        except (RoiError, ValueError) as exc:
+            problems.append(
+                RowProblem(row.row_number, row.patient_id, f"cannot build inputs: {exc}")
+            )
+    if problems:
+        raise CohortError(manifest, problems)
+    labels = [p.label for p in patients]
+    logger.info(
+        "cohort %s: %d patients (%d malignant, %d benign), %d slices",
+        manifest.name,
+        len(patients),
+        sum(labels),
+        len(labels) - sum(labels),
+        sum(len(p.x_mm) for p in patients),
+    )
+    return patients

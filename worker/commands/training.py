@@ -1,0 +1,357 @@
+"""``spine-triage train``, ``evaluate`` and ``demo-model``: train and validate the classifier."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+COHORT_HELP = """\
+The cohort is a CSV manifest, one row per patient, with the columns
+  patient_id   an identifier (used in predictions.csv and plots)
+  label        benign | malignant
+  series_dir   folder holding the patient's CT series (DICOM files; other series ignored)
+  roi          the ROI JSON of the most abnormal vertebra (see METHOD.md), e.g.
+               {"study_instance_uid": "...", "series_instance_uid": "...",
+                "slices_x_mm": [x1, x2, x3], "polygon_yz_mm": [[y, z], ...]}
+Relative paths are relative to the manifest. Every row is checked first (files, ROI, series
+geometry, ROI inside the volume) and all problems are listed with their row numbers before
+anything is trained.
+"""
+
+PROTOCOL_HELP = """\
+Defaults follow Li et al. (Eur Radiol 2021): 20x augmentation by random affine transforms
+(translation, scaling, rotation, drawn afresh every epoch), binary cross-entropy with L2
+regularisation, Adam (learning rate 1e-4, beta1 0.5), batch 32, up to 100 epochs, early
+stopping on the lowest validation loss (validation patients carved out of the training
+patients). ImageNet initialisation when the torchvision weights are in the local cache, random
+otherwise (the report says which). CUDA with bf16 autocast when present, the CPU otherwise.
+"""
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training protocol (defaults: the paper's)")
+    group.add_argument("--epochs", type=int, help="maximum number of epochs (default 100)")
+    group.add_argument("--batch-size", type=int, help="slices per optimiser step (default 32)")
+    group.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate (1e-4)")
+    group.add_argument("--beta1", type=float, help="Adam beta1 (default 0.5)")
+    group.add_argument("--beta2", type=float, help="Adam beta2 (default 0.999)")
+    group.add_argument(
+        "--weight-decay", type=float, help="L2 regularisation coefficient (default 1e-4)"
+    )
+    group.add_argument(
+        "--augmentation-factor",
+        type=int,
+        help="times each training slice is seen per epoch, each with a fresh random affine "
+        "(default 20)",
+    )
+    group.add_argument(
+        "--max-translation",
+        type=float,
+        help="largest shift, as a fraction of the ROI box side (default 0.10)",
+    )
+    group.add_argument("--min-scale", type=float, help="smallest zoom factor (default 0.90)")
+    group.add_argument("--max-scale", type=float, help="largest zoom factor (default 1.10)")
+    group.add_argument(
+        "--max-rotation", type=float, help="largest rotation in degrees (default 15)"
+    )
+    group.add_argument(
+        "--no-augment", action="store_true", help="no affine augmentation (factor 1, identity)"
+    )
+    group.add_argument(
+        "--patience",
+        type=int,
+        help="stop after this many epochs without a lower validation loss; 0 runs every "
+        "epoch (the best epoch is kept either way; default 10)",
+    )
+    group.add_argument(
+        "--validation-fraction",
+        type=float,
+        help="share of the training patients held out, per label, for early stopping (default 0.1)",
+    )
+    group.add_argument(
+        "--init",
+        choices=["imagenet", "random"],
+        help="initial weights (default imagenet; random when they are not cached)",
+    )
+    group.add_argument("--seed", type=int, help="training seed (default 0)")
+    group.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    runtime.add_argument(
+        "--decode-workers", type=int, help="threads decoding compressed slices per patient"
+    )
+    runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: Any) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    train = subparsers.add_parser(
+        "train",
+        help="train a checkpoint on a labelled cohort (or synthetic phantoms)",
+        description="Train the classifier on a labelled cohort and write OUT/model.pt and "
+        "OUT/config.json (every setting; also inside the checkpoint's meta).\n\n"
+        + PROTOCOL_HELP
+        + "\n"
+        + COHORT_HELP,
+        epilog="examples:\n"
+        "  spine-triage train cohort.csv --out runs/site-2025\n"
+        "  spine-triage train --synthetic 40 --out runs/demo   (demonstration recipe)",
+        formatter_class=formatter,
+    )
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("manifest", nargs="?", type=Path, help="cohort manifest (CSV)")
+    source.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="train on N synthetic phantoms instead; the checkpoint is marked as a "
+        "demonstration model, not for clinical use, and unset flags take the quick "
+        "demonstration recipe's values",
+    )
+    train.add_argument("--out", type=Path, required=True, help="output folder")
+    train.add_argument("--name", default=None, help="model name in the checkpoint and SRs")
+    train.add_argument("--version", default=None, help="model version (default: UTC time)")
+    _add_training_flags(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="patient-level k-fold cross-validation with the paper's table",
+        description="Cross-validate the training protocol: patient-level, label-stratified "
+        "k-fold; each patient is in exactly one test fold and every fold's model is trained "
+        "from scratch. Writes to OUT: predictions.csv, report.md (per-slice and per-patient "
+        "sensitivity, specificity and accuracy at 0.5, AUROC with 95 % bootstrap interval, "
+        "confusion matrices, the threshold reaching the target per-patient sensitivity, "
+        "calibration), roc.png, misclassified/<patient>.png and config.json.\n\n"
+        + PROTOCOL_HELP
+        + "\n"
+        + COHORT_HELP,
+        epilog="example:\n  spine-triage evaluate cohort.csv --folds 10 --out runs/cv-2025",
+        formatter_class=formatter,
+    )
+    evaluate_source = evaluate.add_mutually_exclusive_group(required=True)
+    evaluate_source.add_argument("manifest", nargs="?", type=Path, help="cohort manifest (CSV)")
+    evaluate_source.add_argument(
+        "--synthetic", type=int, metavar="N", help="cross-validate on N synthetic phantoms"
+    )
+    evaluate.add_argument("--out", type=Path, required=True, help="output folder")
+    evaluate.add_argument("--folds", type=int, default=10, help="number of folds (default 10)")
+    evaluate.add_argument(
+        "--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)"
+    )
+    evaluate.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        help="per-patient sensitivity the suggested threshold must reach (default 0.95)",
+    )
+    evaluate.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)"
+    )
+    _add_training_flags(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+    demo = subparsers.add_parser(
+        "demo-model",
+        help="train (once) and cache the demonstration model on synthetic phantoms",
+        description="Make sure the demonstration checkpoint exists and print its path. It is "
+        "trained on synthetic phantoms in a few minutes on a CPU the first time, then cached "
+        "(a changed recipe trains a new one). Its meta says it is a demonstration model "
+        "trained on synthetic data, not for clinical use. The node serves it when no "
+        "checkpoint is configured.",
+        formatter_class=formatter,
+    )
+    demo.add_argument(
+        "--cache-dir", type=Path, help="where checkpoints are cached (default VAR_DIR/models)"
+    )
+    demo.add_argument("--retrain", action="store_true", help="train again even when cached")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_demo_model)
+
+
+def _training_config(args: argparse.Namespace, base: Any) -> Any:
+    from model.augment import AugmentParams
+    from model.train import with_overrides
+
+    augment = base.augment
+    factor = args.augmentation_factor
+    if args.no_augment:
+        augment = AugmentParams(
+            max_translation_fraction=0.0, min_scale=1.0, max_scale=1.0, max_rotation_degrees=0.0
+        )
+        factor = 1
+    else:
+        augment = AugmentParams(
+            max_translation_fraction=_pick(args.max_translation, augment.max_translation_fraction),
+            min_scale=_pick(args.min_scale, augment.min_scale),
+            max_scale=_pick(args.max_scale, augment.max_scale),
+            max_rotation_degrees=_pick(args.max_rotation, augment.max_rotation_degrees),
+        )
+    return with_overrides(
+        base,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        weight_decay=args.weight_decay,
+        augmentation_factor=factor,
+        augment=augment,
+        patience=args.patience,
+        validation_fraction=args.validation_fraction,
+        init=args.init,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def _pick(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
+    """Load the cohort (or make a synthetic one); CohortError lists every row problem."""
+    from model.cohort import load_cohort
+    from model.preprocess import PreprocessParams
+
+    progress = not args.no_progress
+    if args.synthetic is not None:
+        from model.demo import make_synthetic_cohort
+
+        manifest = make_synthetic_cohort(workdir, patients=args.synthetic, seed=0)
+        source = f"{args.synthetic} synthetic phantoms (seed 0)"
+    else:
+        manifest = args.manifest
+        source = str(manifest)
+    return (
+        load_cohort(manifest, PreprocessParams(), workers=args.decode_workers, progress=progress),
+        source,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from model.cohort import CohortError
+    from model.preprocess import PreprocessParams
+    from model.train import INTENDED_USE, TrainConfig, main
+
+    _set_threads(args)
+    demonstration = args.synthetic is not None
+    if demonstration:
+        from model.demo import DEMO_INTENDED_USE, DEMO_NAME, DEMO_RECIPE
+
+        base, name, intended_use = DEMO_RECIPE.train, DEMO_NAME, DEMO_INTENDED_USE
+    else:
+        base, name, intended_use = TrainConfig(), "spine-triage", INTENDED_USE
+    config = _training_config(args, base)
+    with tempfile.TemporaryDirectory(prefix="spine-triage-synth-") as workdir:
+        try:
+            patients, source = _patients(args, Path(workdir))
+        except CohortError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        run = main(
+            patients,
+            args.out,
+            config,
+            preprocessing=PreprocessParams().to_json(),
+            name=args.name or name,
+            version=args.version,
+            demonstration=demonstration,
+            intended_use=intended_use,
+            source=source,
+            progress=not args.no_progress,
+        )
+    fit = run.fit
+    print(f"checkpoint   {run.checkpoint}  (sha256 {run.sha256[:16]}…)")
+    print(f"config       {args.out / 'config.json'}")
+    print(f"model        {run.meta['name']} {run.meta['version']}")
+    print(f"init         {fit.initialisation}")
+    print(
+        f"epochs       {fit.epochs_run} run, best {fit.best_epoch}"
+        + (" (stopped early)" if fit.stopped_early else "")
+    )
+    if fit.best_validation_loss is not None:
+        print(f"val. loss    {fit.best_validation_loss:.4f}")
+    print(f"time         {fit.seconds:.0f} s on {fit.device}")
+    if demonstration:
+        print("NOTE         demonstration model trained on synthetic data; not for clinical use")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from model.cohort import CohortError
+    from model.evaluate import CrossValidationConfig, cross_validate
+    from model.folds import SplitError
+    from model.preprocess import PreprocessParams
+    from model.report import render_table
+    from model.train import TrainConfig
+
+    _set_threads(args)
+    config = _training_config(args, TrainConfig())
+    cv = CrossValidationConfig(
+        folds=args.folds,
+        fold_seed=args.fold_seed,
+        target_sensitivity=args.target_sensitivity,
+        bootstrap_resamples=args.bootstrap,
+    )
+    with tempfile.TemporaryDirectory(prefix="spine-triage-synth-") as workdir:
+        try:
+            patients, source = _patients(args, Path(workdir))
+        except CohortError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        try:
+            result = cross_validate(
+                patients,
+                args.out,
+                config,
+                cv,
+                preprocessing=PreprocessParams().to_json(),
+                source=source,
+                progress=not args.no_progress,
+            )
+        except SplitError as exc:
+            print(f"cannot split the cohort: {exc}", file=sys.stderr)
+            return 2
+    summary = result.summary
+    print(render_table(summary))
+    print()
+    point = summary.operating_point
+    if point is not None:
+        print(
+            f"threshold for {100 * summary.target_sensitivity:.0f} % per-patient sensitivity: "
+            f"{point.threshold:.4f} (specificity {point.specificity or 0.0:.3f})"
+        )
+    print(f"misclassified patients: {len(summary.misclassified)} of {summary.patient_count}")
+    print(f"initialisation: {result.initialisation}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from model.demo import ensure_demo_checkpoint
+
+    cache_dir = args.cache_dir
+    if cache_dir is None:
+        from dicom_node.settings import load_settings
+
+        cache_dir = load_settings().var_dir / "models"
+    path = ensure_demo_checkpoint(cache_dir, retrain=args.retrain, progress=not args.no_progress)
+    print(path)
+    return 0
