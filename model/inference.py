@@ -1,0 +1,184 @@
+"""Serving: a checkpoint loaded once per process, ROI → per-slice and per-patient probability.
+
+The device is chosen automatically: CUDA when present (channels_last memory format and bf16
+autocast there), else CPU (channels_last, float32, ``inference_mode``; deterministic: the same
+inputs give bit-identical probabilities). Inputs are run in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from model.checkpoint import DEFAULT_THRESHOLD, CheckpointError, load_checkpoint
+from model.network import build_resnet50
+from model.preprocess import PreprocessParams, build_inputs
+from model.roi import RoiAnnotation
+from model.volume import DEFAULT_MARGIN_MM, Volume, load_series
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The classifier's answer for one ROI."""
+
+    x_mm: tuple[float, ...]
+    slice_probabilities: tuple[float, ...]
+    patient_probability: float
+    label: Literal["malignant", "benign"]
+    priority: Literal["HIGH", "ROUTINE"]
+    threshold: float
+
+
+def choose_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prediction_from_probabilities(
+    x_mm: Sequence[float], probabilities: Sequence[float], threshold: float
+) -> Prediction:
+    """Per-patient probability = max over slices; malignant / HIGH when ≥ threshold."""
+    patient = float(max(probabilities))
+    malignant = patient >= threshold
+    return Prediction(
+        x_mm=tuple(float(x) for x in x_mm),
+        slice_probabilities=tuple(float(p) for p in probabilities),
+        patient_probability=patient,
+        label="malignant" if malignant else "benign",
+        priority="HIGH" if malignant else "ROUTINE",
+        threshold=float(threshold),
+    )
+
+
+class Classifier:
+    """A loaded checkpoint ready to classify ROIs. Build with :meth:`load` (or :meth:`shared`)."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        meta: dict[str, Any],
+        *,
+        device: torch.device,
+        threshold: float | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        self.meta = meta
+        self.name: str = str(meta["name"])
+        self.version: str = str(meta["version"])
+        self.device_uid: str = str(meta["device_uid"])
+        self.sha256: str = str(meta.get("sha256", ""))
+        self.threshold: float = float(
+            threshold if threshold is not None else meta.get("threshold", DEFAULT_THRESHOLD)
+        )
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold: expected a number in (0, 1), got {self.threshold}")
+        self.preprocess = PreprocessParams.from_json(meta["preprocessing"])
+        self.device = device
+        self.batch_size = batch_size
+        self._network = network.to(device).to(memory_format=torch.channels_last).eval()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls, path: Path, *, device: str | None = None, threshold: float | None = None
+    ) -> Classifier:
+        """Load and verify a checkpoint; ``threshold`` overrides the checkpoint's (site policy)."""
+        state_dict, meta = load_checkpoint(Path(path))
+        network = build_resnet50("random")
+        try:
+            network.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{Path(path).name}: weights do not fit ResNet50 ({exc})"
+            ) from exc
+        chosen = choose_device(device)
+        logger.info(
+            "loaded model %s %s (sha256 %s…) on %s",
+            meta["name"],
+            meta["version"],
+            meta["sha256"][:12],
+            chosen,
+        )
+        return cls(network, meta, device=chosen, threshold=threshold)
+
+    @classmethod
+    def shared(
+        cls, path: Path, *, device: str | None = None, threshold: float | None = None
+    ) -> Classifier:
+        """The process-wide classifier for a checkpoint: loaded on first use, then reused."""
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        key = (str(resolved), stat.st_mtime_ns, stat.st_size, device, threshold)
+        with _shared_lock:
+            classifier = _shared.get(key)
+            if classifier is None:
+                classifier = cls.load(resolved, device=device, threshold=threshold)
+                _shared[key] = classifier
+            return classifier
+
+    @property
+    def margin_mm(self) -> float:
+        """The margin to load around an ROI so that this model's slabs fit."""
+        return max(DEFAULT_MARGIN_MM, self.preprocess.lateral_reach_mm + 1.0)
+
+    def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """Malignancy probabilities (n,) float32 for inputs of shape (n, 3, size, size)."""
+        array = np.asarray(inputs, dtype=np.float32)
+        size = self.preprocess.input_size
+        expected = (self.preprocess.channels, size, size)
+        if array.ndim != 4 or array.shape[1:] != expected:
+            raise ValueError(f"inputs: expected shape (n, {expected}), got {array.shape}")
+        cuda = self.device.type == "cuda"
+        probabilities: list[np.ndarray] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(array), self.batch_size):
+                batch = torch.from_numpy(array[start : start + self.batch_size])
+                batch = batch.to(self.device, non_blocking=cuda).contiguous(
+                    memory_format=torch.channels_last
+                )
+                if cuda:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        logits = self._network(batch)
+                else:
+                    logits = self._network(batch)
+                probabilities.append(torch.sigmoid(logits.float()).reshape(-1).cpu().numpy())
+        if not probabilities:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(probabilities).astype(np.float32)
+
+    def predict(self, volume: Volume, roi: RoiAnnotation) -> Prediction:
+        """Classify an ROI of a loaded volume."""
+        inputs = build_inputs(volume, roi, self.preprocess)
+        probabilities = self.predict_inputs(inputs)
+        return prediction_from_probabilities(
+            roi.slices_x_mm, probabilities.tolist(), self.threshold
+        )
+
+    def load_volume(
+        self, paths: Sequence[Path], roi: RoiAnnotation, *, workers: int | None = None
+    ) -> Volume:
+        """Load the part of a series this model needs for an ROI."""
+        return load_series(paths, roi=roi, margin_mm=self.margin_mm, workers=workers)
+
+    def predict_files(
+        self, paths: Sequence[Path], roi: RoiAnnotation, *, workers: int | None = None
+    ) -> Prediction:
+        """Files of one series on disk → prediction (decodes only what the ROI needs)."""
+        return self.predict(self.load_volume(paths, roi, workers=workers), roi)
+
+
+_shared_lock = threading.Lock()
+_shared: dict[tuple[Any, ...], Classifier] = {}

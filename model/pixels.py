@@ -1,0 +1,157 @@
+"""Decoding the pixel data of the slices a volume needs, as float32 Hounsfield units.
+
+Any transfer syntax pydicom can decode (with the pylibjpeg plugins) works. JPEG 2000 frames
+are decoded region-only (:mod:`model.j2k_region`) in parallel threads; other frames are
+decoded whole by pydicom and cropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import pixel_array
+
+from model.j2k_region import J2kRegionError, decode_j2k_region, region_decoder_available
+from model.series_headers import FrameHeader, UnreadableSliceError
+
+logger = logging.getLogger(__name__)
+
+NATIVE_TRANSFER_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+)
+JPEG2000_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame to decode, and the part of it wanted: rows and columns as [start, stop)."""
+
+    header: FrameHeader
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+
+
+class _DatasetCache:
+    """Reads each file once, even when several threads want frames of it."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._locks = {path: threading.Lock() for path in paths}
+        self._datasets: dict[Path, Dataset] = {}
+
+    def get(self, path: Path) -> Dataset:
+        with self._locks[path]:
+            dataset = self._datasets.get(path)
+            if dataset is None:
+                try:
+                    dataset = pydicom.dcmread(path)
+                except Exception as exc:
+                    raise UnreadableSliceError(f"file {path.name}: cannot read ({exc})") from exc
+                if "PixelData" not in dataset:
+                    raise UnreadableSliceError(f"file {path.name}: no Pixel Data")
+                self._datasets[path] = dataset
+            return dataset
+
+
+def _codestream(dataset: Dataset, header: FrameHeader) -> bytes:
+    extended = None
+    if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+        extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+    return get_frame(
+        dataset.PixelData,
+        header.frame_index or 0,
+        number_of_frames=header.number_of_frames,
+        extended_offsets=extended,
+    )
+
+
+def _j2k_region(dataset: Dataset, request: FrameRequest) -> np.ndarray | None:
+    """Stored values of the requested region, or None when the whole frame must be decoded."""
+    header = request.header
+    try:
+        region = decode_j2k_region(
+            _codestream(dataset, header), rows=request.rows, columns=request.columns
+        )
+    except (J2kRegionError, ValueError) as exc:
+        logger.debug(
+            "%s: region decoding failed (%s); decoding whole frame", header.describe(), exc
+        )
+        return None
+    values = region.values
+    if header.pixel_representation == 1 and not region.signed:
+        # Signed data stored as an unsigned codestream: reinterpret the two's complement.
+        limit = 1 << (region.precision - 1)
+        values = np.where(values >= limit, values - (1 << region.precision), values)
+    elif header.pixel_representation == 0 and region.signed:
+        return None
+    return values
+
+
+def _whole_frame(dataset: Dataset, request: FrameRequest) -> np.ndarray:
+    header = request.header
+    if header.number_of_frames > 1:
+        frame = pixel_array(dataset, index=header.frame_index)
+    else:
+        frame = dataset.pixel_array
+    if frame.shape != (header.rows, header.columns):
+        raise UnreadableSliceError(
+            f"{header.describe()}: decoded shape {frame.shape}, expected "
+            f"({header.rows}, {header.columns}); only single-sample images are supported"
+        )
+    r0, r1 = request.rows
+    c0, c1 = request.columns
+    return np.asarray(frame[r0:r1, c0:c1])
+
+
+def _decode(cache: _DatasetCache, request: FrameRequest) -> np.ndarray:
+    header = request.header
+    dataset = cache.get(header.path)
+    stored: np.ndarray | None = None
+    try:
+        if header.transfer_syntax_uid in JPEG2000_TRANSFER_SYNTAXES and region_decoder_available():
+            stored = _j2k_region(dataset, request)
+        if stored is None:
+            stored = _whole_frame(dataset, request)
+    except UnreadableSliceError:
+        raise
+    except Exception as exc:
+        raise UnreadableSliceError(
+            f"{header.describe()}: cannot decode pixel data ({exc})"
+        ) from exc
+    hounsfield = stored.astype(np.float32) * np.float32(header.rescale_slope)
+    hounsfield += np.float32(header.rescale_intercept)
+    return hounsfield
+
+
+def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = None) -> np.ndarray:
+    """Decode the requested regions (all the same size) into one (n, rows, columns) array."""
+    if not requests:
+        raise ValueError("no frames to decode")
+    shapes = {(r.rows[1] - r.rows[0], r.columns[1] - r.columns[0]) for r in requests}
+    if len(shapes) != 1:
+        raise ValueError(f"requested regions differ in size: {sorted(shapes)}")
+    rows, columns = shapes.pop()
+    output = np.empty((len(requests), rows, columns), dtype=np.float32)
+    cache = _DatasetCache(sorted({r.header.path for r in requests}))
+
+    def decode_into(index: int) -> None:
+        output[index] = _decode(cache, requests[index])
+
+    compressed = any(r.header.transfer_syntax_uid not in NATIVE_TRANSFER_SYNTAXES for r in requests)
+    threads = workers if workers is not None else (os.cpu_count() or 1)
+    if compressed and threads > 1 and len(requests) > 1:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+            list(pool.map(decode_into, range(len(requests))))
+    else:
+        for index in range(len(requests)):
+            decode_into(index)
+    return output

@@ -1,0 +1,229 @@
+"""ROI → network inputs, exactly as ``METHOD.md`` specifies. Shared by training and serving.
+
+For each lateral slice position x of the ROI, one float32 tensor of shape 3×64×64:
+
+- channel k ∈ {0, 1, 2} is a sagittal slab of ``slab_thickness_mm`` (3 mm) centred at
+  x + (k − 1)·``channel_spacing_mm`` (3 mm): channel 0 lies toward the patient's right
+  (smaller LPS x), channel 2 toward the left;
+- a slab's value is the mean of ``samples_per_slab`` trilinear samples of the volume (HU)
+  spread evenly across its thickness (midpoint rule);
+- the 64×64 grid spans the ROI's square box with samples at the cell centres: row 0 is the most
+  superior (largest z), column 0 the most anterior (smallest y);
+- the whole tensor is z-scored (one mean, one SD over all three channels).
+
+Sampling that reaches outside the series (beyond half a voxel past its edge) raises
+:class:`RoiOutsideVolumeError` instead of sampling air.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from model.roi import RoiAnnotation
+from model.volume import RoiOutsideVolumeError, Volume
+
+__all__ = [
+    "PREPROCESSING_METHOD",
+    "PreprocessParams",
+    "PreprocessParamsError",
+    "RoiOutsideVolumeError",
+    "build_inputs",
+    "sampling_points",
+]
+
+PREPROCESSING_METHOD = "li2021-sagittal-slabs"
+_AXIS_NAMES = ("slice", "row", "column")
+
+
+class PreprocessParamsError(ValueError):
+    """Preprocessing parameters are invalid or do not match what this code implements."""
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """The preprocessing a checkpoint was trained with; travels inside the checkpoint."""
+
+    input_size: int = 64
+    channels: int = 3
+    slab_thickness_mm: float = 3.0
+    channel_spacing_mm: float = 3.0
+    samples_per_slab: int = 7
+    method: str = PREPROCESSING_METHOD
+
+    def __post_init__(self) -> None:
+        if self.method != PREPROCESSING_METHOD:
+            raise PreprocessParamsError(
+                f"method: {self.method!r} is not implemented here ({PREPROCESSING_METHOD!r} is)"
+            )
+        for name in ("input_size", "channels", "samples_per_slab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PreprocessParamsError(f"{name}: expected a positive integer, got {value!r}")
+        if self.channels % 2 != 1:
+            raise PreprocessParamsError(f"channels: expected an odd number, got {self.channels}")
+        for name in ("slab_thickness_mm", "channel_spacing_mm"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise PreprocessParamsError(f"{name}: expected a positive number, got {value!r}")
+
+    @property
+    def lateral_reach_mm(self) -> float:
+        """How far (mm) the slabs reach to either side of a slice position."""
+        return self.channel_spacing_mm * (self.channels // 2) + self.slab_thickness_mm / 2.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PreprocessParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PreprocessParamsError(
+                f"unknown preprocessing parameter(s) {', '.join(unknown)}: this checkpoint was "
+                "made by a newer or different preprocessing"
+            )
+        missing = sorted(known - set(data))
+        if missing:
+            raise PreprocessParamsError(f"missing preprocessing parameter(s): {', '.join(missing)}")
+        return cls(**dict(data))
+
+
+def _grid_offsets(params: PreprocessParams, side: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dz) offsets from the box centre of the 64×64 cell centres, each (size, size)."""
+    n = params.input_size
+    centres = (np.arange(n, dtype=np.float64) + 0.5) / n * side - side / 2.0
+    dz, dy = np.meshgrid(-centres, centres, indexing="ij")  # row → z downward, column → y
+    return dy, dz
+
+
+def sampling_points(
+    roi: RoiAnnotation, params: PreprocessParams, transform: np.ndarray | None = None
+) -> np.ndarray:
+    """LPS positions (mm) sampled for an ROI: shape (slices, channels, samples, size, size, 3)."""
+    box = roi.square_box_yz()
+    dy, dz = _grid_offsets(params, box.side)
+    if transform is not None:
+        matrix = np.asarray(transform, dtype=np.float64)
+        if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)):
+            raise ValueError("transform: expected a finite 3×3 affine matrix in the (y, z) plane")
+        homogeneous = np.stack([dy, dz, np.ones_like(dy)], axis=-1) @ matrix.T
+        dy, dz = homogeneous[..., 0], homogeneous[..., 1]
+    half = params.channels // 2
+    channel_offsets = (np.arange(params.channels) - half) * params.channel_spacing_mm
+    s = params.samples_per_slab
+    slab_offsets = ((np.arange(s) + 0.5) / s - 0.5) * params.slab_thickness_mm
+    xs = np.asarray(roi.slices_x_mm, dtype=np.float64)
+    x = xs[:, None, None] + channel_offsets[None, :, None] + slab_offsets[None, None, :]
+    size = params.input_size
+    points = np.empty((len(xs), params.channels, s, size, size, 3), dtype=np.float64)
+    points[..., 0] = x[..., None, None]
+    points[..., 1] = box.center_y + dy
+    points[..., 2] = box.center_z + dz
+    return points
+
+
+def _check_inside(volume: Volume, indices: np.ndarray) -> None:
+    shape = volume.shape
+    source_shape = volume.source_shape or shape
+    offset = volume.source_offset
+    low = indices.reshape(-1, 3).min(axis=0)
+    high = indices.reshape(-1, 3).max(axis=0)
+    for axis in range(3):
+        at_start = offset[axis] == 0
+        at_end = offset[axis] + shape[axis] == source_shape[axis]
+        lowest = -0.5 if at_start else 0.0
+        highest = shape[axis] - 0.5 if at_end else shape[axis] - 1.0
+        if low[axis] >= lowest - 1e-6 and high[axis] <= highest + 1e-6:
+            continue
+        if (low[axis] < lowest and at_start) or (high[axis] > highest and at_end):
+            source_corners = _source_corners(volume)
+            extent = ", ".join(
+                f"{name} {lo:.1f}..{hi:.1f} mm"
+                for name, lo, hi in zip(
+                    "xyz", source_corners.min(axis=0), source_corners.max(axis=0), strict=True
+                )
+            )
+            raise RoiOutsideVolumeError(
+                f"the ROI's sampling region reaches outside the series along its "
+                f"{_AXIS_NAMES[axis]} axis (the series covers {extent}); an ROI must lie "
+                "inside the volume"
+            )
+        raise RoiOutsideVolumeError(
+            f"the ROI's sampling region reaches outside the loaded part of the series along "
+            f"its {_AXIS_NAMES[axis]} axis: load the series with a larger margin_mm"
+        )
+
+
+def _source_corners(volume: Volume) -> np.ndarray:
+    source_shape = volume.source_shape or volume.shape
+    offset = np.array(volume.source_offset, dtype=np.float64)
+    corners = np.array(
+        [
+            [a, b, c]
+            for a in (0, source_shape[0] - 1)
+            for b in (0, source_shape[1] - 1)
+            for c in (0, source_shape[2] - 1)
+        ],
+        dtype=np.float64,
+    )
+    return volume.index_to_patient(corners - offset)
+
+
+def _trilinear(voxels: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation at fractional (slice, row, column) indices, edges clamped."""
+    n, rows, columns = voxels.shape
+    flat = voxels.reshape(-1)
+    limits = np.array([n - 1, rows - 1, columns - 1], dtype=np.float64)
+    clamped = np.clip(indices.reshape(-1, 3), 0.0, limits)
+    base = np.minimum(np.floor(clamped), np.maximum(limits - 1, 0)).astype(np.int64)
+    fraction = (clamped - base).astype(np.float32)
+    step = np.array([rows * columns, columns, 1], dtype=np.int64)
+    size_ok = limits > 0  # an axis of length 1 has no upper neighbour
+    result = np.zeros(len(clamped), dtype=np.float32)
+    anchor = base @ step
+    for corner in range(8):
+        bits = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        if np.any(bits.astype(bool) & ~size_ok):
+            continue
+        weight = np.ones(len(clamped), dtype=np.float32)
+        for axis in range(3):
+            weight *= fraction[:, axis] if bits[axis] else (1.0 - fraction[:, axis])
+        result += weight * flat[anchor + int(bits @ step)]
+    return result.reshape(indices.shape[:-1])
+
+
+def build_inputs(
+    volume: Volume,
+    roi: RoiAnnotation,
+    params: PreprocessParams | None = None,
+    *,
+    transform: np.ndarray | None = None,
+) -> np.ndarray:
+    """Network inputs for an ROI: float32 array of shape (slices, channels, size, size).
+
+    ``transform`` is an optional 3×3 affine in the sagittal (y, z) plane, acting on offsets
+    from the box centre in mm (homogeneous ``[dy, dz, 1]``): each grid point is sampled where
+    the transform sends it. Training augmentation uses it for scaling, rotation and
+    translation; serving passes none.
+    """
+    params = params or PreprocessParams()
+    points = sampling_points(roi, params, transform)
+    indices = volume.patient_to_index(points)
+    _check_inside(volume, indices)
+    samples = _trilinear(volume.voxels, indices)  # (slices, channels, samples, size, size)
+    slabs = samples.mean(axis=2, dtype=np.float64)
+    mean = slabs.mean(axis=(1, 2, 3), keepdims=True)
+    sd = slabs.std(axis=(1, 2, 3), keepdims=True)
+    normalised = (slabs - mean) / np.maximum(sd, 1e-6)
+    return np.ascontiguousarray(normalised, dtype=np.float32)

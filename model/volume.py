@@ -1,0 +1,375 @@
+"""One CT series → a volume in Hounsfield units with its geometry in patient coordinates.
+
+Slices are sorted by their position along the slice normal (ImagePositionPatient · normal),
+never by Instance Number. The whole series' geometry is validated from the headers alone
+(non-uniform spacing, gantry tilt, mixed orientations, duplicate positions and missing slices
+each raise their own :class:`SeriesError`); pixel data is then decoded only for the slices —
+and, where the codec allows, only the part of each slice — that an ROI needs.
+
+Index convention: ``voxels[k, r, c]`` is slice ``k`` (along ``slice_direction``), row ``r``
+(along ``column_direction``, DICOM's column cosine) and column ``c`` (along
+``row_direction``, DICOM's row cosine). ``spacing`` is ``(slice, row, column)`` in mm, where
+row spacing is the distance between rows. ``slice_direction`` is row × column direction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model.pixels import FrameRequest, decode_frames
+from model.roi import RoiAnnotation
+from model.series_headers import (
+    DuplicatePositionError,
+    EmptySeriesError,
+    FrameHeader,
+    GantryTiltError,
+    InconsistentImageError,
+    MissingSliceError,
+    MixedOrientationError,
+    MixedSeriesError,
+    NonUniformSpacingError,
+    SeriesError,
+    UnreadableSliceError,
+    group_paths_by_series,
+    read_frame_headers,
+)
+
+__all__ = [
+    "DEFAULT_MARGIN_MM",
+    "DuplicatePositionError",
+    "EmptySeriesError",
+    "GantryTiltError",
+    "InconsistentImageError",
+    "MissingSliceError",
+    "MixedOrientationError",
+    "MixedSeriesError",
+    "NonUniformSpacingError",
+    "RoiOutsideVolumeError",
+    "SeriesError",
+    "SeriesGeometry",
+    "UnreadableSliceError",
+    "Volume",
+    "group_paths_by_series",
+    "load_series",
+    "read_series_geometry",
+]
+
+logger = logging.getLogger(__name__)
+
+# Extra distance (mm) loaded around the ROI's box and slice positions. It must cover the
+# lateral reach of the slabs (channel spacing + half a slab: 4.5 mm with the default
+# preprocessing); interpolation neighbours are added on top of it.
+DEFAULT_MARGIN_MM = 6.0
+
+_ORIENTATION_TOLERANCE = 1e-4
+_DUPLICATE_TOLERANCE_MM = 0.01
+_SPACING_TOLERANCE_MM = 0.01
+_SPACING_TOLERANCE_FRACTION = 0.02
+_TILT_TOLERANCE_MM = 0.02
+_TILT_TOLERANCE_SLOPE = 1e-3  # ≈ 0.06°
+
+
+class RoiOutsideVolumeError(SeriesError):
+    """The ROI (box, slabs) reaches outside the volume: an error, never a crop of air."""
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """A validated series: its frames sorted along the normal, and the grid they form."""
+
+    frames: tuple[FrameHeader, ...]
+    origin: np.ndarray
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    slice_direction: np.ndarray
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+
+    def index_to_patient(self, ijk: np.ndarray) -> np.ndarray:
+        return _index_to_patient(self, ijk)
+
+    def patient_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        return _patient_to_index(self, xyz)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in HU on a regular grid in patient coordinates (LPS, mm).
+
+    When loaded for an ROI the volume may hold only part of the series;
+    ``source_shape`` and ``source_offset`` then say where it lies in the whole series
+    (``source_offset`` is the (slice, row, column) index of ``voxels[0, 0, 0]``).
+    """
+
+    voxels: np.ndarray
+    origin: np.ndarray
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    slice_direction: np.ndarray
+    spacing: tuple[float, float, float]
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    sop_instance_uids: tuple[str, ...]
+    source_shape: tuple[int, int, int] | None = None
+    source_offset: tuple[int, int, int] = field(default=(0, 0, 0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, rows, columns = self.voxels.shape
+        return (int(n), int(rows), int(columns))
+
+    @property
+    def is_partial(self) -> bool:
+        return self.source_shape is not None and self.source_shape != self.shape
+
+    def index_to_patient(self, ijk: np.ndarray) -> np.ndarray:
+        """(…, 3) array of (slice, row, column) indices → (…, 3) LPS positions in mm."""
+        return _index_to_patient(self, ijk)
+
+    def patient_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """(…, 3) LPS positions in mm → (…, 3) fractional (slice, row, column) indices."""
+        return _patient_to_index(self, xyz)
+
+
+def _axes(grid: Volume | SeriesGeometry) -> np.ndarray:
+    """3×3 matrix whose columns are the patient-space steps of one index along each axis."""
+    s, r, c = grid.spacing
+    return np.stack(
+        [grid.slice_direction * s, grid.column_direction * r, grid.row_direction * c], axis=1
+    )
+
+
+def _index_to_patient(grid: Volume | SeriesGeometry, ijk: np.ndarray) -> np.ndarray:
+    ijk = np.asarray(ijk, dtype=np.float64)
+    return np.asarray(grid.origin + ijk @ _axes(grid).T)
+
+
+def _patient_to_index(grid: Volume | SeriesGeometry, xyz: np.ndarray) -> np.ndarray:
+    xyz = np.asarray(xyz, dtype=np.float64)
+    inverse = np.linalg.inv(_axes(grid))
+    return np.asarray((xyz - grid.origin) @ inverse.T)
+
+
+def _check_same(frames: Sequence[FrameHeader]) -> None:
+    first = frames[0]
+    series = {f.series_instance_uid for f in frames}
+    if len(series) > 1:
+        raise MixedSeriesError(
+            f"files belong to {len(series)} series ({', '.join(sorted(series))}); "
+            "load one series at a time"
+        )
+    for attribute, label in (
+        ("study_instance_uid", "Study Instance UID"),
+        ("frame_of_reference_uid", "Frame of Reference UID"),
+    ):
+        values = {getattr(f, attribute) for f in frames}
+        if len(values) > 1:
+            raise MixedSeriesError(f"series {first.series_instance_uid}: several {label}s")
+    for f in frames:
+        if (f.rows, f.columns) != (first.rows, first.columns):
+            raise InconsistentImageError(
+                f"{f.describe()}: {f.rows}×{f.columns} pixels, "
+                f"other slices {first.rows}×{first.columns}"
+            )
+        if not np.allclose(f.pixel_spacing, first.pixel_spacing, atol=1e-4):
+            raise InconsistentImageError(
+                f"{f.describe()}: Pixel Spacing {list(f.pixel_spacing)}, "
+                f"other slices {list(first.pixel_spacing)}"
+            )
+        if not np.allclose(f.orientation, first.orientation, atol=_ORIENTATION_TOLERANCE):
+            raise MixedOrientationError(
+                f"{f.describe()}: Image Orientation (Patient) {list(f.orientation)} differs "
+                f"from {list(first.orientation)}"
+            )
+    row, column = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
+    if (
+        abs(np.linalg.norm(row) - 1) > 1e-3
+        or abs(np.linalg.norm(column) - 1) > 1e-3
+        or abs(float(row @ column)) > 1e-3
+    ):
+        raise MixedOrientationError(
+            f"series {first.series_instance_uid}: Image Orientation (Patient) "
+            f"{list(first.orientation)} is not a pair of orthogonal unit vectors"
+        )
+
+
+def _slice_spacing(
+    frames: Sequence[FrameHeader], distances: np.ndarray, normal: np.ndarray
+) -> float:
+    """Validate positions along the normal and return the (uniform) slice spacing."""
+    first = frames[0]
+    if len(frames) == 1:
+        thickness = first.spacing_between_slices or first.slice_thickness
+        if not thickness or thickness <= 0:
+            raise NonUniformSpacingError(
+                f"{first.describe()}: a single slice without Slice Thickness or Spacing "
+                "Between Slices has no slice spacing"
+            )
+        return float(thickness)
+    steps = np.diff(distances)
+    for i, step in enumerate(steps):
+        if step < _DUPLICATE_TOLERANCE_MM:
+            raise DuplicatePositionError(
+                f"{frames[i].describe()} and {frames[i + 1].describe()} lie at the same "
+                f"position along the slice normal ({distances[i]:.3f} mm)"
+            )
+    origin = np.asarray(first.position)
+    for f, distance in zip(frames, distances, strict=True):
+        offset = np.asarray(f.position) - origin
+        lateral = float(np.linalg.norm(offset - (offset @ normal) * normal))
+        along = abs(float(distance - distances[0]))
+        if lateral > _TILT_TOLERANCE_MM + _TILT_TOLERANCE_SLOPE * along:
+            angle = float(np.degrees(np.arctan2(lateral, along)))
+            raise GantryTiltError(
+                f"series {first.series_instance_uid}: slice positions are not along the slice "
+                f"normal ({f.describe()} is {lateral:.2f} mm off it, a tilt of about "
+                f"{angle:.1f}°); gantry-tilted series are not supported"
+            )
+    spacing = float(np.median(steps))
+    tolerance = max(_SPACING_TOLERANCE_MM, _SPACING_TOLERANCE_FRACTION * spacing)
+    for i, step in enumerate(steps):
+        if abs(step - spacing) <= tolerance:
+            continue
+        ratio = step / spacing
+        missing = round(ratio) - 1
+        if missing >= 1 and abs(step - round(ratio) * spacing) <= tolerance * round(ratio):
+            raise MissingSliceError(
+                f"series {first.series_instance_uid}: {missing} slice(s) missing between "
+                f"{distances[i]:.2f} mm and {distances[i + 1]:.2f} mm along the normal "
+                f"(spacing {spacing:.3f} mm)"
+            )
+        raise NonUniformSpacingError(
+            f"series {first.series_instance_uid}: slice spacing {step:.3f} mm between "
+            f"{distances[i]:.2f} mm and {distances[i + 1]:.2f} mm along the normal, "
+            f"elsewhere {spacing:.3f} mm"
+        )
+    return spacing
+
+
+def validate_geometry(frames: Sequence[FrameHeader]) -> SeriesGeometry:
+    """Sort frames along the slice normal and validate the grid they form."""
+    if not frames:
+        raise EmptySeriesError("no image slices to load")
+    _check_same(frames)
+    first = frames[0]
+    row = np.asarray(first.orientation[:3], dtype=np.float64)
+    column = np.asarray(first.orientation[3:], dtype=np.float64)
+    row /= np.linalg.norm(row)
+    column /= np.linalg.norm(column)
+    normal = np.cross(row, column)
+    distances = np.array([np.asarray(f.position) @ normal for f in frames])
+    order = np.argsort(distances, kind="stable")
+    sorted_frames = tuple(frames[i] for i in order)
+    sorted_distances = distances[order]
+    slice_spacing = _slice_spacing(sorted_frames, sorted_distances, normal)
+    row_spacing, column_spacing = first.pixel_spacing
+    return SeriesGeometry(
+        frames=sorted_frames,
+        origin=np.asarray(sorted_frames[0].position, dtype=np.float64),
+        row_direction=row,
+        column_direction=column,
+        slice_direction=normal,
+        spacing=(slice_spacing, float(row_spacing), float(column_spacing)),
+        shape=(len(sorted_frames), first.rows, first.columns),
+    )
+
+
+def read_series_geometry(paths: Sequence[Path]) -> SeriesGeometry:
+    """Read the headers of all files of one series and validate its geometry."""
+    return validate_geometry(read_frame_headers(paths))
+
+
+def roi_index_bounds(
+    geometry: SeriesGeometry, roi: RoiAnnotation, margin_mm: float
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Inclusive (start, stop) index ranges per axis of the region an ROI needs.
+
+    The region is the ROI's square box in (y, z) and the span of its slice positions in x,
+    each widened by ``margin_mm``, then by one voxel for interpolation; clipped to the series.
+    """
+    box = roi.square_box_yz()
+    xs = (min(roi.slices_x_mm) - margin_mm, max(roi.slices_x_mm) + margin_mm)
+    ys = (box.y_range[0] - margin_mm, box.y_range[1] + margin_mm)
+    zs = (box.z_range[0] - margin_mm, box.z_range[1] + margin_mm)
+    corners = np.array([[x, y, z] for x in xs for y in ys for z in zs])
+    indices = geometry.patient_to_index(corners)
+    low = np.floor(indices.min(axis=0)).astype(int) - 1
+    high = np.ceil(indices.max(axis=0)).astype(int) + 1
+    bounds = []
+    for axis in range(3):
+        size = geometry.shape[axis]
+        start, stop = max(int(low[axis]), 0), min(int(high[axis]), size - 1)
+        if start > stop:
+            raise RoiOutsideVolumeError(
+                f"ROI (box centre y={box.center_y:.1f}, z={box.center_z:.1f} mm, slices x="
+                f"{list(roi.slices_x_mm)} mm) lies entirely outside series "
+                f"{geometry.frames[0].series_instance_uid}"
+            )
+        bounds.append((start, stop))
+    return (bounds[0], bounds[1], bounds[2])
+
+
+def load_series(
+    paths: Sequence[Path],
+    *,
+    roi: RoiAnnotation | None = None,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    workers: int | None = None,
+) -> Volume:
+    """Load one CT series (classic CT or Enhanced CT multi-frame) as a :class:`Volume`.
+
+    The headers of *all* files are read and the whole series' geometry validated first. With
+    ``roi``, only the slices the ROI's region crosses (its box and slice positions widened by
+    ``margin_mm``) are decoded, and of each slice only the rows and columns it needs where the
+    codec allows (JPEG 2000); the result is then a partial volume. ``workers`` bounds the
+    threads used to decode compressed slices (default: the CPU count).
+    """
+    geometry = read_series_geometry(paths)
+    first = geometry.frames[0]
+    if roi is not None and roi.series_instance_uid != first.series_instance_uid:
+        raise MixedSeriesError(
+            f"ROI names series {roi.series_instance_uid}, files are series "
+            f"{first.series_instance_uid}"
+        )
+    n, rows, columns = geometry.shape
+    if roi is None:
+        bounds = ((0, n - 1), (0, rows - 1), (0, columns - 1))
+    else:
+        bounds = roi_index_bounds(geometry, roi, margin_mm)
+    (k0, k1), (r0, r1), (c0, c1) = bounds
+    requests = [
+        FrameRequest(header=geometry.frames[k], rows=(r0, r1 + 1), columns=(c0, c1 + 1))
+        for k in range(k0, k1 + 1)
+    ]
+    voxels = decode_frames(requests, workers=workers)
+    logger.debug(
+        "series %s: decoded %d of %d slices, rows %d-%d, columns %d-%d",
+        first.series_instance_uid,
+        len(requests),
+        n,
+        r0,
+        r1,
+        c0,
+        c1,
+    )
+    offset = (k0, r0, c0)
+    return Volume(
+        voxels=voxels,
+        origin=geometry.index_to_patient(np.array(offset, dtype=np.float64)),
+        row_direction=geometry.row_direction,
+        column_direction=geometry.column_direction,
+        slice_direction=geometry.slice_direction,
+        spacing=geometry.spacing,
+        series_instance_uid=first.series_instance_uid,
+        study_instance_uid=first.study_instance_uid,
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        sop_instance_uids=tuple(r.header.sop_instance_uid for r in requests),
+        source_shape=geometry.shape,
+        source_offset=offset,
+    )
