@@ -158,23 +158,39 @@ def is_roi_report(ds: pydicom.Dataset) -> bool:
     not a request for triage, and is not an ROI report.
     """
     try:
-        report = _measurement_report(ds)
+        groups = _roi_groups(_measurement_report(ds))
+        is_result = any(
+            group.get_measurements(name=codes.DCM.ProbabilityOfCancer) for group in groups
+        )
     except RoiSrError as error:
         logger.debug("not an ROI report: %s", error)
         return False
-    groups = _roi_groups(report)
-    if not groups:
+    except _READ_ERRORS as error:
+        logger.debug("not an ROI report, unreadable measurement group: %s", error)
         return False
-    for group in groups:
-        if group.get_measurements(name=codes.DCM.ProbabilityOfCancer):
-            logger.debug("SR %s is a triage result, not an ROI report", ds.get("SOPInstanceUID"))
-            return False
-    return True
+    if is_result:
+        logger.debug("SR %s is a triage result, not an ROI report", ds.get("SOPInstanceUID"))
+    return bool(groups) and not is_result
 
 
 def extract_roi(ds: pydicom.Dataset, resolve_image: ImageResolver) -> SrRoi:
-    """The ROI held by a TID 1500 SR; raises :class:`RoiSrError` saying why when there is none."""
+    """The ROI held by a TID 1500 SR; raises :class:`RoiSrError` saying why when there is none.
+
+    ``is_roi_report`` is the gate for incoming objects; this function reads the ROI of any
+    TID 1500 report with planar ROIs, a triage result included.
+    """
     report = _measurement_report(ds)
+    try:
+        return _roi_of_report(ds, report, resolve_image)
+    except RoiSrError:
+        raise
+    except _READ_ERRORS as error:
+        raise RoiSrError(f"the ROI cannot be read: {error}") from error
+
+
+def _roi_of_report(
+    ds: pydicom.Dataset, report: hd.sr.MeasurementReport, resolve_image: ImageResolver
+) -> SrRoi:
     groups = _roi_groups(report)
     if not groups:
         raise RoiSrError("the measurement report holds no planar ROI")
@@ -232,9 +248,9 @@ def _roi_groups(report: hd.sr.MeasurementReport) -> list[_RoiGroup]:
     try:
         planar: list[_RoiGroup] = list(report.get_planar_roi_measurement_groups())
         image_groups = report.get_image_measurement_groups()
+        drawn = [group for group in image_groups if _drawn_coordinates(group)]
     except _READ_ERRORS as error:
         raise RoiSrError(f"the measurement groups cannot be read: {error}") from error
-    drawn = [group for group in image_groups if _drawn_coordinates(group)]
     return planar + drawn
 
 
@@ -338,8 +354,17 @@ def _as_points(points: np.ndarray) -> tuple[tuple[float, float, float], ...]:
     return tuple((float(x), float(y), float(z)) for x, y, z in points)
 
 
+def _open_points(
+    points: tuple[tuple[float, float, float], ...],
+) -> tuple[tuple[float, float, float], ...]:
+    """The polygon's vertices, without the closing repetition of the first one."""
+    if len(points) > 1 and np.allclose(points[0], points[-1]):
+        return points[:-1]
+    return points
+
+
 def _sagittal_x(region: _Region) -> float:
-    xs = np.array([point[0] for point in region.points_xyz])
+    xs = np.array([point[0] for point in _open_points(region.points_xyz)])
     spread = float(xs.max() - xs.min())
     if spread > SAGITTAL_TOLERANCE_MM:
         raise RoiSrError(
@@ -352,10 +377,8 @@ def _sagittal_x(region: _Region) -> float:
 def _polygon_yz(region: _Region) -> tuple[tuple[float, float], ...]:
     points = [
         (round(y, COORDINATE_DECIMALS), round(z, COORDINATE_DECIMALS))
-        for _, y, z in region.points_xyz
+        for _, y, z in _open_points(region.points_xyz)
     ]
-    if len(points) > 1 and points[0] == points[-1]:
-        points = points[:-1]
     yz = np.array(points)
     doubled_area = np.dot(yz[:, 0], np.roll(yz[:, 1], 1)) - np.dot(yz[:, 1], np.roll(yz[:, 0], 1))
     if abs(float(doubled_area)) < 1e-6:

@@ -386,3 +386,22 @@ def test_source_image_missing_type2_attributes_still_gives_a_valid_sr(
     returncode, lines = dciodvfy_messages(path)
     assert [line for line in lines if line.startswith("Error")] == []
     assert returncode == 0
+
+
+def test_sr_bytes_are_a_dicom_file_with_meta(ct_series: list[pydicom.Dataset]) -> None:
+    sr = build_triage_sr(ct_series, malignant_finding(), algorithm(), annotation_key="f")
+    encoded = sr_to_bytes(sr)
+    assert encoded[128:132] == b"DICM"
+    decoded = pydicom.dcmread(BytesIO(encoded))
+    assert decoded.file_meta.MediaStorageSOPInstanceUID == sr.SOPInstanceUID
+    assert decoded.file_meta.MediaStorageSOPClassUID == Comprehensive3DSRStorage
+
+
+def test_synthetic_ct_helper_makes_valid_ct_images(
+    tmp_path: Path, ct_series: list[pydicom.Dataset]
+) -> None:
+    path = tmp_path / "ct.dcm"
+    pydicom.dcmwrite(path, ct_series[0], enforce_file_format=True)
+    returncode, lines = dciodvfy_messages(path)
+    assert [line for line in lines if line.startswith(("Error", "Warning"))] == []
+    assert returncode == 0
