@@ -21,18 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset, dcmread
-from pydicom.uid import UID
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedSRStorage,
-    Verification,
 )
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,14 +44,14 @@ from dicom_node.storage import FileStore, InvalidUidError, StorageFullError
 
 log = logging.getLogger(__name__)
 
-COMPREHENSIVE_3D_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.34")
+VERIFICATION = UID("1.2.840.10008.1.1")
 
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedSRStorage,
     ComprehensiveSRStorage,
-    COMPREHENSIVE_3D_SR_STORAGE,
+    Comprehensive3DSRStorage,
 )
 SR_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES[2:])
 
@@ -108,7 +109,8 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         transfer_syntax = event.context.transfer_syntax
         header_ds = dcmread(BytesIO(data), stop_before_pixels=True)
         header = header_from_dataset(header_ds, str(transfer_syntax))
-        if header.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+        request = cast(C_STORE, event.request)
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise InvalidUidError("SOPInstanceUID differs from the request's")
     except InvalidUidError as exc:
         log.warning("refused instance from %s: %s", calling_ae, exc)
@@ -165,16 +167,16 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_conn_open(event: evt.Event) -> None:
     """Nagle off on every accepted socket: small responses must not wait on delayed ACKs."""
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    association_socket = event.assoc.dul.socket
+    if association_socket is not None and association_socket.socket is not None:
+        association_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class ReusePortServer(ThreadedAssociationServer):
     """A threaded association server whose port several listener processes may share."""
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
+        if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -202,7 +204,7 @@ def make_ae(settings: Settings) -> AE:
     ae.require_called_aet = settings.require_called_ae
     if settings.allowed_calling_aes:
         ae.require_calling_aet = list(settings.allowed_calling_aes)
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
@@ -231,6 +233,9 @@ class DicomService:
             server_class=ReusePortServer,
         )
         assert isinstance(server, ReusePortServer)
+        # Registered with the AE as AE.start_server does, so AE.shutdown() stops it and aborts
+        # its associations.
+        self.ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="dicom-listener", daemon=True
@@ -254,8 +259,5 @@ class DicomService:
         return str(host), int(port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
         self.ae.shutdown()
+        self._server = None

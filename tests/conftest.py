@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.services import ThrowawayPostgres
+
+POSTGRES_URL = os.environ.get(
+    "SPINE_TRIAGE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432"
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An empty database of each kind (a fresh PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+        return
+    yield from _postgres_database()
+
+
+def _postgres_database() -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+
+    from tests.support import missing_component
+
+    admin = create_engine(f"{POSTGRES_URL}/postgres", isolation_level="AUTOCOMMIT")
+    name = f"st_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # reported as a missing component
+        admin.dispose()
+        missing_component(f"PostgreSQL at {POSTGRES_URL} ({type(exc).__name__})")
+    try:
+        yield f"{POSTGRES_URL}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the shared PostgreSQL server."""
+    yield from _postgres_database()
+
+
+@pytest.fixture
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    """A PostgreSQL server of the test's own, on a free port (may be stopped and restarted)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.services import ThrowawayPostgres
+
+    folder = Path(tempfile.mkdtemp(prefix="st-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    server = ThrowawayPostgres(folder / "pg").init()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Start real Orthanc instances (own config, storage, ports); stopped after the test."""
+    from tests.services import Orthanc
+
+    started: list[Orthanc] = []
+
+    def start(**options: Any) -> Orthanc:
+        server = Orthanc(tmp_path_factory.mktemp("orthanc"), **options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
