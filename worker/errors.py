@@ -1,0 +1,16 @@
+"""The two kinds of failure a job or a delivery can have."""
+
+from __future__ import annotations
+
+
+class TriageError(Exception):
+    """Base of the failures the pipeline and the deliveries raise on purpose."""
+
+
+class TransientError(TriageError):
+    """Worth retrying later (with backoff): a peer down, a timeout, a lock."""
+
+
+class PermanentError(TriageError):
+    """Retrying cannot help (unreadable series, ROI outside the volume, a peer's refusal):
+    fail the job or delivery and keep the reason."""
