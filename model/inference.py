@@ -21,7 +21,7 @@ from model.checkpoint import DEFAULT_THRESHOLD, CheckpointError, load_checkpoint
 from model.network import build_resnet50
 from model.preprocess import PreprocessParams, build_inputs
 from model.roi import RoiAnnotation
-from model.volume import DEFAULT_MARGIN_MM, Volume, load_series
+from model.volume import Volume, load_series
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +129,6 @@ class Classifier:
                 _shared[key] = classifier
             return classifier
 
-    @property
-    def margin_mm(self) -> float:
-        """The margin to load around an ROI so that this model's slabs fit."""
-        return max(DEFAULT_MARGIN_MM, self.preprocess.lateral_reach_mm + 1.0)
-
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Malignancy probabilities (n,) float32 for inputs of shape (n, 3, size, size)."""
         array = np.asarray(inputs, dtype=np.float32)
@@ -171,7 +166,12 @@ class Classifier:
         self, paths: Sequence[Path], roi: RoiAnnotation, *, workers: int | None = None
     ) -> Volume:
         """Load the part of a series this model needs for an ROI."""
-        return load_series(paths, roi=roi, margin_mm=self.margin_mm, workers=workers)
+        return load_series(
+            paths,
+            roi=roi,
+            workers=workers,
+            lateral_reach_mm=self.preprocess.lateral_reach_mm,
+        )
 
     def predict_files(
         self, paths: Sequence[Path], roi: RoiAnnotation, *, workers: int | None = None

@@ -202,14 +202,29 @@ _library: _OpenJpeg | None = None
 _library_failed = False
 
 
+def _extension_path() -> str:
+    """The pylibjpeg-openjpeg extension module, which bundles OpenJPEG 2.5."""
+    import importlib
+
+    import openjpeg  # noqa: F401 - makes sure the package is installed
+
+    for name in ("_openjpeg", "openjpeg._openjpeg"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        path = getattr(module, "__file__", None)
+        if path:
+            return str(path)
+    raise ImportError("pylibjpeg-openjpeg's extension module was not found")
+
+
 def _load() -> _OpenJpeg | None:
     global _library, _library_failed
     with _library_lock:
         if _library is None and not _library_failed:
             try:
-                import openjpeg._openjpeg as extension  # the extension bundles OpenJPEG 2.5
-
-                _library = _OpenJpeg(ctypes.CDLL(extension.__file__))
+                _library = _OpenJpeg(ctypes.CDLL(_extension_path()))
             except (ImportError, OSError, AttributeError) as exc:
                 logger.info(
                     "JPEG 2000 region decoding unavailable (%s); decoding whole frames", exc

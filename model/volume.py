@@ -61,10 +61,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Extra distance (mm) loaded around the ROI's box and slice positions. It must cover the
-# lateral reach of the slabs (channel spacing + half a slab: 4.5 mm with the default
-# preprocessing); interpolation neighbours are added on top of it.
-DEFAULT_MARGIN_MM = 6.0
+# How far (mm) the sampling slabs reach to either side of an ROI slice position with the
+# default preprocessing (channel spacing 3 mm + half a 3 mm slab); see PreprocessParams.
+DEFAULT_LATERAL_REACH_MM = 4.5
+# Extra distance (mm) loaded around the region the ROI samples (interpolation neighbours are
+# always added on top); raise it when sampling beyond the box, e.g. for augmentation.
+DEFAULT_MARGIN_MM = 1.0
 
 _ORIENTATION_TOLERANCE = 1e-4
 _DUPLICATE_TOLERANCE_MM = 0.01
@@ -286,15 +288,20 @@ def read_series_geometry(paths: Sequence[Path]) -> SeriesGeometry:
 
 
 def roi_index_bounds(
-    geometry: SeriesGeometry, roi: RoiAnnotation, margin_mm: float
+    geometry: SeriesGeometry,
+    roi: RoiAnnotation,
+    margin_mm: float,
+    lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Inclusive (start, stop) index ranges per axis of the region an ROI needs.
 
-    The region is the ROI's square box in (y, z) and the span of its slice positions in x,
-    each widened by ``margin_mm``, then by one voxel for interpolation; clipped to the series.
+    The region is the ROI's square box in (y, z) and its slice positions ± the slabs' lateral
+    reach in x, widened by ``margin_mm`` and then by one voxel for interpolation; clipped to
+    the series.
     """
     box = roi.square_box_yz()
-    xs = (min(roi.slices_x_mm) - margin_mm, max(roi.slices_x_mm) + margin_mm)
+    reach = lateral_reach_mm + margin_mm
+    xs = (min(roi.slices_x_mm) - reach, max(roi.slices_x_mm) + reach)
     ys = (box.y_range[0] - margin_mm, box.y_range[1] + margin_mm)
     zs = (box.z_range[0] - margin_mm, box.z_range[1] + margin_mm)
     corners = np.array([[x, y, z] for x in xs for y in ys for z in zs])
@@ -321,14 +328,16 @@ def load_series(
     roi: RoiAnnotation | None = None,
     margin_mm: float = DEFAULT_MARGIN_MM,
     workers: int | None = None,
+    lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
 ) -> Volume:
     """Load one CT series (classic CT or Enhanced CT multi-frame) as a :class:`Volume`.
 
     The headers of *all* files are read and the whole series' geometry validated first. With
-    ``roi``, only the slices the ROI's region crosses (its box and slice positions widened by
-    ``margin_mm``) are decoded, and of each slice only the rows and columns it needs where the
-    codec allows (JPEG 2000); the result is then a partial volume. ``workers`` bounds the
-    threads used to decode compressed slices (default: the CPU count).
+    ``roi``, only the slices the ROI's region crosses are decoded (its square box in y and z,
+    its slice positions ± ``lateral_reach_mm`` in x, all widened by ``margin_mm``), and of
+    each slice only the rows and columns it needs where the codec allows (JPEG 2000): the
+    result is then a partial volume. ``workers`` bounds the threads used to decode compressed
+    slices (default: the CPU count).
     """
     geometry = read_series_geometry(paths)
     first = geometry.frames[0]
@@ -341,7 +350,7 @@ def load_series(
     if roi is None:
         bounds = ((0, n - 1), (0, rows - 1), (0, columns - 1))
     else:
-        bounds = roi_index_bounds(geometry, roi, margin_mm)
+        bounds = roi_index_bounds(geometry, roi, margin_mm, lateral_reach_mm)
     (k0, k1), (r0, r1), (c0, c1) = bounds
     requests = [
         FrameRequest(header=geometry.frames[k], rows=(r0, r1 + 1), columns=(c0, c1 + 1))

@@ -1,0 +1,212 @@
+"""Synthetic spine CT cases: DICOM series, ROI JSON and label, reproducible by seed.
+
+Each case is a folder ``<out>/<patient_id>/`` holding ``ct/`` (the axial series),
+``roi.json`` (the ROI as the REST API accepts it) and ``label.json`` (the label and which
+Table 1 features the phantom shows). :func:`make_cohort` adds ``manifest.csv`` with columns
+``patient_id,label,series_dir,roi`` (paths relative to the manifest).
+
+Two sizes: ``small`` (default; 160×160 pixels, 2.5–3 mm slices, about 50–85 slices, a few
+tenths of a second per case) for tests and training, and ``full`` (512×512, 1–3 mm slices)
+like a clinical series. Any option can be fixed; what is left open is drawn from the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from model.phantom import Label
+from model.phantom_design import design_phantom, design_roi
+from model.roi import RoiAnnotation
+from model.synth_dicom import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("patient_id", "label", "series_dir", "roi")
+SERIES_FOLDER = "ct"
+_VERTEBRA_PITCH_MM = 30.0
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """What a case looks like; ``None`` means drawn from the seed."""
+
+    size: Literal["small", "full"] = "small"
+    rows: int | None = None
+    columns: int | None = None
+    slices: int | None = None
+    pixel_spacing_mm: float | None = None
+    slice_spacing_mm: float | None = None
+    transfer_syntax: TransferSyntaxName = "explicit"
+    feet_first: bool | None = None
+    reverse_order: bool | None = None
+    multiframe: bool = False
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> SynthOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown synth option(s): {', '.join(unknown)}")
+        resolved = cls(**dict(options))
+        if resolved.size not in ("small", "full"):
+            raise ValueError(f"size: expected 'small' or 'full', got {resolved.size!r}")
+        return resolved
+
+    def layout(self, rng: np.random.Generator, center_xy: tuple[float, float]) -> SeriesLayout:
+        small = self.size == "small"
+        side = 160 if small else 512
+        pixel = self.pixel_spacing_mm or float(
+            np.round(rng.uniform(0.6, 0.9) if small else rng.uniform(0.5, 0.9), 3)
+        )
+        spacing = self.slice_spacing_mm or float(
+            np.round(rng.uniform(2.5, 3.0) if small else rng.uniform(1.0, 3.0), 2)
+        )
+        vertebrae = int(rng.integers(5, 8))
+        slices = self.slices or int(np.ceil(vertebrae * _VERTEBRA_PITCH_MM / spacing))
+        return SeriesLayout(
+            rows=self.rows or side,
+            columns=self.columns or side,
+            slices=slices,
+            pixel_spacing_mm=pixel,
+            slice_spacing_mm=spacing,
+            center=(center_xy[0], center_xy[1], float(np.round(rng.uniform(-200, 200), 1))),
+            feet_first=bool(rng.random() < 0.3) if self.feet_first is None else self.feet_first,
+            reverse_order=bool(rng.random() < 0.5)
+            if self.reverse_order is None
+            else self.reverse_order,
+        )
+
+
+@dataclass(frozen=True)
+class SynthCase:
+    """One synthetic patient on disk."""
+
+    patient_id: str
+    label: Literal["benign", "malignant"]
+    series_dir: Path
+    roi: RoiAnnotation
+    roi_path: Path
+    features: Mapping[str, bool] = field(default_factory=dict)
+
+
+def _patient_rng(seed: int, patient_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(patient_id.encode())])
+
+
+def make_case(
+    out_dir: Path, *, patient_id: str, label: str, seed: int, **options: Any
+) -> SynthCase:
+    """Write one synthetic case under ``out_dir/patient_id``; see :class:`SynthOptions`."""
+    if label not in ("benign", "malignant"):
+        raise ValueError(f"label: expected 'benign' or 'malignant', got {label!r}")
+    if not patient_id or "/" in patient_id or patient_id.startswith("."):
+        raise ValueError(f"patient_id: not usable as a folder name: {patient_id!r}")
+    settings = SynthOptions.from_kwargs(options)
+    rng = _patient_rng(seed, patient_id)
+    case_label: Label = "benign" if label == "benign" else "malignant"
+    draft = settings.layout(rng, (0.0, 0.0))
+    zs = draft.z_positions()
+    phantom = design_phantom(rng, case_label, float(zs[0]), float(zs[-1]))
+    center_y = phantom.spine_y - 6.0 + rng.uniform(-3.0, 3.0)
+    layout = replace(draft, center=(rng.uniform(-4.0, 4.0), center_y, draft.center[2]))
+    identity = SeriesIdentity.derived(patient_id, seed)
+    case_dir = Path(out_dir) / patient_id
+    series_dir = case_dir / SERIES_FOLDER
+    render_seed = int(rng.integers(0, 2**31))
+    write_ct_series(
+        series_dir,
+        lambda x, y, z: phantom.render(x, y, z, seed=render_seed + int(z[0] * 1000) % 9973),
+        layout,
+        identity,
+        transfer_syntax=settings.transfer_syntax,
+        multiframe=settings.multiframe,
+    )
+    xs, polygon = design_roi(phantom, rng)
+    vertebra = phantom.vertebrae[phantom.abnormal_index].name
+    roi = RoiAnnotation(
+        study_instance_uid=identity.study_instance_uid,
+        series_instance_uid=identity.series_instance_uid,
+        slices_x_mm=xs,
+        polygon_yz_mm=polygon,
+        vertebra=vertebra,
+    )
+    roi_path = case_dir / "roi.json"
+    roi_path.write_text(json.dumps(roi.to_json(), indent=2) + "\n")
+    (case_dir / "label.json").write_text(
+        json.dumps(
+            {
+                "patient_id": patient_id,
+                "label": case_label,
+                "vertebra": vertebra,
+                "features": phantom.features,
+                "seed": seed,
+                "synthetic": True,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    logger.debug("synthetic case %s (%s) written to %s", patient_id, case_label, case_dir)
+    return SynthCase(
+        patient_id=patient_id,
+        label=case_label,
+        series_dir=series_dir,
+        roi=roi,
+        roi_path=roi_path,
+        features=dict(phantom.features),
+    )
+
+
+def make_cohort(
+    out_dir: Path,
+    *,
+    patients: int,
+    seed: int,
+    malignant_fraction: float = 0.5,
+    **options: Any,
+) -> list[SynthCase]:
+    """Write ``patients`` cases and ``manifest.csv``; labels are shuffled, reproducibly."""
+    if patients < 1:
+        raise ValueError(f"patients: expected at least 1, got {patients}")
+    if not 0.0 <= malignant_fraction <= 1.0:
+        raise ValueError(f"malignant_fraction: expected 0..1, got {malignant_fraction}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    malignant = round(patients * malignant_fraction)
+    labels = ["malignant"] * malignant + ["benign"] * (patients - malignant)
+    rng.shuffle(labels)
+    width = max(4, len(str(patients)))
+    cases = [
+        make_case(out_dir, patient_id=f"SYN{i + 1:0{width}d}", label=label, seed=seed, **options)
+        for i, label in enumerate(labels)
+    ]
+    write_manifest(out_dir / MANIFEST_NAME, cases)
+    return cases
+
+
+def write_manifest(path: Path, cases: list[SynthCase]) -> None:
+    """``patient_id,label,series_dir,roi`` with paths relative to the manifest's folder."""
+    base = path.parent.resolve()
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(MANIFEST_COLUMNS)
+        for case in cases:
+            writer.writerow(
+                [
+                    case.patient_id,
+                    case.label,
+                    case.series_dir.resolve().relative_to(base).as_posix(),
+                    case.roi_path.resolve().relative_to(base).as_posix(),
+                ]
+            )

@@ -1,0 +1,299 @@
+"""Writing synthetic CT series as valid DICOM: CT Image Storage or Enhanced CT Image Storage.
+
+:func:`write_ct_series` renders any HU function on an axial grid and writes it with every
+Type 1 and Type 2 attribute of the CT Image IOD (synthetic patient names and IDs), in
+explicit VR little endian, JPEG 2000 lossless or RLE lossless, head-first or feet-first, and
+with Instance Numbers running either way along the patient.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+HuFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+TransferSyntaxName = Literal["explicit", "j2k", "rle"]
+
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit": ExplicitVRLittleEndian,
+    "j2k": JPEG2000Lossless,
+    "rle": RLELossless,
+}
+RESCALE_INTERCEPT = -1024.0
+_STUDY_DATE = datetime.date(2024, 1, 15)
+_CHUNK_SLICES = 16
+
+
+@dataclass(frozen=True)
+class SeriesLayout:
+    """Where an axial series' voxels lie in the patient (LPS, mm)."""
+
+    rows: int
+    columns: int
+    slices: int
+    pixel_spacing_mm: float
+    slice_spacing_mm: float
+    center: tuple[float, float, float]
+    feet_first: bool = False
+    reverse_order: bool = False  # Instance Numbers run inferior → superior instead
+
+    @property
+    def row_direction(self) -> np.ndarray:
+        return np.array([-1.0, 0.0, 0.0] if self.feet_first else [1.0, 0.0, 0.0])
+
+    @property
+    def column_direction(self) -> np.ndarray:
+        return np.array([0.0, 1.0, 0.0])
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    def z_positions(self) -> np.ndarray:
+        """Slice positions (z, mm) from inferior to superior."""
+        half = (self.slices - 1) / 2.0 * self.slice_spacing_mm
+        return self.center[2] - half + np.arange(self.slices) * self.slice_spacing_mm
+
+    def in_plane_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-left pixel offset (3,) and LPS x, y of every pixel, each (rows, columns)."""
+        ps = self.pixel_spacing_mm
+        r = np.arange(self.rows, dtype=np.float64)[:, None]
+        c = np.arange(self.columns, dtype=np.float64)[None, :]
+        corner = (
+            np.array([self.center[0], self.center[1], 0.0])
+            - (self.columns - 1) / 2.0 * ps * self.row_direction
+            - (self.rows - 1) / 2.0 * ps * self.column_direction
+        )
+        x = corner[0] + c * ps * self.row_direction[0] + r * ps * self.column_direction[0]
+        y = corner[1] + c * ps * self.row_direction[1] + r * ps * self.column_direction[1]
+        return (
+            corner,
+            np.broadcast_to(x, (self.rows, self.columns)),
+            np.broadcast_to(y, (self.rows, self.columns)),
+        )
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    """Who and what a synthetic series belongs to (all synthetic)."""
+
+    patient_id: str
+    patient_name: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    accession_number: str = ""
+    series_description: str = "Synthetic spine CT"
+
+    @classmethod
+    def derived(cls, patient_id: str, seed: int) -> SeriesIdentity:
+        """Identity with UIDs derived deterministically from the patient ID and seed."""
+        sources = [patient_id, str(seed)]
+        return cls(
+            patient_id=patient_id,
+            patient_name=f"PHANTOM^{patient_id}",
+            study_instance_uid=generate_uid(entropy_srcs=[*sources, "study"]),
+            series_instance_uid=generate_uid(entropy_srcs=[*sources, "series"]),
+            frame_of_reference_uid=generate_uid(entropy_srcs=[*sources, "frame-of-reference"]),
+            accession_number="A" + hashlib.sha256(f"{patient_id}/{seed}".encode()).hexdigest()[:12],
+        )
+
+
+def _ds_values(*values: float) -> list[float]:
+    """Decimal String values that fit the VR (16 characters): rounded to 0.1 µm."""
+    return [round(float(value), 4) for value in values]
+
+
+def _stored(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(hu - RESCALE_INTERCEPT), -1024, 32767).astype(np.int16)
+
+
+def _base_dataset(identity: SeriesIdentity, sop_class: str) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.PatientName = identity.patient_name
+    ds.PatientID = identity.patient_id
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "O"
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "Synthetic phantom, no patient data"
+    ds.StudyInstanceUID = identity.study_instance_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = _STUDY_DATE.strftime(
+        "%Y%m%d"
+    )
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = "101500"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = identity.accession_number
+    ds.StudyDescription = "Synthetic spine CT"
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = identity.series_instance_uid
+    ds.SeriesNumber = 2
+    ds.SeriesDescription = identity.series_description
+    ds.BodyPartExamined = "SPINE"
+    ds.FrameOfReferenceUID = identity.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = "spine-triage synthetic phantom"
+    ds.ManufacturerModelName = "phantom"
+    ds.KVP = 120
+    ds.AcquisitionNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.WindowCenter = 400
+    ds.WindowWidth = 1800
+    return ds
+
+
+def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
+def _encode(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> None:
+    if transfer_syntax == ExplicitVRLittleEndian:
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return
+    ds.compress(transfer_syntax, np.ascontiguousarray(pixels), generate_instance_uid=False)
+
+
+def _render_slices(
+    layout: SeriesLayout, hu_at: HuFunction
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    corner, x, y = layout.in_plane_grid()
+    zs = layout.z_positions()
+    chunks = [
+        hu_at(x, y, zs[start : start + _CHUNK_SLICES]) for start in range(0, len(zs), _CHUNK_SLICES)
+    ]
+    return corner, zs, chunks
+
+
+def write_ct_series(
+    series_dir: Path,
+    hu_at: HuFunction,
+    layout: SeriesLayout,
+    identity: SeriesIdentity,
+    *,
+    transfer_syntax: TransferSyntaxName = "explicit",
+    multiframe: bool = False,
+) -> list[Path]:
+    """Render ``hu_at(x, y, z)`` (x, y: (rows, columns) LPS mm; z: (k,) → (k, rows, columns)
+    HU) on ``layout`` and write it to ``series_dir``; returns the files written."""
+    series_dir.mkdir(parents=True, exist_ok=True)
+    syntax = TRANSFER_SYNTAXES[transfer_syntax]
+    corner, zs, chunks = _render_slices(layout, hu_at)
+    slices = [_stored(plane) for chunk in chunks for plane in chunk]
+    if multiframe:
+        return [_write_enhanced(series_dir, slices, zs, corner, layout, identity, syntax)]
+    order = list(range(layout.slices))  # inferior → superior
+    if not layout.reverse_order:
+        order.reverse()  # Instance Number 1 at the top, as most scanners do
+    paths = []
+    orientation = [*layout.row_direction.tolist(), *layout.column_direction.tolist()]
+    for number, k in enumerate(order, start=1):
+        sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])
+        ds = _base_dataset(identity, CTImageStorage)
+        ds.file_meta = _file_meta(CTImageStorage, sop_instance)
+        ds.SOPInstanceUID = sop_instance
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientPosition = "FFS" if layout.feet_first else "HFS"
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = _ds_values(corner[0], corner[1], zs[k])
+        ds.ImageOrientationPatient = orientation
+        ds.SliceLocation = _ds_values(zs[k])[0]
+        ds.SliceThickness = _ds_values(layout.slice_spacing_mm)[0]
+        ds.PixelSpacing = _ds_values(layout.pixel_spacing_mm, layout.pixel_spacing_mm)
+        ds.Rows, ds.Columns = layout.rows, layout.columns
+        ds.RescaleIntercept = RESCALE_INTERCEPT
+        ds.RescaleSlope = 1.0
+        ds.RescaleType = "HU"
+        _encode(ds, slices[k], syntax)
+        path = series_dir / f"CT{number:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _write_enhanced(
+    series_dir: Path,
+    slices: Sequence[np.ndarray],
+    zs: np.ndarray,
+    corner: np.ndarray,
+    layout: SeriesLayout,
+    identity: SeriesIdentity,
+    syntax: str,
+) -> Path:
+    """One Enhanced CT Image Storage instance holding every slice as a frame."""
+    sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, "enhanced"])
+    ds = _base_dataset(identity, EnhancedCTImageStorage)
+    ds.file_meta = _file_meta(EnhancedCTImageStorage, sop_instance)
+    ds.SOPInstanceUID = sop_instance
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = layout.rows, layout.columns
+    ds.NumberOfFrames = layout.slices
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.ContentQualification = "RESEARCH"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PatientPosition = "FFS" if layout.feet_first else "HFS"
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = _ds_values(layout.pixel_spacing_mm, layout.pixel_spacing_mm)
+    measures.SliceThickness = _ds_values(layout.slice_spacing_mm)[0]
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [
+        *layout.row_direction.tolist(),
+        *layout.column_direction.tolist(),
+    ]
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    transform = Dataset()
+    transform.RescaleIntercept = RESCALE_INTERCEPT
+    transform.RescaleSlope = 1.0
+    transform.RescaleType = "HU"
+    shared.PixelValueTransformationSequence = DicomSequence([transform])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    order = list(range(layout.slices))
+    if not layout.reverse_order:
+        order.reverse()
+    per_frame = []
+    for k in order:
+        item = Dataset()
+        position = Dataset()
+        position.ImagePositionPatient = _ds_values(corner[0], corner[1], zs[k])
+        item.PlanePositionSequence = DicomSequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    frames = np.stack([slices[k] for k in order])
+    _encode(ds, frames, syntax)
+    path = series_dir / "CT_enhanced.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
