@@ -113,20 +113,35 @@ def ready_annotation_ids(
     return list(session.scalars(query))
 
 
-def due_delivery_ids(session: Session, *, now: datetime, limit: int = 500) -> list[int]:
-    """Deliveries due for an attempt (pending and due, or their sender's lease expired)."""
+def due_delivery_ids(
+    session: Session, *, now: datetime, stale_after_s: float, limit: int = 500
+) -> list[int]:
+    """Deliveries due for an attempt that need a (new) message.
+
+    Due: pending with ``next_attempt_at`` reached, or sending with the sender's lease
+    expired. A message already sent less than ``stale_after_s`` ago is not sent again.
+    """
+    stale = now - timedelta(seconds=stale_after_s)
     query = (
         select(Delivery.id)
         .where(
             or_(
                 and_(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now),
                 and_(Delivery.state == DeliveryState.SENDING, Delivery.claimed_until <= now),
-            )
+            ),
+            or_(Delivery.enqueued_at.is_(None), Delivery.enqueued_at <= stale),
         )
         .order_by(Delivery.next_attempt_at)
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def mark_deliveries_enqueued(session: Session, delivery_ids: Sequence[int], now: datetime) -> None:
+    if delivery_ids:
+        session.execute(
+            update(Delivery).where(Delivery.id.in_(list(delivery_ids))).values(enqueued_at=now)
+        )
 
 
 def mark_enqueued(session: Session, annotation_ids: Sequence[int], now: datetime) -> None:

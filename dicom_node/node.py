@@ -7,21 +7,26 @@ with processes. The scheduler runs in the main process only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.annotations import annotation_from_sr
 from dicom_node.db import make_engine, make_session_factory
+from dicom_node.ingest import SrReceived, StoreContext
 from dicom_node.jobs import SendTask
 from dicom_node.migrate import require_current_schema
 from dicom_node.scheduler import Scheduler
-from dicom_node.scp import DicomService, SrReceived, StoreContext
+from dicom_node.scp import DicomService
 from dicom_node.settings import Settings
 from dicom_node.storage import FileStore
 
@@ -34,13 +39,13 @@ def make_store(settings: Settings) -> FileStore:
     )
 
 
-def _sr_hook() -> SrReceived | None:
-    """The handler that turns a received ROI report into an annotation, if available."""
-    try:
-        from dicom_node.annotations import annotation_from_sr
-    except ImportError:
-        return None
-    return annotation_from_sr
+def _sr_hook(store: FileStore) -> SrReceived:
+    """Turns a received ROI report (TID 1500 SR) into a pending annotation."""
+    return functools.partial(_annotation_from_sr, storage_root=store.root)
+
+
+def _annotation_from_sr(session: Session, ds: Dataset, *, storage_root: Path) -> None:
+    annotation_from_sr(session, ds, storage_root)
 
 
 @dataclass
@@ -77,7 +82,9 @@ def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool
     sessions = make_session_factory(engine)
     store = make_store(settings)
     store.sweep_incoming()
-    service = DicomService(settings, StoreContext(store=store, sessions=sessions, on_sr=_sr_hook()))
+    service = DicomService(
+        settings, StoreContext(store=store, sessions=sessions, on_sr=_sr_hook(store))
+    )
     service.start()
     children = []
     if settings.listener_processes > 1:
@@ -106,8 +113,9 @@ def _listener_main(settings_data: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO)
     engine = make_engine(settings.resolved_database_url)
     sessions = make_session_factory(engine)
+    store = make_store(settings)
     service = DicomService(
-        settings, StoreContext(store=make_store(settings), sessions=sessions, on_sr=_sr_hook())
+        settings, StoreContext(store=store, sessions=sessions, on_sr=_sr_hook(store))
     )
     service.start()
     stop = threading.Event()

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,6 +32,7 @@ from dicom_node.jobs import (
     SweepReport,
     complete_quiet_studies,
     due_delivery_ids,
+    mark_deliveries_enqueued,
     mark_enqueued,
     publish,
     ready_annotation_ids,
@@ -40,9 +41,6 @@ from dicom_node.schema import Delivery, RoiAnnotation
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
-
-DELIVERY_IN_FLIGHT_S = 120.0
-"""A delivery sent to a worker is not re-sent for this long unless the worker reports back."""
 
 
 class Scheduler:
@@ -94,13 +92,8 @@ class Scheduler:
                 )
 
         with transaction(self.sessions) as session:
-            due = due_delivery_ids(session, now=now)
-            if due:
-                session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(due))
-                    .values(next_attempt_at=now + timedelta(seconds=DELIVERY_IN_FLIGHT_S))
-                )
+            due = due_delivery_ids(session, now=now, stale_after_s=self.stale_after_s)
+            mark_deliveries_enqueued(session, due, now)
         delivered_msgs = publish(self.send, DELIVER_TASK, due, DELIVERY_QUEUE)
         unsent_deliveries = sorted(set(due) - set(delivered_msgs))
         if unsent_deliveries:
@@ -108,7 +101,7 @@ class Scheduler:
                 session.execute(
                     update(Delivery)
                     .where(Delivery.id.in_(unsent_deliveries))
-                    .values(next_attempt_at=now)
+                    .values(enqueued_at=None)
                 )
         if sent or delivered_msgs:
             log.info(

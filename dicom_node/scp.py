@@ -8,7 +8,8 @@ The C-STORE handler is a plain function with its dependencies passed in (pynetdi
 * ``0xC000``-range: the dataset cannot be understood (bad UID, unreadable header: ``0xC210``)
   or the database is unavailable (``0xC001``); nothing is left behind; the sender retries.
 
-Pixel data are never decoded on the receive path: ``event.encoded_dataset()`` goes to disk.
+Pixel data are never decoded on the receive path: ``event.encoded_dataset()`` goes to disk
+through :func:`dicom_node.ingest.store_instance`, the path STOW-RS shares.
 """
 
 from __future__ import annotations
@@ -17,43 +18,37 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from io import BytesIO
 from typing import Any, cast
 
-from pydicom import Dataset, dcmread
-from pydicom.uid import (
-    UID,
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedSRStorage,
-)
+from pydicom import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.index import RecordOutcome, header_from_dataset, record_instance
+from dicom_node.ingest import (
+    SR_SOP_CLASSES,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_SUCCESS,
+    STORAGE_SOP_CLASSES,
+    SrReceived,
+    StoreContext,
+    store_instance,
+)
 from dicom_node.settings import Settings
-from dicom_node.storage import FileStore, InvalidUidError, StorageFullError
+
+__all__ = [
+    "SR_SOP_CLASSES",
+    "STORAGE_SOP_CLASSES",
+    "DicomService",
+    "SrReceived",
+    "StoreContext",
+    "handle_store",
+]
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")
-
-STORAGE_SOP_CLASSES: tuple[UID, ...] = (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedSRStorage,
-    ComprehensiveSRStorage,
-    Comprehensive3DSRStorage,
-)
-SR_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES[2:])
 
 # Every transfer syntax a CT or SR commonly arrives in; stored exactly as received.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -74,25 +69,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_DATABASE_UNAVAILABLE = 0xC001
-STATUS_PROCESSING_FAILURE = 0x0110
-
-SrReceived = Callable[[Session, Dataset], None]
-"""Called inside the indexing transaction when an SR arrives (ROI annotations)."""
-
-
-@dataclass(frozen=True)
-class StoreContext:
-    """What ``handle_store`` needs, passed in as data."""
-
-    store: FileStore
-    sessions: sessionmaker[Session]
-    on_sr: SrReceived | None = None
-    now: Callable[[], datetime] = lambda: datetime.now(UTC)
-
 
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
@@ -103,62 +79,22 @@ def _status(code: int, comment: str) -> Dataset:
 
 def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     """C-STORE: store the bytes durably, index them, then (only then) answer Success."""
-    calling_ae = event.assoc.requestor.ae_title
+    request = cast(C_STORE, event.request)
     try:
         data = event.encoded_dataset()
-        transfer_syntax = event.context.transfer_syntax
-        header_ds = dcmread(BytesIO(data), stop_before_pixels=True)
-        header = header_from_dataset(header_ds, str(transfer_syntax))
-        request = cast(C_STORE, event.request)
-        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
-            raise InvalidUidError("SOPInstanceUID differs from the request's")
-    except InvalidUidError as exc:
-        log.warning("refused instance from %s: %s", calling_ae, exc)
-        return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
-    except Exception as exc:  # an unreadable dataset: refuse it, keep serving
-        log.warning("refused unreadable dataset from %s: %s", calling_ae, type(exc).__name__)
+    except Exception as exc:  # an undecodable P-DATA stream: refuse it, keep serving
+        log.warning("refused unreadable dataset: %s", type(exc).__name__)
         return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be read")
-
-    try:
-        stored = context.store.write(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
-        )
-    except StorageFullError:
-        log.error("storage full: refused instance from %s (sender should retry)", calling_ae)
-        return _status(STATUS_OUT_OF_RESOURCES, "storage full")
-    except OSError as exc:
-        log.error("storage write failed (%s): refused instance from %s", exc.strerror, calling_ae)
-        return _status(STATUS_OUT_OF_RESOURCES, "storage unavailable")
-
-    try:
-        with context.sessions() as session, session.begin():
-            result = record_instance(
-                session, header, stored, calling_ae=calling_ae, now=context.now()
-            )
-            if (
-                context.on_sr is not None
-                and header.sop_class_uid in SR_SOP_CLASSES
-                and result.outcome is not RecordOutcome.IDENTICAL
-            ):
-                context.on_sr(session, dcmread(BytesIO(data)))
-    except SQLAlchemyError as exc:
-        if stored.created:  # no row can point at a file this call created
-            context.store.remove(stored.relative_path)
-        log.error(
-            "database unavailable (%s): refused instance from %s", type(exc).__name__, calling_ae
-        )
-        return _status(STATUS_DATABASE_UNAVAILABLE, "database unavailable")
-
-    if result.previous_path is not None and result.previous_path != stored.relative_path:
-        context.store.remove(result.previous_path)
-    log.debug(
-        "stored %s (%s) study=%s outcome=%s",
-        header.sop_instance_uid,
-        header.transfer_syntax_uid,
-        header.study_instance_uid,
-        result.outcome.value,
+    outcome = store_instance(
+        context,
+        data,
+        transfer_syntax=str(event.context.transfer_syntax),
+        source=event.assoc.requestor.ae_title,
+        expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
     )
-    return STATUS_SUCCESS
+    if outcome.status == STATUS_SUCCESS:
+        return STATUS_SUCCESS
+    return _status(outcome.status, outcome.comment)
 
 
 def handle_echo(event: evt.Event) -> int:

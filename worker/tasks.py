@@ -1,0 +1,34 @@
+"""Celery tasks: thin shells around the pipeline and the outbox (ids in, nothing out).
+
+Retries are the only logic here. The database stays the source of truth: a lost message
+is re-sent by the node's sweep, a duplicate one finds nothing to claim.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task, shared_task
+
+from dicom_node.jobs import DELIVER_TASK, TRIAGE_TASK
+from worker.delivery import DeliveryOutcome, run_delivery
+from worker.pipeline import Outcome, run_triage
+from worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def triage_annotation(self: Task, annotation_id: int) -> str:
+    result = run_triage(get_runtime(), int(annotation_id))
+    if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
+        raise self.retry(countdown=result.retry_in_s, max_retries=None)
+    return result.outcome.value
+
+
+@shared_task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def deliver(self: Task, delivery_id: int) -> str:
+    result = run_delivery(get_runtime(), int(delivery_id))
+    if result.outcome is DeliveryOutcome.RETRY and result.retry_at is not None:
+        raise self.retry(eta=result.retry_at, max_retries=None)
+    return result.outcome.value
