@@ -215,6 +215,8 @@ class TriageResult(Base):
     sr_series_instance_uid: Mapped[str] = mapped_column(UID)
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sr_path: Mapped[str] = mapped_column(String(512))  # relative to the storage root
+    # PNG of what the model saw (the three-channel inputs per slice), relative to the root
+    preview_path: Mapped[str | None] = mapped_column(String(512))
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 

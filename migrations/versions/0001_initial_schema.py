@@ -119,6 +119,7 @@ def upgrade() -> None:
         sa.Column("sr_series_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("sr_sop_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("sr_path", sa.String(length=512), nullable=False),
+        sa.Column("preview_path", sa.String(length=512), nullable=True),
         sa.Column("timings", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
