@@ -5,8 +5,8 @@ from __future__ import annotations
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
-from io import BytesIO
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,9 @@ def test_rejected_association_is_transient_with_the_reason(
     scp_factory: Callable[..., ScriptedScp], result_study: ResultStudy
 ) -> None:
     scp = scp_factory(calling_aes=["SOMEONE_ELSE"])
-    with pytest.raises(TransientError, match="rejected the association.*Calling AE title not recognised"):
+    with pytest.raises(
+        TransientError, match=r"rejected the association.*Calling AE title not recognised"
+    ):
         sender_for(scp.ae_title, scp.port).send(result_study.payload())
     assert scp.received == []
 
@@ -190,9 +192,7 @@ def test_missing_sr_file_is_permanent(
 ) -> None:
     scp = scp_factory()
     with pytest.raises(PermanentError, match="does not exist"):
-        sender_for(scp.ae_title, scp.port).send(
-            result_study.payload(sr_path=tmp_path / "gone.dcm")
-        )
+        sender_for(scp.ae_title, scp.port).send(result_study.payload(sr_path=tmp_path / "gone.dcm"))
 
 
 def _certificate(folder: Path) -> tuple[Path, Path]:

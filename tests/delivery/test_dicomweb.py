@@ -41,9 +41,7 @@ def test_stow_stores_the_sr_in_its_study_found_by_qido(
 
     with DicomwebPeer(endpoint_of(pacs)) as peer:
         found = peer.search_instances(result_study.study_instance_uid)
-        reports = peer.search_instances(
-            result_study.study_instance_uid, filters={"Modality": "SR"}
-        )
+        reports = peer.search_instances(result_study.study_instance_uid, filters={"Modality": "SR"})
     classes = sorted(str(item.SOPClassUID) for item in found)
     assert classes == sorted([CTImageStorage] * len(result_study.ct) + [Comprehensive3DSRStorage])
     assert [str(item.SOPInstanceUID) for item in reports] == [result_study.sr_sop_instance_uid]
