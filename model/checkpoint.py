@@ -1,16 +1,17 @@
 """Checkpoints: a ``state_dict`` plus a plain, JSON-able ``meta`` dict, sealed by a sha256.
 
-The file is written with :func:`torch.save` and read with ``torch.load(weights_only=True)``
-(no pickled code). It holds the weights, the meta dict and the sha256 of both (tensor names,
-dtypes, shapes and bytes, then the meta as canonical JSON); loading recomputes the digest and
-refuses a file whose content was modified, and refuses meta that lacks what serving needs —
-above all the preprocessing parameters, so that a checkpoint is never served with a
-preprocessing other than the one it was trained with.
+File layout: one header line ``spine-triage-checkpoint v1 sha256:<64 hex>`` followed by the
+bytes :func:`torch.save` wrote for ``{"state_dict": ..., "meta": ...}``. Loading checks the
+sha256 of those bytes before anything is deserialised, then reads them with
+``torch.load(weights_only=True)`` (no pickled code): any modified byte is refused. The meta
+must hold what serving needs — above all the preprocessing parameters, so that a checkpoint is
+never served with a preprocessing other than the one it was trained with.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -50,22 +51,6 @@ def _canonical_json(meta: Mapping[str, Any]) -> bytes:
         raise CheckpointError(f"meta: not plain JSON data ({exc})") from exc
 
 
-def content_sha256(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
-    """The sha256 of a checkpoint's content: every tensor (name, dtype, shape, bytes), then meta."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name]
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"state_dict[{name!r}]: not a tensor")
-        tensor = tensor.detach().to("cpu").contiguous()
-        header = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
-        digest.update(len(header).to_bytes(8, "little") + header)
-        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        digest.update(len(data).to_bytes(8, "little") + data)
-    digest.update(_canonical_json(meta))
-    return digest.hexdigest()
-
-
 def validate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Check the meta dict serving relies on; returns a plain copy. :class:`CheckpointError`."""
     if not isinstance(meta, Mapping):
@@ -100,26 +85,31 @@ def validate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def _header(sha256: str) -> bytes:
+    return f"{CHECKPOINT_FORMAT} v{CHECKPOINT_FORMAT_VERSION} sha256:{sha256}\n".encode()
+
+
 def save_checkpoint(
     path: Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
 ) -> str:
-    """Write a checkpoint atomically; returns its content sha256 (also stored inside)."""
+    """Write a checkpoint atomically; returns the sha256 of its payload (also in its header)."""
     plain_meta = validate_meta(meta)
-    weights = {name: tensor.detach().to("cpu").clone() for name, tensor in state_dict.items()}
-    sha256 = content_sha256(weights, plain_meta)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "state_dict": weights,
-        "meta": plain_meta,
-        "sha256": sha256,
-    }
+    weights = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"state_dict[{name!r}]: not a tensor")
+        weights[name] = tensor.detach().to("cpu").clone()
+    buffer = io.BytesIO()
+    torch.save({"state_dict": weights, "meta": plain_meta}, buffer)
+    payload = buffer.getvalue()
+    sha256 = hashlib.sha256(payload).hexdigest()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
+            stream.write(_header(sha256))
+            stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -130,42 +120,46 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint (``weights_only=True``), verify its sha256 and meta.
+    """Read a checkpoint: verify its sha256, ``torch.load(weights_only=True)``, check its meta.
 
     Returns ``(state_dict, meta)``; ``meta["sha256"]`` is set to the verified digest.
     Raises :class:`CheckpointError` for an unreadable, modified or incomplete file.
     """
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path.name}: not a readable checkpoint ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    data = path.read_bytes()
+    newline = data.find(b"\n", 0, 200)
+    prefix = f"{CHECKPOINT_FORMAT} v".encode()
+    if newline < 0 or not data.startswith(prefix):
         raise CheckpointError(f"{path.name}: not a spine-triage checkpoint")
-    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path.name}: checkpoint format version {payload.get('format_version')!r}, "
-            f"this code reads {CHECKPOINT_FORMAT_VERSION}"
+    try:
+        version_text, _, recorded = (
+            data[len(prefix) : newline].decode("ascii").partition(" sha256:")
         )
-    state_dict, meta, recorded = (
-        payload.get("state_dict"),
-        payload.get("meta"),
-        payload.get("sha256"),
-    )
-    if (
-        not isinstance(state_dict, dict)
-        or not isinstance(meta, dict)
-        or not isinstance(recorded, str)
-    ):
-        raise CheckpointError(f"{path.name}: incomplete checkpoint")
-    actual = content_sha256(state_dict, meta)
+        version = int(version_text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name}: damaged checkpoint header") from exc
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path.name}: checkpoint format version {version}, this code reads "
+            f"{CHECKPOINT_FORMAT_VERSION}"
+        )
+    payload = data[newline + 1 :]
+    actual = hashlib.sha256(payload).hexdigest()
     if actual != recorded:
         raise CheckpointError(
             f"{path.name}: content does not match its sha256 (recorded {recorded[:12]}…, "
             f"actual {actual[:12]}…): the file was modified or damaged"
         )
+    try:
+        content = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a payload it cannot read
+        raise CheckpointError(f"{path.name}: not a readable checkpoint ({exc})") from exc
+    state_dict = content.get("state_dict") if isinstance(content, dict) else None
+    meta = content.get("meta") if isinstance(content, dict) else None
+    if not isinstance(state_dict, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path.name}: incomplete checkpoint (state_dict and meta needed)")
+    if not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise CheckpointError(f"{path.name}: state_dict holds something other than tensors")
     plain_meta = validate_meta(meta)
     plain_meta["sha256"] = actual
     return dict(state_dict), plain_meta
