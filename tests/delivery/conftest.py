@@ -60,7 +60,7 @@ class ResultStudy:
             "sr_series_instance_uid": str(self.sr.SeriesInstanceUID),
             "patient_probability": self.probability,
             "slice_x_mm": SLICES_X_MM,
-            "slice_probabilities": (0.2, self.probability, 0.1),
+            "slice_probabilities": slice_probabilities(self.probability),
             "label": "malignant" if malignant else "benign",
             "priority": "HIGH" if malignant else "ROUTINE",
             "threshold": 0.5,
@@ -74,6 +74,11 @@ class ResultStudy:
         return DeliveryPayload(**values)
 
 
+def slice_probabilities(patient_probability: float) -> tuple[float, float, float]:
+    """Per-slice probabilities whose maximum (the central slice) is the patient's."""
+    return (patient_probability / 2, patient_probability, patient_probability / 4)
+
+
 def make_result_study(folder: Path, probability: float = 0.91) -> ResultStudy:
     """A fresh CT study (own UIDs) and its result SR written under ``folder``."""
     study_uid, frame_uid = new_study()
@@ -82,7 +87,7 @@ def make_result_study(folder: Path, probability: float = 0.91) -> ResultStudy:
     finding = TriageFinding(
         polygon_yz_mm=POLYGON,
         slices_x_mm=SLICES_X_MM,
-        slice_probabilities=(0.2, probability, 0.1),
+        slice_probabilities=slice_probabilities(probability),
         patient_probability=probability,
         label="malignant" if malignant else "benign",
         priority="HIGH" if malignant else "ROUTINE",
