@@ -19,7 +19,7 @@ from dicom_node.scu import StorePeer, status_kind, store_files
 from dicom_node.settings import CStoreDestination
 from tests.delivery.conftest import ResultStudy, orthanc_instances
 from tests.services import Orthanc
-from tests.support import free_port
+from tests.support import free_port, require_binary
 from worker.destinations.cstore import CStoreSender
 from worker.errors import PermanentError, TransientError
 
@@ -199,7 +199,7 @@ def _certificate(folder: Path) -> tuple[Path, Path]:
     key, cert = folder / "pacs.key", folder / "pacs.crt"
     subprocess.run(
         [
-            "openssl",
+            require_binary("openssl"),
             "req",
             "-x509",
             "-newkey",
