@@ -262,3 +262,13 @@ def test_oru_round_trips_through_the_parser(result_study: ResultStudy) -> None:
     assert parsed["MSH.F18"] == "UNICODE UTF-8"
     assert parsed["PID.F5"] == ""
     assert parsed["OBR.F2"] == ""
+
+
+def test_send_works_from_inside_an_event_loop(
+    listener: MllpListener, result_study: ResultStudy
+) -> None:
+    async def deliver() -> None:
+        sender_for(listener.port).send(result_study.payload())
+
+    asyncio.run(deliver())
+    assert len(listener.received) == 1

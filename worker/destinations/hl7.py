@@ -39,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -309,6 +311,17 @@ async def _exchange(host: str, port: int, block: bytes, timeout_s: float) -> byt
             logger.debug("closing the MLLP connection: %s", exc)
 
 
+def _run_coroutine(coroutine: Coroutine[Any, Any, bytes]) -> bytes:
+    """Run ``coroutine`` to completion from synchronous code, even inside an event loop's
+    thread (there, in a thread of its own)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mllp") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 class Hl7OruSender:
     """Sends the ORU^R01 of a result to one MLLP listener and checks its ACK."""
 
@@ -323,7 +336,7 @@ class Hl7OruSender:
         message_id = control_id(payload)
         block = str(message).encode("utf-8")
         try:
-            answer = asyncio.run(
+            answer = _run_coroutine(
                 _exchange(self.config.host, self.config.port, block, self.config.timeout_s)
             )
         except TimeoutError as exc:
