@@ -25,6 +25,7 @@ from dicom_node.annotations import RoiIn, create_annotation
 from dicom_node.db import transaction
 from dicom_node.ingest import StoreContext
 from dicom_node.jobs import TRIAGE_QUEUE, TRIAGE_TASK, SendTask, mark_enqueued, publish
+from dicom_node.metrics import register_metrics
 from dicom_node.schema import (
     Delivery,
     RoiAnnotation,
@@ -33,6 +34,7 @@ from dicom_node.schema import (
     TriageResult,
 )
 from dicom_node.settings import Settings
+from dicom_node.worklist import register_worklist
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,8 @@ def create_app(state: ApiState) -> FastAPI:
     from dicom_node.stow import register_stow
 
     register_stow(app, require_token)
+    register_worklist(app)
+    register_metrics(app)
     return app
 
 

@@ -1,0 +1,452 @@
+"""The triage worklist: studies in reading order, as JSON and as the node's web page.
+
+Reading order (``GET /worklist``):
+
+1. **flagged** — the study's current result has priority HIGH; by descending probability;
+2. **waiting** — images still arriving, or an ROI waiting for (or being processed by) a
+   worker; the longest waiting first;
+3. **routine** — the current result has priority ROUTINE; by descending probability;
+4. **failed** (the job failed; its reason is shown), then **awaiting_roi** (images complete,
+   no ROI yet); newest first.
+
+A study's *current* annotation is its newest ROI; its current result the newest result of
+that annotation (a newer model version supersedes an older one). Studies an ROI names but
+whose images have not arrived are listed as waiting, without patient data.
+
+Filters: ``state`` (one or several, comma-separated), ``since`` / ``until`` (inclusive
+``YYYY-MM-DD``) on the study date (DICOM Study Date; the date the node first received the
+study when the Study Date is missing) or, with ``date_basis=received``, on the date (UTC) the
+node first received the study. The list is built with four queries whatever its length.
+
+This is the clinical worklist: it shows patient names and IDs, which never go to the logs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.schema import (
+    AnnotationState,
+    Delivery,
+    RoiAnnotation,
+    Study,
+    StudyState,
+    TriageResult,
+)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+# The page and its script come from this node only; nothing is fetched from elsewhere.
+PAGE_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+class WorklistState(enum.StrEnum):
+    FLAGGED = "flagged"
+    WAITING = "waiting"
+    ROUTINE = "routine"
+    FAILED = "failed"
+    AWAITING_ROI = "awaiting_roi"
+
+
+GROUP_RANK = {
+    WorklistState.FLAGGED: 0,
+    WorklistState.WAITING: 1,
+    WorklistState.ROUTINE: 2,
+    WorklistState.FAILED: 3,
+    WorklistState.AWAITING_ROI: 4,
+}
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    states: frozenset[WorklistState] | None = None
+    since: date | None = None
+    until: date | None = None
+    date_basis: Literal["study", "received"] = "study"
+    limit: int = DEFAULT_LIMIT
+
+
+@dataclass(frozen=True)
+class _StudyRow:
+    study_instance_uid: str
+    accession_number: str | None
+    patient_name: str | None
+    patient_id: str | None
+    study_date: str | None
+    study_description: str | None
+    state: StudyState
+    instance_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _dicom_date(value: str | None) -> date | None:
+    """A DICOM DA (YYYYMMDD) as a date; None when absent or malformed."""
+    if not value or len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
+
+
+def _latest_annotation_ids() -> Any:
+    return select(func.max(RoiAnnotation.id)).group_by(RoiAnnotation.study_instance_uid)
+
+
+def _latest_result_ids() -> Any:
+    return select(func.max(TriageResult.id)).group_by(TriageResult.annotation_id)
+
+
+def _delivery_counts(session: Session, result_ids: Any) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    rows = session.execute(
+        select(Delivery.result_id, Delivery.state, func.count())
+        .where(Delivery.result_id.in_(result_ids))
+        .group_by(Delivery.result_id, Delivery.state)
+    )
+    for result_id, state, count in rows:
+        summary = counts.setdefault(
+            result_id, {"total": 0, "delivered": 0, "pending": 0, "sending": 0, "failed": 0}
+        )
+        summary[state.value] = int(count)
+        summary["total"] += int(count)
+    return counts
+
+
+def classify(
+    study: _StudyRow | None, annotation: RoiAnnotation | None, result: TriageResult | None
+) -> tuple[WorklistState, str]:
+    """The study's worklist state and what it is waiting for / why it failed (short text)."""
+    if annotation is None:
+        if study is not None and study.state is StudyState.RECEIVING:
+            return WorklistState.WAITING, "receiving images"
+        return WorklistState.AWAITING_ROI, "images complete, no ROI yet"
+    if annotation.state is AnnotationState.FAILED:
+        return WorklistState.FAILED, annotation.failure_reason or "failed"
+    if annotation.state is AnnotationState.DONE and result is not None:
+        if result.priority == "HIGH":
+            return WorklistState.FLAGGED, "probability at or above the threshold"
+        return WorklistState.ROUTINE, "probability below the threshold"
+    if study is None:
+        return WorklistState.WAITING, "ROI received, images not yet"
+    if study.state is StudyState.RECEIVING:
+        return WorklistState.WAITING, "receiving images"
+    if annotation.state is AnnotationState.PROCESSING:
+        return WorklistState.WAITING, "processing"
+    if annotation.failure_reason:
+        return WorklistState.WAITING, f"retrying after: {annotation.failure_reason}"
+    return WorklistState.WAITING, "queued for a worker"
+
+
+def _item(
+    uid: str,
+    study: _StudyRow | None,
+    annotation: RoiAnnotation | None,
+    result: TriageResult | None,
+    deliveries: dict[str, int] | None,
+) -> dict[str, Any]:
+    state, activity = classify(study, annotation, result)
+    study_date = _dicom_date(study.study_date) if study else None
+    return {
+        "study_instance_uid": uid,
+        "accession_number": study.accession_number if study else None,
+        "patient_name": study.patient_name if study else None,
+        "patient_id": study.patient_id if study else None,
+        "study_date": study_date.isoformat() if study_date else None,
+        "study_description": study.study_description if study else None,
+        "study_state": study.state.value if study else "not received",
+        "instances": study.instance_count if study else 0,
+        "state": state.value,
+        "activity": activity,
+        "failure_reason": annotation.failure_reason if annotation else None,
+        "probability": result.patient_probability if result else None,
+        "label": result.label if result else None,
+        "priority": result.priority if result else None,
+        "threshold": result.threshold if result else None,
+        "model": (
+            {
+                "name": result.model_name,
+                "version": result.model_version,
+                "demonstration": result.demonstration_model,
+            }
+            if result
+            else None
+        ),
+        "annotation_id": annotation.id if annotation else None,
+        "annotation_state": annotation.state.value if annotation else None,
+        "vertebra": annotation.vertebra if annotation else None,
+        "result_id": result.id if result else None,
+        "preview_url": (
+            f"/results/{result.id}/preview.png" if result and result.preview_path else None
+        ),
+        "deliveries": deliveries
+        or {"total": 0, "delivered": 0, "pending": 0, "sending": 0, "failed": 0},
+        "received_at": _iso(study.first_received_at) if study else None,
+        "last_received_at": _iso(study.last_received_at) if study else None,
+        "completed_at": _iso(study.completed_at) if study else None,
+        "annotated_at": _iso(annotation.created_at) if annotation else None,
+        "result_at": _iso(result.created_at) if result else None,
+        "updated_at": _iso(annotation.updated_at) if annotation else None,
+        "detail_url": f"/worklist/{uid}",
+    }
+
+
+def _sort_key(item: dict[str, Any]) -> tuple[Any, ...]:
+    state = WorklistState(item["state"])
+    rank = GROUP_RANK[state]
+    uid = item["study_instance_uid"]
+    if state in (WorklistState.FLAGGED, WorklistState.ROUTINE):
+        newest = -_timestamp(item["result_at"])
+        return (rank, -(item["probability"] or 0.0), newest, uid)
+    if state is WorklistState.WAITING:
+        oldest = _timestamp(item["annotated_at"] or item["received_at"])
+        return (rank, 0.0, oldest, uid)
+    newest = -_timestamp(item["updated_at"] or item["last_received_at"])
+    return (rank, 0.0, newest, uid)
+
+
+def _timestamp(iso: str | None) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+def _item_date(item: dict[str, Any], basis: str) -> date | None:
+    if basis == "study" and item["study_date"]:
+        return date.fromisoformat(item["study_date"])
+    moment = item["received_at"] or item["annotated_at"]
+    return datetime.fromisoformat(moment).astimezone(UTC).date() if moment else None
+
+
+def _study_rows(session: Session, uids: Iterable[str] | None = None) -> dict[str, _StudyRow]:
+    columns = [getattr(Study, name) for name in _StudyRow.__dataclass_fields__]
+    query = select(*columns)
+    if uids is not None:
+        query = query.where(Study.study_instance_uid.in_(list(uids)))
+    return {row[0]: _StudyRow(*row) for row in session.execute(query)}
+
+
+def build_worklist(session: Session, selection: WorklistFilter) -> dict[str, Any]:
+    """The worklist in reading order, with the number of studies per state (before ``states``)."""
+    studies = _study_rows(session)
+    annotations = {
+        a.study_instance_uid: a
+        for a in session.scalars(
+            select(RoiAnnotation).where(RoiAnnotation.id.in_(_latest_annotation_ids()))
+        )
+    }
+    results = {
+        r.annotation_id: r
+        for r in session.scalars(
+            select(TriageResult).where(TriageResult.id.in_(_latest_result_ids()))
+        )
+    }
+    deliveries = _delivery_counts(session, _latest_result_ids())
+    items = []
+    for uid in studies.keys() | annotations.keys():
+        annotation = annotations.get(uid)
+        result = results.get(annotation.id) if annotation else None
+        summary = deliveries.get(result.id) if result else None
+        items.append(_item(uid, studies.get(uid), annotation, result, summary))
+    if selection.since or selection.until:
+        items = [item for item in items if _in_dates(item, selection)]
+    counts = {state.value: 0 for state in WorklistState}
+    for item in items:
+        counts[item["state"]] += 1
+    if selection.states:
+        wanted = {state.value for state in selection.states}
+        items = [item for item in items if item["state"] in wanted]
+    items.sort(key=_sort_key)
+    return {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "total": len(items),
+        "counts": counts,
+        "items": items[: selection.limit],
+    }
+
+
+def _in_dates(item: dict[str, Any], selection: WorklistFilter) -> bool:
+    day = _item_date(item, selection.date_basis)
+    if day is None:
+        return False
+    if selection.since and day < selection.since:
+        return False
+    return not (selection.until and day > selection.until)
+
+
+def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
+    """One study's worklist item with its per-slice probabilities, ROI and deliveries."""
+    study = _study_rows(session, [study_uid]).get(study_uid)
+    annotations = session.scalars(
+        select(RoiAnnotation)
+        .where(RoiAnnotation.study_instance_uid == study_uid)
+        .order_by(RoiAnnotation.id.desc())
+    ).all()
+    if study is None and not annotations:
+        return None
+    annotation = annotations[0] if annotations else None
+    result = None
+    if annotation is not None:
+        result = session.scalar(
+            select(TriageResult)
+            .where(TriageResult.annotation_id == annotation.id)
+            .order_by(TriageResult.id.desc())
+            .limit(1)
+        )
+    delivery_rows = (
+        session.scalars(
+            select(Delivery).where(Delivery.result_id == result.id).order_by(Delivery.id)
+        ).all()
+        if result
+        else []
+    )
+    summary = _delivery_counts(session, [result.id]).get(result.id) if result else None
+    detail = _item(study_uid, study, annotation, result, summary)
+    detail["slices"] = (
+        [
+            {"x_mm": x, "probability": p}
+            for x, p in zip(result.slice_x_mm, result.slice_probabilities, strict=True)
+        ]
+        if result
+        else []
+    )
+    detail["roi"] = (
+        {**annotation.roi_json(), "source": annotation.source, "annotator": annotation.annotator}
+        if annotation
+        else None
+    )
+    detail["timings"] = dict(result.timings) if result else {}
+    detail["sr_sop_instance_uid"] = result.sr_sop_instance_uid if result else None
+    detail["delivery_list"] = [
+        {
+            "id": d.id,
+            "destination": d.destination,
+            "kind": d.kind,
+            "state": d.state.value,
+            "attempts": d.attempts,
+            "max_attempts": d.max_attempts,
+            "last_error": d.last_error,
+            "next_attempt_at": _iso(d.next_attempt_at),
+            "delivered_at": _iso(d.delivered_at),
+        }
+        for d in delivery_rows
+    ]
+    detail["annotations"] = [
+        {
+            "id": a.id,
+            "state": a.state.value,
+            "source": a.source,
+            "created_at": _iso(a.created_at),
+            "failure_reason": a.failure_reason,
+        }
+        for a in annotations
+    ]
+    return detail
+
+
+def _parse_states(text: str | None) -> frozenset[WorklistState] | None:
+    if not text:
+        return None
+    states = set()
+    for part in text.split(","):
+        try:
+            states.add(WorklistState(part.strip()))
+        except ValueError:
+            choices = ", ".join(state.value for state in WorklistState)
+            raise HTTPException(
+                422,
+                f"state: {part.strip()!r} is not one of {choices}",
+            ) from None
+    return frozenset(states)
+
+
+def _sessions(request: Request) -> Any:
+    return request.app.state.api.sessions
+
+
+def _storage_root(request: Request) -> Path:
+    api = request.app.state.api
+    if api.store_context is not None:
+        return Path(api.store_context.store.root)
+    return Path(api.settings.resolved_storage_dir).resolve()
+
+
+def register_worklist(app: FastAPI) -> None:
+    """Add the worklist JSON, the study detail, the preview pictures and the page to ``app``."""
+
+    @app.get("/worklist", summary="Studies in reading order: flagged first (see the module doc)")
+    def get_worklist(
+        request: Request,
+        state: Annotated[
+            str | None,
+            Query(description="flagged, waiting, routine, failed, awaiting_roi (comma-separated)"),
+        ] = None,
+        since: Annotated[date | None, Query(description="first day, YYYY-MM-DD")] = None,
+        until: Annotated[date | None, Query(description="last day, YYYY-MM-DD")] = None,
+        date_basis: Annotated[
+            Literal["study", "received"],
+            Query(description="study: Study Date (else received date); received: received date"),
+        ] = "study",
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    ) -> dict[str, Any]:
+        selection = WorklistFilter(_parse_states(state), since, until, date_basis, limit)
+        with _sessions(request)() as session:
+            return build_worklist(session, selection)
+
+    @app.get("/worklist/{study_instance_uid}", summary="One study: slices, ROI, deliveries")
+    def get_worklist_study(study_instance_uid: str, request: Request) -> dict[str, Any]:
+        with _sessions(request)() as session:
+            detail = build_study_detail(session, study_instance_uid)
+        if detail is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "study not known to this node")
+        return detail
+
+    @app.get(
+        "/results/{result_id}/preview.png",
+        summary="The picture of what the model saw for a result (PNG)",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def get_preview(result_id: int, request: Request) -> FileResponse:
+        with _sessions(request)() as session:
+            relative = session.scalar(
+                select(TriageResult.preview_path).where(TriageResult.id == result_id)
+            )
+        if not relative:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no preview for this result")
+        root = _storage_root(request)
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "preview file not found")
+        return FileResponse(
+            path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"}
+        )
+
+    @app.get("/", include_in_schema=False)
+    def get_page() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html",
+            headers={"Content-Security-Policy": PAGE_SECURITY_POLICY, "Cache-Control": "no-cache"},
+        )
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
