@@ -137,8 +137,8 @@ def _check_inside(volume: Volume, indices: np.ndarray) -> None:
     shape = volume.shape
     source_shape = volume.source_shape or shape
     offset = volume.source_offset
-    low = indices.reshape(-1, 3).min(axis=0)
-    high = indices.reshape(-1, 3).max(axis=0)
+    low = [float(indices[..., axis].min()) for axis in range(3)]
+    high = [float(indices[..., axis].max()) for axis in range(3)]
     for axis in range(3):
         at_start = offset[axis] == 0
         at_end = offset[axis] + shape[axis] == source_shape[axis]

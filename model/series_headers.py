@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -108,8 +110,29 @@ def _floats(value: Any, count: int, what: str, where: str) -> tuple[float, ...]:
     return numbers
 
 
+_TEXT_VRS = frozenset({"UI", "DS", "IS"})
+
+
+def _value(dataset: Dataset, keyword: str) -> Any:
+    """An attribute's value. UI, DS and IS values are read straight from the raw bytes (always
+    ASCII): converting them through pydicom costs as much as reading the file."""
+    tag = tag_for_keyword(keyword)
+    element = dataset.get_item(tag) if tag is not None else None
+    if element is None:
+        return None
+    if isinstance(element, RawDataElement):
+        vr = element.VR or dictionary_VR(tag)
+        if vr in _TEXT_VRS:
+            raw = element.value or b""
+            text = raw.decode("ascii", "replace").strip(" \0")
+            if vr == "UI" or "\\" not in text:
+                return text
+            return [part.strip() for part in text.split("\\")]
+    return dataset.get(keyword)
+
+
 def _optional_float(dataset: Dataset, keyword: str) -> float | None:
-    value = dataset.get(keyword)
+    value = _value(dataset, keyword)
     if value is None or value == "":
         return None
     return float(value)
@@ -126,7 +149,7 @@ def _functional_item(
 
 
 def _require(dataset: Dataset, keyword: str, where: str) -> Any:
-    value = dataset.get(keyword)
+    value = _value(dataset, keyword)
     if value is None or value == "":
         raise UnreadableSliceError(f"{where}: missing {keyword}")
     return value
@@ -134,16 +157,20 @@ def _require(dataset: Dataset, keyword: str, where: str) -> Any:
 
 def _common(dataset: Dataset, path: Path) -> dict[str, Any]:
     where = f"file {path.name}"
-    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "Rows", "Columns"):
+    uids = {
+        keyword: str(_require(dataset, keyword, where))
+        for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID")
+    }
+    for keyword in ("Rows", "Columns"):
         _require(dataset, keyword, where)
     meta = getattr(dataset, "file_meta", None)
     transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
     return {
         "path": path,
-        "sop_instance_uid": str(dataset.SOPInstanceUID),
-        "series_instance_uid": str(dataset.SeriesInstanceUID),
-        "study_instance_uid": str(dataset.StudyInstanceUID),
-        "frame_of_reference_uid": str(dataset.get("FrameOfReferenceUID", "")),
+        "sop_instance_uid": uids["SOPInstanceUID"],
+        "series_instance_uid": uids["SeriesInstanceUID"],
+        "study_instance_uid": uids["StudyInstanceUID"],
+        "frame_of_reference_uid": str(_value(dataset, "FrameOfReferenceUID") or ""),
         "transfer_syntax_uid": transfer_syntax,
         "rows": int(dataset.Rows),
         "columns": int(dataset.Columns),
@@ -164,8 +191,8 @@ def _single_frame(dataset: Dataset, path: Path) -> FrameHeader:
             _require(dataset, "ImageOrientationPatient", where), 6, "orientation", where
         ),
         pixel_spacing=_floats(_require(dataset, "PixelSpacing", where), 2, "spacing", where),  # type: ignore[arg-type]
-        rescale_slope=float(dataset.get("RescaleSlope", 1.0) or 1.0),
-        rescale_intercept=float(dataset.get("RescaleIntercept", 0.0) or 0.0),
+        rescale_slope=_optional_float(dataset, "RescaleSlope") or 1.0,
+        rescale_intercept=_optional_float(dataset, "RescaleIntercept") or 0.0,
         **_common(dataset, path),
     )
 
