@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
-    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
@@ -117,7 +115,7 @@ class SeriesIdentity:
         )
 
 
-def _ds_values(*values: float) -> list[float]:
+def ds_values(*values: float) -> list[float]:
     """Decimal String values that fit the VR (16 characters): rounded to 0.1 µm."""
     return [round(float(value), 4) for value in values]
 
@@ -126,7 +124,7 @@ def _stored(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu - RESCALE_INTERCEPT), -1024, 32767).astype(np.int16)
 
 
-def _base_dataset(identity: SeriesIdentity, sop_class: str) -> Dataset:
+def base_dataset(identity: SeriesIdentity, sop_class: str) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
@@ -167,7 +165,7 @@ def _base_dataset(identity: SeriesIdentity, sop_class: str) -> Dataset:
     return ds
 
 
-def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
+def file_meta_for(sop_class: str, sop_instance: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)
@@ -176,7 +174,7 @@ def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     return meta
 
 
-def _encode(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> None:
+def encode_pixels(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> None:
     if transfer_syntax == ExplicitVRLittleEndian:
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -211,7 +209,9 @@ def write_ct_series(
     corner, zs, chunks = _render_slices(layout, hu_at)
     slices = [_stored(plane) for chunk in chunks for plane in chunk]
     if multiframe:
-        return [_write_enhanced(series_dir, slices, zs, corner, layout, identity, syntax)]
+        from model.synth_enhanced import write_enhanced_ct
+
+        return [write_enhanced_ct(series_dir, slices, zs, corner, layout, identity, syntax)]
     order = list(range(layout.slices))  # inferior → superior
     if not layout.reverse_order:
         order.reverse()  # Instance Number 1 at the top, as most scanners do
@@ -219,81 +219,23 @@ def write_ct_series(
     orientation = [*layout.row_direction.tolist(), *layout.column_direction.tolist()]
     for number, k in enumerate(order, start=1):
         sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])
-        ds = _base_dataset(identity, CTImageStorage)
-        ds.file_meta = _file_meta(CTImageStorage, sop_instance)
+        ds = base_dataset(identity, CTImageStorage)
+        ds.file_meta = file_meta_for(CTImageStorage, sop_instance)
         ds.SOPInstanceUID = sop_instance
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.PatientPosition = "FFS" if layout.feet_first else "HFS"
         ds.InstanceNumber = number
-        ds.ImagePositionPatient = _ds_values(corner[0], corner[1], zs[k])
+        ds.ImagePositionPatient = ds_values(corner[0], corner[1], zs[k])
         ds.ImageOrientationPatient = orientation
-        ds.SliceLocation = _ds_values(zs[k])[0]
-        ds.SliceThickness = _ds_values(layout.slice_spacing_mm)[0]
-        ds.PixelSpacing = _ds_values(layout.pixel_spacing_mm, layout.pixel_spacing_mm)
+        ds.SliceLocation = ds_values(zs[k])[0]
+        ds.SliceThickness = ds_values(layout.slice_spacing_mm)[0]
+        ds.PixelSpacing = ds_values(layout.pixel_spacing_mm, layout.pixel_spacing_mm)
         ds.Rows, ds.Columns = layout.rows, layout.columns
         ds.RescaleIntercept = RESCALE_INTERCEPT
         ds.RescaleSlope = 1.0
         ds.RescaleType = "HU"
-        _encode(ds, slices[k], syntax)
+        encode_pixels(ds, slices[k], syntax)
         path = series_dir / f"CT{number:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def _write_enhanced(
-    series_dir: Path,
-    slices: Sequence[np.ndarray],
-    zs: np.ndarray,
-    corner: np.ndarray,
-    layout: SeriesLayout,
-    identity: SeriesIdentity,
-    syntax: str,
-) -> Path:
-    """One Enhanced CT Image Storage instance holding every slice as a frame."""
-    sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, "enhanced"])
-    ds = _base_dataset(identity, EnhancedCTImageStorage)
-    ds.file_meta = _file_meta(EnhancedCTImageStorage, sop_instance)
-    ds.SOPInstanceUID = sop_instance
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.InstanceNumber = 1
-    ds.Rows, ds.Columns = layout.rows, layout.columns
-    ds.NumberOfFrames = layout.slices
-    ds.PresentationLUTShape = "IDENTITY"
-    ds.ContentQualification = "RESEARCH"
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
-    ds.PatientPosition = "FFS" if layout.feet_first else "HFS"
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = _ds_values(layout.pixel_spacing_mm, layout.pixel_spacing_mm)
-    measures.SliceThickness = _ds_values(layout.slice_spacing_mm)[0]
-    shared.PixelMeasuresSequence = DicomSequence([measures])
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = [
-        *layout.row_direction.tolist(),
-        *layout.column_direction.tolist(),
-    ]
-    shared.PlaneOrientationSequence = DicomSequence([orientation])
-    transform = Dataset()
-    transform.RescaleIntercept = RESCALE_INTERCEPT
-    transform.RescaleSlope = 1.0
-    transform.RescaleType = "HU"
-    shared.PixelValueTransformationSequence = DicomSequence([transform])
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-    order = list(range(layout.slices))
-    if not layout.reverse_order:
-        order.reverse()
-    per_frame = []
-    for k in order:
-        item = Dataset()
-        position = Dataset()
-        position.ImagePositionPatient = _ds_values(corner[0], corner[1], zs[k])
-        item.PlanePositionSequence = DicomSequence([position])
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
-    frames = np.stack([slices[k] for k in order])
-    _encode(ds, frames, syntax)
-    path = series_dir / "CT_enhanced.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path

@@ -28,20 +28,33 @@ def strict_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config.settings, "writing_validation_mode", config.RAISE)
 
 
-@pytest.mark.parametrize("transfer_syntax", ["explicit", "j2k", "rle"])
-def test_generated_files_pass_dciodvfy(tmp_path: Path, transfer_syntax: str) -> None:
+@pytest.mark.parametrize(
+    ("transfer_syntax", "multiframe"),
+    [("explicit", False), ("j2k", False), ("rle", False), ("explicit", True), ("j2k", True)],
+)
+def test_generated_files_pass_dciodvfy(
+    tmp_path: Path, transfer_syntax: str, multiframe: bool
+) -> None:
     dciodvfy = require_binary("dciodvfy")
     case = make_case(
-        tmp_path, patient_id="VAL1", label="malignant", seed=2, transfer_syntax=transfer_syntax
+        tmp_path,
+        patient_id="VAL1",
+        label="malignant",
+        seed=2,
+        transfer_syntax=transfer_syntax,
+        multiframe=multiframe,
     )
     path = sorted(case.series_dir.glob("*.dcm"))[0]
     result = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
-    assert "CTImage" in output
+    assert ("EnhancedCTImage" if multiframe else "CTImage") in output
     assert "Error" not in output, output
     ds = pydicom.dcmread(path)
-    assert ds.SOPClassUID == pydicom.uid.CTImageStorage
+    expected = pydicom.uid.EnhancedCTImageStorage if multiframe else pydicom.uid.CTImageStorage
+    assert ds.SOPClassUID == expected
     assert ds.PatientName == "PHANTOM^VAL1"
+    volume = load_series([path] if multiframe else sorted(case.series_dir.glob("*.dcm")))
+    assert volume.series_instance_uid == case.roi.series_instance_uid
 
 
 def test_case_has_series_roi_and_label(tmp_path: Path) -> None:
