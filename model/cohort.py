@@ -181,32 +181,34 @@ def _check_row(
     )
 
 
-def read_manifest(manifest: Path) -> list[CohortRow]:
-    """Parse and check every row; raise :class:`CohortError` listing all problems."""
+def check_manifest(manifest: Path) -> tuple[list[CohortRow], list[RowProblem]]:
+    """Parse every row and check its files; returns the sound rows and all problems."""
     base = manifest.parent
     rows: list[CohortRow] = []
     problems: list[RowProblem] = []
     try:
         handle = manifest.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
-        raise CohortError(manifest, [RowProblem(0, None, f"cannot open manifest: {exc}")]) from exc
+        return [], [RowProblem(0, None, f"cannot open manifest: {exc}")]
     with handle:
         reader = csv.DictReader(handle)
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise CohortError(
-                manifest,
-                [RowProblem(1, None, f"header lacks column(s) {', '.join(missing)}")],
-            )
+            return [], [RowProblem(1, None, f"header lacks column(s) {', '.join(missing)}")]
         seen: dict[str, int] = {}
         for row in reader:
-            row_number = reader.line_num
-            checked, row_problems = _check_row(row, row_number, base, seen)
+            checked, row_problems = _check_row(row, reader.line_num, base, seen)
             problems.extend(row_problems)
             if checked is not None:
                 rows.append(checked)
     if not rows and not problems:
         problems.append(RowProblem(2, None, "the manifest lists no patient"))
+    return rows, problems
+
+
+def read_manifest(manifest: Path) -> list[CohortRow]:
+    """The manifest's rows after the file-level checks; :class:`CohortError` lists all."""
+    rows, problems = check_manifest(manifest)
     if problems:
         raise CohortError(manifest, problems)
     return rows
@@ -236,9 +238,8 @@ def load_cohort(
 ) -> list[PatientInputs]:
     """Every patient's inputs, or :class:`CohortError` with every problem of every row."""
     params = params or PreprocessParams()
-    rows = read_manifest(manifest)
+    rows, problems = check_manifest(manifest)
     patients: list[PatientInputs] = []
-    problems: list[RowProblem] = []
     for row in tqdm(rows, desc="loading cohort", unit="patient", disable=not progress):
         try:
             patients.append(load_patient_inputs(row, params, workers=workers))
@@ -249,7 +250,7 @@ def load_cohort(
                 RowProblem(row.row_number, row.patient_id, f"cannot build inputs: {exc}")
             )
     if problems:
-        raise CohortError(manifest, problems)
+        raise CohortError(manifest, sorted(problems, key=lambda p: p.row_number))
     labels = [p.label for p in patients]
     logger.info(
         "cohort %s: %d patients (%d malignant, %d benign), %d slices",

@@ -38,7 +38,13 @@ from model.report import (
     summarise,
     write_predictions_csv,
 )
-from model.train import TrainConfig, cohort_description, fit, predict_patients
+from model.train import (
+    TrainConfig,
+    cohort_description,
+    fit,
+    predict_patients,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +96,7 @@ def run_fold(
         fold_training_config(config, split.fold),
         progress=progress,
         description=f"fold {split.fold}",
+        keep_progress_bar=False,
     )
     test = [patients[p] for p in split.test]
     probabilities = predict_patients(result.model, test, device=result.device)
@@ -228,7 +235,7 @@ def write_outputs(
         "loss": "binary cross-entropy on the logit",
         "augmentation": f"{config.augmentation_factor}x random affine {config.augment.to_json()}",
         "validation fraction": config.validation_fraction,
-        "device": config.device,
+        "device": str(resolve_device(config.device)),
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "bootstrap": f"{cv.bootstrap_resamples} resamples, seed {cv.bootstrap_seed}",
         "run time": f"{seconds:.0f} s",

@@ -237,6 +237,7 @@ def fit(
     *,
     progress: bool = False,
     description: str = "training",
+    keep_progress_bar: bool = True,
 ) -> FitResult:
     """Train from scratch; keep the weights of the epoch with the lowest validation loss.
 

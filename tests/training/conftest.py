@@ -1,0 +1,24 @@
+"""Fixtures shared by the training tests: small synthetic cohorts, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """Two shared cores on the development machine: keep each test to one torch thread."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic patients (3 malignant, 3 benign); returns the manifest path."""
+    from model.synth import make_cohort
+
+    out = tmp_path_factory.mktemp("tiny-cohort")
+    make_cohort(out, patients=6, seed=11)
+    return out / "manifest.csv"
