@@ -64,9 +64,10 @@ logger = logging.getLogger(__name__)
 # How far (mm) the sampling slabs reach to either side of an ROI slice position with the
 # default preprocessing (channel spacing 3 mm + half a 3 mm slab); see PreprocessParams.
 DEFAULT_LATERAL_REACH_MM = 4.5
-# Extra distance (mm) loaded around the region the ROI samples (interpolation neighbours are
-# always added on top); raise it when sampling beyond the box, e.g. for augmentation.
-DEFAULT_MARGIN_MM = 1.0
+# Extra distance (mm) loaded around the region the ROI samples (the voxels that surround it
+# for interpolation are always loaded); raise it when sampling beyond the box, e.g. for
+# augmentation.
+DEFAULT_MARGIN_MM = 0.0
 
 _ORIENTATION_TOLERANCE = 1e-4
 _DUPLICATE_TOLERANCE_MM = 0.01
@@ -296,7 +297,7 @@ def roi_index_bounds(
     """Inclusive (start, stop) index ranges per axis of the region an ROI needs.
 
     The region is the ROI's square box in (y, z) and its slice positions ± the slabs' lateral
-    reach in x, widened by ``margin_mm`` and then by one voxel for interpolation; clipped to
+    reach in x, widened by ``margin_mm``, then to the voxels around it; clipped to
     the series.
     """
     box = roi.square_box_yz()
@@ -306,8 +307,8 @@ def roi_index_bounds(
     zs = (box.z_range[0] - margin_mm, box.z_range[1] + margin_mm)
     corners = np.array([[x, y, z] for x in xs for y in ys for z in zs])
     indices = geometry.patient_to_index(corners)
-    low = np.floor(indices.min(axis=0)).astype(int) - 1
-    high = np.ceil(indices.max(axis=0)).astype(int) + 1
+    low = np.floor(indices.min(axis=0) - 1e-6).astype(int)
+    high = np.ceil(indices.max(axis=0) + 1e-6).astype(int)
     bounds = []
     for axis in range(3):
         size = geometry.shape[axis]
