@@ -99,7 +99,7 @@ class WebhookDestination(_Destination):
 
     kind: Literal["webhook"] = "webhook"
     url: str
-    secret: str
+    secret: str = Field(min_length=16, description="shared HMAC secret (at least 16 characters)")
     timeout_s: float = 30.0
 
 

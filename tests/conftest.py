@@ -54,6 +54,22 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def postgres_url_factory() -> Iterator[Any]:
+    """Makes fresh databases on the shared PostgreSQL server; all dropped after the test."""
+    generators: list[Iterator[str]] = []
+
+    def make() -> str:
+        generator = _postgres_database()
+        generators.append(generator)
+        return next(generator)
+
+    yield make
+    for generator in generators:
+        for _ in generator:  # runs the generator's clean-up
+            pass
+
+
+@pytest.fixture
 def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
     """A PostgreSQL server of the test's own, on a free port (may be stopped and restarted)."""
     import shutil
@@ -87,4 +103,16 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     yield start
     for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Redis server of the test's own (may be restarted, losing its messages)."""
+    from tests.services import ThrowawayRedis
+
+    server = ThrowawayRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
         server.stop()

@@ -78,7 +78,7 @@ def run_node(args: argparse.Namespace) -> int:
     if not args.no_http:
         from dicom_node.http import start_http
 
-        http = start_http(settings, node.sessions, sender)
+        http = start_http(settings, node.sessions, sender, store_context=node.service.context)
     try:
         wait_for_signal()
     finally:
