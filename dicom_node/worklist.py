@@ -24,11 +24,11 @@ This is the clinical worklist: it shows patient names and IDs, which never go to
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
@@ -46,6 +46,7 @@ from dicom_node.schema import (
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
+_R = TypeVar("_R")
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
 # The page and its script come from this node only; nothing is fetched from elsewhere.
@@ -56,6 +57,8 @@ PAGE_SECURITY_POLICY = (
 
 
 class WorklistState(enum.StrEnum):
+    """A study's place on the worklist; the members are in reading order."""
+
     FLAGGED = "flagged"
     WAITING = "waiting"
     ROUTINE = "routine"
@@ -63,13 +66,7 @@ class WorklistState(enum.StrEnum):
     AWAITING_ROI = "awaiting_roi"
 
 
-GROUP_RANK = {
-    WorklistState.FLAGGED: 0,
-    WorklistState.WAITING: 1,
-    WorklistState.ROUTINE: 2,
-    WorklistState.FAILED: 3,
-    WorklistState.AWAITING_ROI: 4,
-}
+GROUP_RANK = {state: rank for rank, state in enumerate(WorklistState)}
 
 
 @dataclass(frozen=True)
@@ -96,6 +93,41 @@ class _StudyRow:
     completed_at: datetime | None
 
 
+@dataclass(frozen=True)
+class _AnnotationRow:
+    id: int
+    study_instance_uid: str
+    state: AnnotationState
+    failure_reason: str | None
+    vertebra: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class _ResultRow:
+    id: int
+    annotation_id: int
+    patient_probability: float
+    label: str
+    priority: str
+    threshold: float
+    model_name: str
+    model_version: str
+    demonstration_model: bool
+    preview_path: str | None
+    created_at: datetime
+
+
+def _columns(model: type[Any], row: type[Any]) -> list[Any]:
+    return [getattr(model, name) for name in row.__dataclass_fields__]
+
+
+def _row_of(row: type[_R], instance: object) -> _R:
+    names = getattr(row, "__dataclass_fields__")  # noqa: B009 (a dataclass type variable)
+    return row(*(getattr(instance, name) for name in names))
+
+
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
@@ -110,12 +142,9 @@ def _dicom_date(value: str | None) -> date | None:
         return None
 
 
-def _latest_annotation_ids() -> Any:
-    return select(func.max(RoiAnnotation.id)).group_by(RoiAnnotation.study_instance_uid)
-
-
-def _latest_result_ids() -> Any:
-    return select(func.max(TriageResult.id)).group_by(TriageResult.annotation_id)
+# The newest annotation of each study, the newest result of each annotation.
+LATEST_ANNOTATIONS = select(func.max(RoiAnnotation.id)).group_by(RoiAnnotation.study_instance_uid)
+LATEST_RESULTS = select(func.max(TriageResult.id)).group_by(TriageResult.annotation_id)
 
 
 def _delivery_counts(session: Session, result_ids: Any) -> dict[int, dict[str, int]]:
@@ -135,7 +164,7 @@ def _delivery_counts(session: Session, result_ids: Any) -> dict[int, dict[str, i
 
 
 def classify(
-    study: _StudyRow | None, annotation: RoiAnnotation | None, result: TriageResult | None
+    study: _StudyRow | None, annotation: _AnnotationRow | None, result: _ResultRow | None
 ) -> tuple[WorklistState, str]:
     """The study's worklist state and what it is waiting for / why it failed (short text)."""
     if annotation is None:
@@ -162,8 +191,8 @@ def classify(
 def _item(
     uid: str,
     study: _StudyRow | None,
-    annotation: RoiAnnotation | None,
-    result: TriageResult | None,
+    annotation: _AnnotationRow | None,
+    result: _ResultRow | None,
     deliveries: dict[str, int] | None,
 ) -> dict[str, Any]:
     state, activity = classify(study, annotation, result)
@@ -212,34 +241,42 @@ def _item(
     }
 
 
-def _sort_key(item: dict[str, Any]) -> tuple[Any, ...]:
-    state = WorklistState(item["state"])
-    rank = GROUP_RANK[state]
-    uid = item["study_instance_uid"]
-    if state in (WorklistState.FLAGGED, WorklistState.ROUTINE):
-        newest = -_timestamp(item["result_at"])
-        return (rank, -(item["probability"] or 0.0), newest, uid)
-    if state is WorklistState.WAITING:
-        oldest = _timestamp(item["annotated_at"] or item["received_at"])
-        return (rank, 0.0, oldest, uid)
-    newest = -_timestamp(item["updated_at"] or item["last_received_at"])
-    return (rank, 0.0, newest, uid)
+@dataclass(frozen=True)
+class _Entry:
+    """One study's rows and its state, before it becomes JSON (only the page's entries do)."""
+
+    uid: str
+    study: _StudyRow | None
+    annotation: _AnnotationRow | None
+    result: _ResultRow | None
+    state: WorklistState
+
+    def sort_key(self) -> tuple[Any, ...]:
+        rank = GROUP_RANK[self.state]
+        study, annotation, result = self.study, self.annotation, self.result
+        if result is not None and self.state in (WorklistState.FLAGGED, WorklistState.ROUTINE):
+            return (rank, -result.patient_probability, -result.created_at.timestamp(), self.uid)
+        if self.state is WorklistState.WAITING:  # the longest waiting first
+            since = annotation.created_at if annotation else _first_received(study)
+            return (rank, 0.0, since.timestamp() if since else 0.0, self.uid)
+        latest = annotation.updated_at if annotation else study.last_received_at if study else None
+        return (rank, 0.0, -latest.timestamp() if latest else 0.0, self.uid)
+
+    def day(self, basis: str) -> date | None:
+        if basis == "study" and self.study is not None:
+            study_date = _dicom_date(self.study.study_date)
+            if study_date is not None:
+                return study_date
+        moment = _first_received(self.study) or (self.annotation and self.annotation.created_at)
+        return moment.astimezone(UTC).date() if moment else None
 
 
-def _timestamp(iso: str | None) -> float:
-    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
-
-
-def _item_date(item: dict[str, Any], basis: str) -> date | None:
-    if basis == "study" and item["study_date"]:
-        return date.fromisoformat(item["study_date"])
-    moment = item["received_at"] or item["annotated_at"]
-    return datetime.fromisoformat(moment).astimezone(UTC).date() if moment else None
+def _first_received(study: _StudyRow | None) -> datetime | None:
+    return study.first_received_at if study else None
 
 
 def _study_rows(session: Session, uids: Iterable[str] | None = None) -> dict[str, _StudyRow]:
-    columns = [getattr(Study, name) for name in _StudyRow.__dataclass_fields__]
-    query = select(*columns)
+    query = select(*_columns(Study, _StudyRow))
     if uids is not None:
         query = query.where(Study.study_instance_uid.in_(list(uids)))
     return {row[0]: _StudyRow(*row) for row in session.execute(query)}
@@ -248,44 +285,55 @@ def _study_rows(session: Session, uids: Iterable[str] | None = None) -> dict[str
 def build_worklist(session: Session, selection: WorklistFilter) -> dict[str, Any]:
     """The worklist in reading order, with the number of studies per state (before ``states``)."""
     studies = _study_rows(session)
+    annotation_query = select(*_columns(RoiAnnotation, _AnnotationRow)).where(
+        RoiAnnotation.id.in_(LATEST_ANNOTATIONS)
+    )
     annotations = {
-        a.study_instance_uid: a
-        for a in session.scalars(
-            select(RoiAnnotation).where(RoiAnnotation.id.in_(_latest_annotation_ids()))
-        )
+        row.study_instance_uid: row
+        for row in (_AnnotationRow(*values) for values in session.execute(annotation_query))
     }
+    result_query = select(*_columns(TriageResult, _ResultRow)).where(
+        TriageResult.id.in_(LATEST_RESULTS)
+    )
     results = {
-        r.annotation_id: r
-        for r in session.scalars(
-            select(TriageResult).where(TriageResult.id.in_(_latest_result_ids()))
-        )
+        row.annotation_id: row
+        for row in (_ResultRow(*values) for values in session.execute(result_query))
     }
-    deliveries = _delivery_counts(session, _latest_result_ids())
-    items = []
+    entries = []
     for uid in studies.keys() | annotations.keys():
-        annotation = annotations.get(uid)
+        study, annotation = studies.get(uid), annotations.get(uid)
         result = results.get(annotation.id) if annotation else None
-        summary = deliveries.get(result.id) if result else None
-        items.append(_item(uid, studies.get(uid), annotation, result, summary))
+        state, _ = classify(study, annotation, result)
+        entries.append(_Entry(uid, study, annotation, result, state))
     if selection.since or selection.until:
-        items = [item for item in items if _in_dates(item, selection)]
+        entries = [entry for entry in entries if _in_dates(entry, selection)]
     counts = {state.value: 0 for state in WorklistState}
-    for item in items:
-        counts[item["state"]] += 1
+    for entry in entries:
+        counts[entry.state.value] += 1
     if selection.states:
-        wanted = {state.value for state in selection.states}
-        items = [item for item in items if item["state"] in wanted]
-    items.sort(key=_sort_key)
+        entries = [entry for entry in entries if entry.state in selection.states]
+    entries.sort(key=_Entry.sort_key)
+    deliveries = _delivery_counts(session, LATEST_RESULTS)
+    items = [
+        _item(
+            e.uid,
+            e.study,
+            e.annotation,
+            e.result,
+            deliveries.get(e.result.id) if e.result else None,
+        )
+        for e in entries[: selection.limit]
+    ]
     return {
         "generated_at": datetime.now(UTC).isoformat(),
-        "total": len(items),
+        "total": len(entries),
         "counts": counts,
-        "items": items[: selection.limit],
+        "items": items,
     }
 
 
-def _in_dates(item: dict[str, Any], selection: WorklistFilter) -> bool:
-    day = _item_date(item, selection.date_basis)
+def _in_dates(entry: _Entry, selection: WorklistFilter) -> bool:
+    day = entry.day(selection.date_basis)
     if day is None:
         return False
     if selection.since and day < selection.since:
@@ -312,23 +360,24 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
             .order_by(TriageResult.id.desc())
             .limit(1)
         )
-    delivery_rows = (
-        session.scalars(
-            select(Delivery).where(Delivery.result_id == result.id).order_by(Delivery.id)
-        ).all()
-        if result
-        else []
-    )
+    deliveries: Sequence[Delivery] = []
+    if result is not None:
+        query = select(Delivery).where(Delivery.result_id == result.id).order_by(Delivery.id)
+        deliveries = session.scalars(query).all()
     summary = _delivery_counts(session, [result.id]).get(result.id) if result else None
-    detail = _item(study_uid, study, annotation, result, summary)
-    detail["slices"] = (
-        [
-            {"x_mm": x, "probability": p}
-            for x, p in zip(result.slice_x_mm, result.slice_probabilities, strict=True)
-        ]
-        if result
-        else []
+    detail = _item(
+        study_uid,
+        study,
+        _row_of(_AnnotationRow, annotation) if annotation else None,
+        _row_of(_ResultRow, result) if result else None,
+        summary,
     )
+    detail["slices"] = [
+        {"x_mm": x, "probability": p}
+        for x, p in (
+            zip(result.slice_x_mm, result.slice_probabilities, strict=True) if result else []
+        )
+    ]
     detail["roi"] = (
         {**annotation.roi_json(), "source": annotation.source, "annotator": annotation.annotator}
         if annotation
@@ -336,31 +385,36 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
     )
     detail["timings"] = dict(result.timings) if result else {}
     detail["sr_sop_instance_uid"] = result.sr_sop_instance_uid if result else None
-    detail["delivery_list"] = [
-        {
-            "id": d.id,
-            "destination": d.destination,
-            "kind": d.kind,
-            "state": d.state.value,
-            "attempts": d.attempts,
-            "max_attempts": d.max_attempts,
-            "last_error": d.last_error,
-            "next_attempt_at": _iso(d.next_attempt_at),
-            "delivered_at": _iso(d.delivered_at),
-        }
-        for d in delivery_rows
-    ]
-    detail["annotations"] = [
-        {
-            "id": a.id,
-            "state": a.state.value,
-            "source": a.source,
-            "created_at": _iso(a.created_at),
-            "failure_reason": a.failure_reason,
-        }
-        for a in annotations
-    ]
+    detail["delivery_list"] = [_plain(d, DELIVERY_FIELDS) for d in deliveries]
+    detail["annotations"] = [_plain(a, ANNOTATION_FIELDS) for a in annotations]
     return detail
+
+
+DELIVERY_FIELDS = [
+    "id",
+    "destination",
+    "kind",
+    "state",
+    "attempts",
+    "max_attempts",
+    "last_error",
+    "next_attempt_at",
+    "delivered_at",
+]
+ANNOTATION_FIELDS = ["id", "state", "source", "created_at", "failure_reason"]
+
+
+def _plain(row: object, names: Sequence[str]) -> dict[str, Any]:
+    """Named attributes of a row as JSON values (enums by value, times in ISO 8601)."""
+    values: dict[str, Any] = {}
+    for name in names:
+        value = getattr(row, name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        values[name] = value
+    return values
 
 
 def _parse_states(text: str | None) -> frozenset[WorklistState] | None:
@@ -372,10 +426,7 @@ def _parse_states(text: str | None) -> frozenset[WorklistState] | None:
             states.add(WorklistState(part.strip()))
         except ValueError:
             choices = ", ".join(state.value for state in WorklistState)
-            raise HTTPException(
-                422,
-                f"state: {part.strip()!r} is not one of {choices}",
-            ) from None
+            raise HTTPException(422, f"state: {part.strip()!r} is not one of {choices}") from None
     return frozenset(states)
 
 

@@ -109,3 +109,34 @@ def test_scrape_answers_when_the_database_cannot_be_read(tmp_path: Path) -> None
     assert samples[("spine_triage_database_up", ())] == 0.0
     assert ("spine_triage_instances_received_total", ()) in samples
     assert not any(name == "spine_triage_jobs" for name, _ in samples)
+
+
+def test_counter_fed_by_the_real_ingest_path(sqlite_service: WorklistService) -> None:
+    """``count_instance_received`` fits ``StoreContext.on_stored``: what the node wires."""
+    from io import BytesIO
+
+    from pydicom.uid import generate_uid
+
+    from dicom_node.ingest import StoreContext, store_instance
+    from dicom_node.storage import FileStore
+    from tests.dicom_factory import ct_slice
+
+    context = StoreContext(
+        store=FileStore(sqlite_service.storage),
+        sessions=sqlite_service.sessions,
+        on_stored=count_instance_received,
+    )
+    before = _samples(sqlite_service.client)
+    study, series = generate_uid(), generate_uid()
+    for index in range(3):
+        buffer = BytesIO()
+        ct_slice(study_uid=study, series_uid=series, index=index).save_as(
+            buffer, enforce_file_format=True
+        )
+        outcome = store_instance(context, buffer.getvalue(), transfer_syntax=None, source="TEST")
+        assert outcome.ok, outcome.comment
+    after = _samples(sqlite_service.client)
+    for name, added in (("instances", 3), ("studies", 1)):
+        key = (f"spine_triage_{name}_received_total", ())
+        assert after[key] == before[key] + added
+    assert after[("spine_triage_studies", (("state", "receiving"),))] == 1

@@ -119,10 +119,11 @@ def running_page(tmp_path: Path) -> Iterator[RunningPage]:
         seed.study(name="DUBOIS^MARIE", patient_id="PT-1071", accession="ACC1071", minute=6)
         routine_id = seed.done(routine, (0.12, 0.21, 0.18), demonstration=True)
         second_id = seed.done(second, (0.58, 0.71, 0.64), demonstration=True)
-        annotation = seed.annotation(flagged, state=AnnotationState.DONE, vertebra="L3")
+        annotation = seed.annotation(flagged, state=AnnotationState.DONE, minute=5, vertebra="L3")
         result_id = seed.result(
             annotation,
             probabilities,
+            minute=6,
             slices_x_mm=xs,
             demonstration=True,
             preview_path=preview,
