@@ -97,6 +97,7 @@ def _preview_png(folder: Path) -> tuple[bytes, tuple[float, ...], tuple[float, .
 
 @pytest.fixture
 def running_page(tmp_path: Path) -> Iterator[RunningPage]:
+    require_binary("chromium")  # before any set-up: fails under CI=true, skips elsewhere
     url = f"sqlite:///{tmp_path / 'page.db'}"
     upgrade(url)
     settings = make_settings(tmp_path, url, http_host="127.0.0.1", http_port=free_port())
