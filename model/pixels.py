@@ -21,7 +21,12 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
 
-from model.j2k_region import J2kRegionError, decode_j2k_region, region_decoder_available
+from model.j2k_region import (
+    DecodedRegion,
+    J2kRegionError,
+    decode_j2k_region,
+    region_decoder_available,
+)
 from model.series_headers import FrameHeader, UnreadableSliceError
 
 logger = logging.getLogger(__name__)
@@ -74,24 +79,14 @@ def _codestream(dataset: Dataset, header: FrameHeader) -> bytes:
     )
 
 
-def _j2k_region(dataset: Dataset, request: FrameRequest) -> np.ndarray | None:
-    """Stored values of the requested region, or None when the whole frame must be decoded."""
-    header = request.header
-    try:
-        region = decode_j2k_region(
-            _codestream(dataset, header), rows=request.rows, columns=request.columns
-        )
-    except (J2kRegionError, ValueError) as exc:
-        logger.debug(
-            "%s: region decoding failed (%s); decoding whole frame", header.describe(), exc
-        )
-        return None
+def _stored_from_region(header: FrameHeader, region: DecodedRegion) -> np.ndarray | None:
+    """Stored values of a decoded region, or None when pydicom must decode the frame."""
     values = region.values
     if header.pixel_representation == 1 and not region.signed:
         # Signed data stored as an unsigned codestream: reinterpret the two's complement.
         limit = 1 << (region.precision - 1)
-        values = np.where(values >= limit, values - (1 << region.precision), values)
-    elif header.pixel_representation == 0 and region.signed:
+        return np.where(values >= limit, values - (1 << region.precision), values)
+    if header.pixel_representation == 0 and region.signed:
         return None
     return values
 
@@ -112,28 +107,39 @@ def _whole_frame(dataset: Dataset, request: FrameRequest) -> np.ndarray:
     return np.asarray(frame[r0:r1, c0:c1])
 
 
-def _decode(cache: _DatasetCache, request: FrameRequest) -> np.ndarray:
-    header = request.header
-    dataset = cache.get(header.path)
-    stored: np.ndarray | None = None
-    try:
-        if header.transfer_syntax_uid in JPEG2000_TRANSFER_SYNTAXES and region_decoder_available():
-            stored = _j2k_region(dataset, request)
-        if stored is None:
-            stored = _whole_frame(dataset, request)
-    except UnreadableSliceError:
-        raise
-    except Exception as exc:
-        raise UnreadableSliceError(
-            f"{header.describe()}: cannot decode pixel data ({exc})"
-        ) from exc
+def _hounsfield(header: FrameHeader, stored: np.ndarray) -> np.ndarray:
     hounsfield = stored.astype(np.float32) * np.float32(header.rescale_slope)
     hounsfield += np.float32(header.rescale_intercept)
     return hounsfield
 
 
+def _decode_whole(dataset: Dataset, request: FrameRequest) -> np.ndarray:
+    try:
+        return _hounsfield(request.header, _whole_frame(dataset, request))
+    except UnreadableSliceError:
+        raise
+    except Exception as exc:  # pydicom and its plugins raise many types for bad pixel data
+        raise UnreadableSliceError(
+            f"{request.header.describe()}: cannot decode pixel data ({exc})"
+        ) from exc
+
+
+def _region_or_none(request: FrameRequest, codestream: bytes) -> DecodedRegion | None:
+    """Runs in a decode thread: OpenJPEG works without the GIL."""
+    try:
+        return decode_j2k_region(codestream, rows=request.rows, columns=request.columns)
+    except J2kRegionError as exc:
+        logger.debug("%s: region decoding failed (%s)", request.header.describe(), exc)
+        return None
+
+
 def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = None) -> np.ndarray:
-    """Decode the requested regions (all the same size) into one (n, rows, columns) array."""
+    """Decode the requested regions (all the same size) into one (n, rows, columns) array.
+
+    Files are read in this thread; JPEG 2000 regions are then decoded in ``workers`` threads
+    (OpenJPEG releases the GIL, and nothing else happens in those threads, so they do not
+    queue for it); other frames are decoded whole by pydicom and cropped.
+    """
     if not requests:
         raise ValueError("no frames to decode")
     shapes = {(r.rows[1] - r.rows[0], r.columns[1] - r.columns[0]) for r in requests}
@@ -142,16 +148,33 @@ def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = Non
     rows, columns = shapes.pop()
     output = np.empty((len(requests), rows, columns), dtype=np.float32)
     cache = _DatasetCache(sorted({r.header.path for r in requests}))
-
-    def decode_into(index: int) -> None:
-        output[index] = _decode(cache, requests[index])
-
-    compressed = any(r.header.transfer_syntax_uid not in NATIVE_TRANSFER_SYNTAXES for r in requests)
-    threads = workers if workers is not None else (os.cpu_count() or 1)
-    if compressed and threads > 1 and len(requests) > 1:
+    region_path = region_decoder_available()
+    codestreams: dict[int, bytes] = {}
+    for index, request in enumerate(requests):
+        dataset = cache.get(request.header.path)
+        if region_path and request.header.transfer_syntax_uid in JPEG2000_TRANSFER_SYNTAXES:
+            try:
+                codestreams[index] = _codestream(dataset, request.header)
+            except ValueError as exc:
+                raise UnreadableSliceError(
+                    f"{request.header.describe()}: cannot find the frame's data ({exc})"
+                ) from exc
+        else:
+            output[index] = _decode_whole(dataset, request)
+    if not codestreams:
+        return output
+    order = sorted(codestreams)
+    threads = min(workers if workers is not None else (os.cpu_count() or 1), len(order))
+    if threads > 1:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-            list(pool.map(decode_into, range(len(requests))))
+            regions = list(pool.map(lambda i: _region_or_none(requests[i], codestreams[i]), order))
     else:
-        for index in range(len(requests)):
-            decode_into(index)
+        regions = [_region_or_none(requests[i], codestreams[i]) for i in order]
+    for index, region in zip(order, regions, strict=True):
+        request = requests[index]
+        stored = None if region is None else _stored_from_region(request.header, region)
+        if stored is None:  # region decoding failed or needs pydicom's corrections
+            output[index] = _decode_whole(cache.get(request.header.path), request)
+        else:
+            output[index] = _hounsfield(request.header, stored)
     return output
