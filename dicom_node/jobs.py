@@ -78,9 +78,13 @@ def ready_annotation_ids(
     now: datetime,
     stale_after_s: float | None,
     study_uids: Sequence[str] | None = None,
+    include_unreceived: bool = False,
     limit: int = 500,
 ) -> list[int]:
     """Annotations a worker may take now and that need a (new) message.
+
+    ``include_unreceived``: also annotations of studies the node never received (a DICOMweb
+    source is configured, from which the worker retrieves them).
 
     ``stale_after_s=None`` selects only those never enqueued; otherwise also those enqueued
     longer ago than that (their message may be lost) and those whose worker's lease expired.
@@ -101,10 +105,13 @@ def ready_annotation_ids(
                 or_(RoiAnnotation.enqueued_at.is_(None), RoiAnnotation.enqueued_at <= stale),
             ),
         )
+    study_ready = Study.state == StudyState.COMPLETE
+    if include_unreceived:  # the worker retrieves the study from the PACS (WADO-RS)
+        study_ready = or_(study_ready, Study.id.is_(None))
     query = (
         select(RoiAnnotation.id)
-        .join(Study, Study.study_instance_uid == RoiAnnotation.study_instance_uid)
-        .where(Study.state == StudyState.COMPLETE, needs_message)
+        .outerjoin(Study, Study.study_instance_uid == RoiAnnotation.study_instance_uid)
+        .where(study_ready, needs_message)
         .order_by(RoiAnnotation.id)
         .limit(limit)
     )

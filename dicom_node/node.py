@@ -24,6 +24,7 @@ from dicom_node.annotations import annotation_from_sr
 from dicom_node.db import make_engine, make_session_factory
 from dicom_node.ingest import SrReceived, StoreContext
 from dicom_node.jobs import SendTask
+from dicom_node.metrics import count_instance_received
 from dicom_node.migrate import require_current_schema
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import DicomService
@@ -83,7 +84,13 @@ def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool
     store = make_store(settings)
     store.sweep_incoming()
     service = DicomService(
-        settings, StoreContext(store=store, sessions=sessions, on_sr=_sr_hook(store))
+        settings,
+        StoreContext(
+            store=store,
+            sessions=sessions,
+            on_sr=_sr_hook(store),
+            on_stored=count_instance_received,
+        ),
     )
     service.start()
     children = []
@@ -115,7 +122,13 @@ def _listener_main(settings_data: dict[str, Any]) -> None:
     sessions = make_session_factory(engine)
     store = make_store(settings)
     service = DicomService(
-        settings, StoreContext(store=store, sessions=sessions, on_sr=_sr_hook(store))
+        settings,
+        StoreContext(
+            store=store,
+            sessions=sessions,
+            on_sr=_sr_hook(store),
+            on_stored=count_instance_received,
+        ),
     )
     service.start()
     stop = threading.Event()

@@ -78,7 +78,10 @@ class Scheduler:
 
         with transaction(self.sessions) as session:
             ready = ready_annotation_ids(
-                session, now=now, stale_after_s=self.stale_after_s if sweep else None
+                session,
+                now=now,
+                stale_after_s=self.stale_after_s if sweep else None,
+                include_unreceived=bool(self.settings.dicomweb_source_url),
             )
             mark_enqueued(session, ready, now)
         sent = publish(self.send, TRIAGE_TASK, ready, TRIAGE_QUEUE)

@@ -123,6 +123,28 @@ class FileStore:
             _fsync_dir(folder.parent)
         return StoredFile(relative, len(data), digest, created=True)
 
+    def write_file(self, relative_path: str, data: bytes) -> None:
+        """Write a derived artefact (e.g. a preview PNG) atomically at ``relative_path``.
+
+        Each component must be a UID or a plain name: nothing may leave the root.
+        """
+        parts = relative_path.split("/")
+        if any(not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", part) for part in parts):
+            raise InvalidUidError(f"unsafe artefact path {relative_path!r}")
+        final = self.absolute(relative_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self._incoming, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, final)
+        except OSError:
+            _unlink_quietly(Path(tmp_name))
+            raise
+        _fsync_dir(final.parent)
+
     def remove(self, relative_path: str) -> None:
         """Remove a stored file (after the index stopped pointing at it)."""
         _unlink_quietly(self.absolute(relative_path))

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicom_node.schema import (
     AnnotationState,
@@ -36,10 +37,18 @@ def _lockable(session: Session) -> bool:
 
 
 def claim_annotation(
-    session: Session, annotation_id: int, *, worker_id: str, now: datetime, lease_s: float
+    session: Session,
+    annotation_id: int,
+    *,
+    worker_id: str,
+    now: datetime,
+    lease_s: float,
+    allow_unreceived: bool = False,
 ) -> Claim | None:
     """Claim ``annotation_id`` for ``worker_id``; None when it is not claimable now
-    (done, failed, claimed by a live worker, or its study is not complete)."""
+    (done, failed, claimed by a live worker, or its study is not complete). With
+    ``allow_unreceived``, an annotation of a study the node never received is claimable
+    too (the worker retrieves the study)."""
     claimable = or_(
         RoiAnnotation.state == AnnotationState.PENDING,
         and_(
@@ -47,7 +56,7 @@ def claim_annotation(
             RoiAnnotation.claimed_until <= now,
         ),
     )
-    study_complete = (
+    study_complete: ColumnElement[bool] = (
         select(Study.id)
         .where(
             Study.study_instance_uid == RoiAnnotation.study_instance_uid,
@@ -55,6 +64,13 @@ def claim_annotation(
         )
         .exists()
     )
+    if allow_unreceived:
+        study_complete = or_(
+            study_complete,
+            ~select(Study.id)
+            .where(Study.study_instance_uid == RoiAnnotation.study_instance_uid)
+            .exists(),
+        )
     query = select(RoiAnnotation.id, RoiAnnotation.attempts).where(
         RoiAnnotation.id == annotation_id, claimable, study_complete
     )

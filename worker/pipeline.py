@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,7 @@ from dicom_node.schema import (
     RoiAnnotation,
     Series,
     Study,
+    StudyState,
     TriageResult,
 )
 from worker.claims import (
@@ -92,6 +94,7 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
             worker_id=rt.worker_id,
             now=now,
             lease_s=rt.settings.job_lease_s,
+            allow_unreceived=bool(rt.settings.dicomweb_source_url),
         )
     if claim is None:
         log.info("annotation %d not claimable now (done, taken or not ready)", annotation_id)
@@ -104,12 +107,13 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
             roi = to_model_roi(job)
             volume = load_volume(rt, job, roi)
         with _timed(timings, "inference_s"):
-            prediction = classify(rt, volume, roi)
+            inputs, prediction = classify(rt, volume, roi)
         with _timed(timings, "report_s"):
             sr_path, sr_series_uid, sr_uid = write_report(rt, job, volume, prediction)
+            preview_path = write_preview(rt, job, volume, roi, inputs, prediction, sr_uid)
         with _timed(timings, "record_s"):
             result_id, delivery_ids = record_result(
-                rt, job, prediction, sr_path, sr_series_uid, sr_uid, timings
+                rt, job, prediction, sr_path, sr_series_uid, sr_uid, preview_path, timings
             )
         wake_deliveries(rt, delivery_ids)
     except PermanentError as exc:
@@ -134,7 +138,66 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
 
 
 def load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
-    """The annotation and the stored files of the series it names."""
+    """The annotation and the stored files of the series it names (retrieved from the
+    PACS by WADO-RS first when the node never received it and a source is configured)."""
+    try:
+        return _load_job(rt, annotation_id, attempt)
+    except SeriesNotReceived as missing:
+        if not rt.settings.dicomweb_source_url:
+            raise
+        retrieve_series(rt, missing.study_instance_uid, missing.series_instance_uid)
+        return _load_job(rt, annotation_id, attempt)
+
+
+class SeriesNotReceived(PermanentError):
+    def __init__(self, study_instance_uid: str, series_instance_uid: str) -> None:
+        super().__init__(
+            f"series {series_instance_uid} of study {study_instance_uid} was not received"
+        )
+        self.study_instance_uid = study_instance_uid
+        self.series_instance_uid = series_instance_uid
+
+
+def retrieve_series(rt: WorkerRuntime, study_uid: str, series_uid: str) -> None:
+    """WADO-RS from the configured source into storage, through the durable ingest path."""
+    from dicom_node.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
+    from dicom_node.ingest import StoreContext, StoreOutcome, store_instance
+
+    settings = rt.settings
+    endpoint = DicomwebEndpoint(
+        url=settings.dicomweb_source_url,
+        username=settings.dicomweb_source_username or None,
+        password=settings.dicomweb_source_password or None,
+        bearer_token=settings.dicomweb_source_bearer_token or None,
+    )
+    context = StoreContext(store=rt.store, sessions=rt.sessions)
+    refused: list[StoreOutcome] = []
+
+    def store(data: bytes) -> None:
+        outcome = store_instance(context, data, transfer_syntax=None, source="WADO-RS")
+        if not outcome.ok:
+            refused.append(outcome)
+
+    try:
+        with DicomwebPeer(endpoint) as peer:
+            count = peer.retrieve_series(study_uid, series_uid, store)
+    except DicomwebError as exc:
+        error = TransientError if exc.transient else PermanentError
+        raise error(f"retrieving series {series_uid} by WADO-RS: {exc}") from exc
+    if refused:
+        raise TransientError(f"{len(refused)} retrieved instance(s) could not be stored")
+    if count == 0:
+        raise PermanentError(f"series {series_uid} not found at the DICOMweb source")
+    with transaction(rt.sessions) as session:  # retrieved whole: complete by construction
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == study_uid)
+            .values(state=StudyState.COMPLETE, completed_at=datetime.now(UTC))
+        )
+    log.info("retrieved %d instance(s) of series %s by WADO-RS", count, series_uid)
+
+
+def _load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
     with rt.sessions() as session:
         annotation = session.get(RoiAnnotation, annotation_id)
         if annotation is None:
@@ -148,10 +211,7 @@ def load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
             )
         )
         if series is None:
-            raise PermanentError(
-                f"series {annotation.series_instance_uid} of study "
-                f"{annotation.study_instance_uid} was not received"
-            )
+            raise SeriesNotReceived(annotation.study_instance_uid, annotation.series_instance_uid)
         paths = session.scalars(
             select(Instance.path).where(
                 Instance.series_id == series.id,
@@ -215,13 +275,48 @@ def load_volume(rt: WorkerRuntime, job: Job, roi: ModelRoi) -> Volume:
         raise TransientError(f"stored file missing: {exc.filename}") from exc
 
 
-def classify(rt: WorkerRuntime, volume: Volume, roi: ModelRoi) -> Prediction:
+def classify(rt: WorkerRuntime, volume: Volume, roi: ModelRoi) -> tuple[np.ndarray, Prediction]:
+    """The network inputs (METHOD.md) and the model's answer for them."""
+    from model.inference import prediction_from_probabilities
+    from model.preprocess import build_inputs
     from model.volume import SeriesError
 
+    classifier = rt.classifier
     try:
-        return rt.classifier.predict(volume, roi)
+        inputs = build_inputs(volume, roi, classifier.preprocess)
     except SeriesError as exc:  # e.g. the ROI lies partly outside the volume
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+    probabilities = classifier.predict_inputs(inputs)
+    prediction = prediction_from_probabilities(
+        roi.slices_x_mm, probabilities.tolist(), classifier.threshold
+    )
+    return inputs, prediction
+
+
+def write_preview(
+    rt: WorkerRuntime,
+    job: Job,
+    volume: Volume,
+    roi: ModelRoi,
+    inputs: np.ndarray,
+    prediction: Prediction,
+    sr_uid: str,
+) -> str:
+    """A PNG of what the model saw (for the worklist page), stored beside the SR."""
+    from worker.preview import render_preview_png, sagittal_context
+
+    context, box = sagittal_context(volume, roi, margin_mm=8.0)
+    png = render_preview_png(
+        inputs,
+        prediction.x_mm,
+        prediction.slice_probabilities,
+        context=context,
+        box_px=box,
+        threshold=prediction.threshold,
+    )
+    relative = f"{job.study_instance_uid}/previews/{sr_uid}.png"
+    rt.store.write_file(relative, png)
+    return relative
 
 
 def write_report(
@@ -265,6 +360,7 @@ def record_result(
     sr_path: str,
     sr_series_uid: str,
     sr_uid: str,
+    preview_path: str | None,
     timings: dict[str, float],
 ) -> tuple[int, list[int]]:
     """Result row, one delivery per destination and the annotation done: one transaction."""
@@ -290,6 +386,7 @@ def record_result(
                     sr_series_instance_uid=sr_series_uid,
                     sr_sop_instance_uid=sr_uid,
                     sr_path=sr_path,
+                    preview_path=preview_path,
                     timings={key: round(value, 4) for key, value in timings.items()},
                     created_at=now,
                 )
