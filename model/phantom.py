@@ -188,7 +188,9 @@ def _render(
 
     texture = np.zeros(shape, dtype=np.float32)
     for kx, ky, kz, phase in phantom.texture_waves:
-        texture += np.cos(kx * x3 + ky * y3 + kz * z3 + phase).astype(np.float32)
+        in_plane = (kx * x3 + ky * y3).astype(np.float32)
+        along = (kz * z3 + phase).astype(np.float32)
+        texture += np.cos(in_plane + along)
     texture *= phantom.trabecular_hu / math.sqrt(max(len(phantom.texture_waves), 1))
 
     bone = np.zeros(shape, dtype=bool)
