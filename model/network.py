@@ -49,7 +49,13 @@ def build_resnet50(
                 f"access download {weights.url} to that path (or set TORCH_HOME to a folder "
                 "holding hub/checkpoints/ with it), or train with random initialisation."
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # The weights API finds the file in the cache and does not download it.
+            state = weights.get_state_dict(progress=False)
+        except OSError as exc:  # the file vanished and a download was attempted offline
+            raise PretrainedWeightsUnavailable(
+                f"ImageNet weights {weights_name} could not be read from {path}: {exc}"
+            ) from exc
         model.load_state_dict(state)
         logger.info("ResNet50 initialised from ImageNet weights %s", weights_name)
     model.fc = torch.nn.Linear(model.fc.in_features, 1)
