@@ -190,6 +190,10 @@ def _check_same(frames: Sequence[FrameHeader]) -> None:
                 f"{f.describe()}: Image Orientation (Patient) {list(f.orientation)} differs "
                 f"from {list(first.orientation)}"
             )
+    if min(first.pixel_spacing) <= 0:
+        raise InconsistentImageError(
+            f"{first.describe()}: Pixel Spacing {list(first.pixel_spacing)} is not positive"
+        )
     row, column = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
     if (
         abs(np.linalg.norm(row) - 1) > 1e-3

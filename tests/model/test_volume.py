@@ -160,6 +160,9 @@ def test_inconsistent_image_size_is_reported(tmp_path: Path, blob_series: BlobSe
     paths = _copy(blob_series[0], tmp_path / "s")
     _edit(paths[2], PixelSpacing=[0.8, 0.8])
     assert type(_error_for(paths)) is InconsistentImageError
+    for path in paths:
+        _edit(path, PixelSpacing=[0.0, 0.0])
+    assert "not positive" in str(_error_for(paths))
 
 
 def test_empty_and_unreadable_inputs_are_reported(tmp_path: Path, blob_series: BlobSeries) -> None:
