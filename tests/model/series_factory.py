@@ -13,18 +13,32 @@ from model.synth_dicom import SeriesIdentity, SeriesLayout, TransferSyntaxName, 
 Point = tuple[float, float, float]
 
 
+def blob_hu(
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    markers: Sequence[Point],
+    *,
+    sigma_mm: float = 1.5,
+    peak_hu: float = 1000.0,
+) -> np.ndarray:
+    """Soft tissue with a gentle gradient plus Gaussian blobs at ``markers`` (broadcasting)."""
+    hu = 40.0 + 0.5 * x - 0.3 * y + 0.2 * z
+    for mx, my, mz in markers:
+        d2 = (x - mx) ** 2 + (y - my) ** 2 + (z - mz) ** 2
+        hu = hu + peak_hu * np.exp(-d2 / (2.0 * sigma_mm**2))
+    return np.asarray(hu, dtype=np.float64)
+
+
 def blob_field(
     markers: Sequence[Point], *, sigma_mm: float = 1.5, peak_hu: float = 1000.0
 ) -> object:
-    """HU function: soft tissue with a gentle gradient plus Gaussian blobs at ``markers``."""
+    """:func:`blob_hu` as an HU function of an axial grid (see ``write_ct_series``)."""
 
     def hu_at(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        x3, y3, z3 = x[None], y[None], z[:, None, None]
-        hu = 40.0 + 0.5 * x3 - 0.3 * y3 + 0.2 * z3
-        for mx, my, mz in markers:
-            d2 = (x3 - mx) ** 2 + (y3 - my) ** 2 + (z3 - mz) ** 2
-            hu = hu + peak_hu * np.exp(-d2 / (2.0 * sigma_mm**2))
-        return np.asarray(hu, dtype=np.float64)
+        return blob_hu(
+            x[None], y[None], z[:, None, None], markers, sigma_mm=sigma_mm, peak_hu=peak_hu
+        )
 
     return hu_at
 
@@ -88,3 +102,61 @@ def square_roi(
             (cy - half, cz + half),
         ),
     )
+
+
+def write_oriented_series(
+    series_dir: Path,
+    markers: Sequence[Point],
+    *,
+    row_direction: Sequence[float],
+    column_direction: Sequence[float],
+    center: Point = (0.0, 0.0, 0.0),
+    size: int = 96,
+    slices: int = 60,
+    pixel_spacing_mm: float = 0.7,
+    slice_spacing_mm: float = 0.8,
+    patient_id: str = "OBLIQUE1",
+) -> tuple[list[Path], SeriesIdentity]:
+    """A series in any orientation (sagittal, coronal, oblique), written pixel by pixel."""
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from model.synth_dicom import RESCALE_INTERCEPT, base_dataset, ds_values, file_meta_for
+
+    row = np.asarray(row_direction, dtype=np.float64)
+    column = np.asarray(column_direction, dtype=np.float64)
+    row /= np.linalg.norm(row)
+    column /= np.linalg.norm(column)
+    normal = np.cross(row, column)
+    identity = SeriesIdentity.derived(patient_id, 0)
+    series_dir.mkdir(parents=True, exist_ok=True)
+    r = np.arange(size, dtype=np.float64)[:, None, None]
+    c = np.arange(size, dtype=np.float64)[None, :, None]
+    paths = []
+    for k in range(slices):
+        offset = (k - (slices - 1) / 2) * slice_spacing_mm
+        corner = (
+            np.asarray(center)
+            + offset * normal
+            - (size - 1) / 2 * pixel_spacing_mm * (row + column)
+        )
+        points = corner + c * pixel_spacing_mm * row + r * pixel_spacing_mm * column
+        hu = blob_hu(points[..., 0], points[..., 1], points[..., 2], markers)
+        ds = base_dataset(identity, CTImageStorage)
+        sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])
+        ds.file_meta = file_meta_for(CTImageStorage, sop_instance)
+        ds.SOPInstanceUID = sop_instance
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = ds_values(*corner)
+        ds.ImageOrientationPatient = ds_values(*row, *column)
+        ds.PixelSpacing = ds_values(pixel_spacing_mm, pixel_spacing_mm)
+        ds.SliceThickness = ds_values(slice_spacing_mm)[0]
+        ds.Rows = ds.Columns = size
+        ds.RescaleIntercept = RESCALE_INTERCEPT
+        ds.RescaleSlope = 1.0
+        stored = np.clip(np.rint(hu - RESCALE_INTERCEPT), -1024, 32767).astype(np.int16)
+        ds.PixelData = stored.tobytes()
+        path = series_dir / f"OB{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths, identity

@@ -15,7 +15,7 @@ from model.preprocess import (
 )
 from model.roi import RoiAnnotation
 from model.volume import load_series
-from tests.model.series_factory import square_roi, write_blob_series
+from tests.model.series_factory import square_roi, write_blob_series, write_oriented_series
 
 # Box centred at (y, z) = (2, -3) mm, side 32 mm: cells of 0.5 mm.
 CENTER_YZ = (2.0, -3.0)
@@ -148,3 +148,39 @@ def test_params_round_trip_and_refuse_unknown_preprocessing() -> None:
         PreprocessParams.from_json({**params.to_json(), "method": "something-else"})
     with pytest.raises(PreprocessParamsError, match="slab_thickness_mm"):
         PreprocessParams(slab_thickness_mm=0.0)
+
+
+@pytest.mark.parametrize(
+    ("row_direction", "column_direction"),
+    [
+        ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),  # sagittal
+        ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),  # coronal
+        ((0.9659, 0.2588, 0.0), (-0.2588, 0.9659, 0.1)),  # oblique
+    ],
+    ids=["sagittal", "coronal", "oblique"],
+)
+def test_same_tensor_from_a_series_in_another_orientation(
+    tmp_path: Path,
+    reference: np.ndarray,
+    row_direction: tuple[float, float, float],
+    column_direction: tuple[float, float, float],
+) -> None:
+    column = np.asarray(column_direction) - np.dot(column_direction, row_direction) * np.asarray(
+        row_direction
+    )  # make the oblique pair orthogonal
+    paths, identity = write_oriented_series(
+        tmp_path,
+        [MARKER],
+        row_direction=row_direction,
+        column_direction=tuple(column),
+        center=(2.0, 0.0, 0.0),
+    )
+    roi = square_roi(identity, center_yz=CENTER_YZ, side=SIDE, slices_x_mm=(SLICE_X, SLICE_X + 3))
+    inputs = build_inputs(load_series(paths, roi=roi), roi)
+    np.testing.assert_allclose(inputs, reference, atol=0.08 * float(np.abs(reference).max()))
+    assert float(np.abs(inputs - reference).mean()) < 0.01
+    assert np.unravel_index(np.argmax(inputs[0]), inputs[0].shape) == (
+        2,
+        MARKER_ROW,
+        MARKER_COLUMN,
+    )
