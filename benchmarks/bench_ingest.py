@@ -1,0 +1,208 @@
+"""Ingest benchmark: the node against DCMTK's storescp, side by side in one run.
+
+Makes N synthetic CT instances (512×512 int16, ~0.5 MiB each), then alternately sends them
+with DCMTK ``storescu`` (one association) to ``storescp`` and to the node (a fresh node
+process each run: new SQLite database and storage, so every instance is really written,
+fsynced and indexed), and prints instances/s and the node/storescp ratio (medians).
+
+    python benchmarks/bench_ingest.py [--instances 300] [--runs 5] [--senders 1]
+        [--listeners 1] [--database-url postgresql+psycopg2://...]
+
+``--senders 4`` splits the files over 4 concurrent ``storescu`` associations (then
+``storescp --fork`` is the reference and ``--listeners`` the node's listener processes).
+TCP_NODELAY=1 is set for the DCMTK tools (see shared PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.dicom_factory import write_ct_series  # noqa: E402
+
+DCMTK = Path("/usr/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def send(port: int, ae: str, chunks: list[list[Path]]) -> float:
+    """Seconds to send every chunk, one storescu association per chunk, concurrently."""
+    start = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            [str(DCMTK / "storescu"), "-aec", ae, "-aet", "BENCH", "127.0.0.1", str(port),
+             *map(str, chunk)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        if process.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
+    port = free_port()
+    out = Path(tempfile.mkdtemp(prefix="bench-storescp-"))
+    args = [str(DCMTK / "storescp"), "-od", str(out), "-aet", "STORESCP"]
+    if fork:
+        args.append("--fork")
+    server = subprocess.Popen([*args, str(port)], env=dcmtk_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(port, "STORESCP", chunks)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_node(chunks: list[list[Path]], listeners: int, database_url: str | None) -> float:
+    port = free_port()
+    var = Path(tempfile.mkdtemp(prefix="bench-node-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_TRIAGE_")}
+    env.update(
+        {
+            "SPINE_TRIAGE_VAR_DIR": str(var),
+            "SPINE_TRIAGE_DICOM_HOST": "127.0.0.1",
+            "SPINE_TRIAGE_DICOM_PORT": str(port),
+            "SPINE_TRIAGE_LISTENER_PROCESSES": str(listeners),
+            "SPINE_TRIAGE_MIN_FREE_DISK_MB": "0",
+        }
+    )
+    created_db = None
+    if database_url:
+        created_db = _create_pg_database(database_url)
+        env["SPINE_TRIAGE_DATABASE_URL"] = created_db
+    cli = [sys.executable, "-m", "worker.cli", "--log-level", "WARNING"]
+    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    node = subprocess.Popen([*cli, "node", "--no-http"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        time.sleep(0.5 if listeners > 1 else 0.1)  # let the extra listeners bind
+        return send(port, "SPINE_TRIAGE", chunks)
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+        shutil.rmtree(var, ignore_errors=True)
+        if created_db:
+            _drop_pg_database(database_url or "", created_db)
+
+
+def _create_pg_database(server_url: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(f"{server_url}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{server_url}/{name}"
+
+
+def _drop_pg_database(server_url: str, url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    name = url.rsplit("/", 1)[1]
+    engine = create_engine(f"{server_url}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--senders", type=int, default=1)
+    parser.add_argument("--listeners", type=int, default=1)
+    parser.add_argument("--database-url", help="PostgreSQL server URL without database name, "
+                        "e.g. postgresql+psycopg2://postgres@127.0.0.1:5432 (default: SQLite)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    data = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        files = write_ct_series(data, args.instances, rows=512, columns=512)
+        size = sum(p.stat().st_size for p in files)
+        chunks = [files[i :: args.senders] for i in range(args.senders)]
+        fork = args.senders > 1
+        reference, node = [], []
+        for run in range(args.runs):
+            reference.append(run_storescp(chunks, fork))
+            node.append(run_node(chunks, args.listeners, args.database_url))
+            print(f"run {run + 1}: storescp {reference[-1]:.2f} s, node {node[-1]:.2f} s",
+                  flush=True)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    ref_s, node_s = statistics.median(reference), statistics.median(node)
+    figures = {
+        "instances": args.instances,
+        "mib": round(size / 2**20, 1),
+        "senders": args.senders,
+        "listeners": args.listeners,
+        "database": "postgresql" if args.database_url else "sqlite",
+        "storescp_s": round(ref_s, 3),
+        "storescp_inst_per_s": round(args.instances / ref_s, 1),
+        "node_s": round(node_s, 3),
+        "node_inst_per_s": round(args.instances / node_s, 1),
+        "ratio_node_to_storescp": round(ref_s / node_s, 3),
+    }
+    reference_name = "storescp --fork" if fork else "storescp"
+    print(
+        f"\n{args.instances} instances ({figures['mib']} MiB), {args.senders} sender(s), "
+        f"median of {args.runs}:\n"
+        f"  {reference_name:<16} {ref_s:6.2f} s  {figures['storescp_inst_per_s']:7.1f} inst/s\n"
+        f"  node ({figures['database']}, {args.listeners} listener(s)) {node_s:6.2f} s  "
+        f"{figures['node_inst_per_s']:7.1f} inst/s\n"
+        f"  ratio node / {reference_name}: {figures['ratio_node_to_storescp']:.2f}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
