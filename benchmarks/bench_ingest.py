@@ -64,8 +64,16 @@ def send(port: int, ae: str, chunks: list[list[Path]]) -> float:
     start = time.perf_counter()
     processes = [
         subprocess.Popen(
-            [str(DCMTK / "storescu"), "-aec", ae, "-aet", "BENCH", "127.0.0.1", str(port),
-             *map(str, chunk)],
+            [
+                str(DCMTK / "storescu"),
+                "-aec",
+                ae,
+                "-aet",
+                "BENCH",
+                "127.0.0.1",
+                str(port),
+                *map(str, chunk),
+            ],
             env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -85,8 +93,9 @@ def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
     args = [str(DCMTK / "storescp"), "-od", str(out), "-aet", "STORESCP"]
     if fork:
         args.append("--fork")
-    server = subprocess.Popen([*args, str(port)], env=dcmtk_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*args, str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_port(port)
         return send(port, "STORESCP", chunks)
@@ -114,10 +123,16 @@ def run_node(chunks: list[list[Path]], listeners: int, database_url: str | None)
         created_db = _create_pg_database(database_url)
         env["SPINE_TRIAGE_DATABASE_URL"] = created_db
     cli = [sys.executable, "-m", "worker.cli", "--log-level", "WARNING"]
-    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
-    node = subprocess.Popen([*cli, "node", "--no-http"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [*cli, "db", "upgrade"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    node = subprocess.Popen(
+        [*cli, "node", "--no-http"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         time.sleep(0.5 if listeners > 1 else 0.1)  # let the extra listeners bind
@@ -152,14 +167,18 @@ def _drop_pg_database(server_url: str, url: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--senders", type=int, default=1)
     parser.add_argument("--listeners", type=int, default=1)
-    parser.add_argument("--database-url", help="PostgreSQL server URL without database name, "
-                        "e.g. postgresql+psycopg2://postgres@127.0.0.1:5432 (default: SQLite)")
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL server URL without database name, "
+        "e.g. postgresql+psycopg2://postgres@127.0.0.1:5432 (default: SQLite)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -173,8 +192,9 @@ def main() -> int:
         for run in range(args.runs):
             reference.append(run_storescp(chunks, fork))
             node.append(run_node(chunks, args.listeners, args.database_url))
-            print(f"run {run + 1}: storescp {reference[-1]:.2f} s, node {node[-1]:.2f} s",
-                  flush=True)
+            print(
+                f"run {run + 1}: storescp {reference[-1]:.2f} s, node {node[-1]:.2f} s", flush=True
+            )
     finally:
         shutil.rmtree(data, ignore_errors=True)
     ref_s, node_s = statistics.median(reference), statistics.median(node)
