@@ -7,6 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.faults.ledger import ledger  # noqa: F401 - fixture of the fault suite
+from tests.system import (  # noqa: F401 - fixtures of the whole-system tests
+    checkpoint_path,
+    synthetic_cases,
+    system_factory,
+)
+
 if TYPE_CHECKING:
     from tests.services import ThrowawayPostgres
 
@@ -116,3 +123,25 @@ def throwaway_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The demonstration model, trained once per test session (a few minutes on a CPU).
+
+    ``SPINE_TRIAGE_TEST_MODEL_CACHE`` names a folder to keep it in between sessions.
+    """
+    from pathlib import Path
+
+    from model.demo import ensure_demo_checkpoint
+
+    cache = os.environ.get("SPINE_TRIAGE_TEST_MODEL_CACHE")
+    folder = Path(cache) if cache else tmp_path_factory.mktemp("demo-model")
+    return ensure_demo_checkpoint(folder)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's table: scenario, instances, jobs and SRs (when it ran)."""
+    from tests.faults.ledger import write_summary
+
+    write_summary(terminalreporter)

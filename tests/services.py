@@ -6,16 +6,21 @@ Each starts in its own temporary folder and stops (waiting for the process to ex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hl7
 import httpx
+from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
 
 from tests.support import free_port, missing_component, require_binary
 
@@ -219,3 +224,82 @@ class ThrowawayRedis:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+
+
+@dataclass
+class MllpListener:
+    """A RIS stand-in: records every message and answers as the test sets ``mode``.
+
+    ``mode``: an acknowledgment code (``AA``, ``AE``, ``AR``), ``silent`` (never answers),
+    ``garbled`` (answers a block that is not HL7) or ``foreign`` (an AA for another message).
+    """
+
+    mode: str = "AA"
+    reason: str = ""
+    received: list[hl7.Message] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _server: Any = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> MllpListener:
+        ready: Future[int] = Future()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            self._server = await start_hl7_server(self._handle, "127.0.0.1", 0, encoding="utf-8")
+            ready.set_result(self._server.sockets[0].getsockname()[1])
+
+        def run() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="mllp-listener", daemon=True)
+        self._thread.start()
+        self.port = ready.result(timeout=10)
+        return self
+
+    async def _handle(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        try:
+            while True:
+                block = await reader.readblock()
+                text = block.decode("utf-8")
+                self.raw.append(text)
+                message = hl7.parse(text)
+                self.received.append(message)
+                if self.mode == "silent":
+                    continue
+                if self.mode == "garbled":
+                    writer.writeblock(b"\x00\x01 this is not HL7")
+                elif self.mode == "foreign":
+                    ack = message.create_ack("AA")
+                    ack.segment("MSA").assign_field("SOMETHING-ELSE", 2)
+                    writer.writemessage(ack)
+                else:
+                    ack = message.create_ack(self.mode)
+                    if self.reason:
+                        ack.segment("MSA").assign_field(ack.escape(self.reason), 3)
+                    writer.writemessage(ack)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            return  # the sender closed the connection after its ACK
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        loop = self._loop
+
+        async def close() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        loop.close()

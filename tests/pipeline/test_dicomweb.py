@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from dicom_node.schema import AnnotationState, Instance
 from tests.dicom_factory import write_ct_series
-from tests.pipeline.conftest import System, case_files
+from tests.system import System, case_files
 
 
 def test_stow_rs_into_the_node_is_durable_and_answers_the_standard_response(

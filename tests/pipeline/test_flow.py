@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.schema import AnnotationState, RoiAnnotation, TriageResult
-from tests.pipeline.conftest import System, case_files
+from tests.system import System, case_files
 
 SystemFactory = Callable[..., System]
 
