@@ -5,19 +5,28 @@ fsynced → index rows committed → only then Success. Every failure leaves nei
 file nor an orphan row and maps to a DIMSE status the sender understands:
 
 * ``0xA700`` out of resources: disk full or below its reserve (retry later);
-* ``0xC210`` cannot understand: unreadable header, invalid UID, SOP class not accepted;
+* ``0xA900`` data set does not match SOP class: an image without Pixel Data (or without the
+  attributes that size it);
+* ``0xC210`` cannot understand: unreadable header, invalid UID, SOP class not accepted, Pixel
+  Data shorter than declared or than the image needs (a truncated object);
 * ``0xC001`` database unavailable (retry later).
+
+The pixel check reads element and item headers only, never the pixel values.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileDataset
+from pydicom.filebase import ReadableBuffer
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
@@ -42,6 +51,7 @@ STORAGE_SOP_CLASSES: tuple[UID, ...] = (*IMAGE_SOP_CLASSES, *sorted(SR_SOP_CLASS
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_DATABASE_UNAVAILABLE = 0xC001
 
@@ -99,6 +109,17 @@ def store_instance(
                 sop_class_uid=header.sop_class_uid,
                 sop_instance_uid=header.sop_instance_uid,
             )
+        if header.sop_class_uid in IMAGE_SOP_CLASSES:
+            problem = pixel_data_problem(header_ds, syntax)
+            if problem is not None:
+                status, comment = problem
+                log.warning("refused instance from %s: %s", source, comment)
+                return StoreOutcome(
+                    status,
+                    comment,
+                    sop_class_uid=header.sop_class_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                )
     except InvalidUidError as exc:
         log.warning("refused instance from %s: %s", source, exc)
         return StoreOutcome(STATUS_CANNOT_UNDERSTAND, str(exc))
@@ -149,3 +170,104 @@ def store_instance(
         result.outcome.value,
     )
     return StoreOutcome(STATUS_SUCCESS, **identity)
+
+
+# --- the pixel data check (element and item headers only) -----------------------------------
+
+_PIXEL_DATA_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # Pixel, Float, Double Float
+_LONG_LENGTH_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+
+def pixel_data_problem(header_ds: FileDataset, transfer_syntax: str) -> tuple[int, str] | None:
+    """Why an image's Pixel Data cannot be whole, as (status, comment); None when it can.
+
+    ``header_ds`` comes from ``dcmread(..., stop_before_pixels=True)``, which leaves its
+    buffer at the element it stopped before (at the end when there is no Pixel Data). Only
+    element and item headers are read: the declared length must lie within the bytes
+    received and cover what Rows × Columns × Samples × Bits Allocated × Frames need;
+    encapsulated fragments must each lie within the bytes and end with their delimiter.
+    """
+    stream = header_ds.buffer
+    if stream is None:
+        return None  # read from a path: nothing to check against here
+    start = stream.tell()
+    end = stream.seek(0, os.SEEK_END)
+    stream.seek(start)
+    is_implicit, is_little = header_ds.original_encoding
+    order = "<" if is_little is not False else ">"
+    head = stream.read(8)
+    if not head:
+        return STATUS_DOES_NOT_MATCH_SOP_CLASS, "image without Pixel Data"
+    if len(head) < 8:
+        return STATUS_CANNOT_UNDERSTAND, "dataset truncated in the Pixel Data element"
+    group, element = struct.unpack(order + "HH", head[:4])
+    if (group << 16 | element) not in _PIXEL_DATA_TAGS:
+        return STATUS_CANNOT_UNDERSTAND, "dataset structure cannot be read"
+    if is_implicit:
+        (length,) = struct.unpack(order + "L", head[4:8])
+        value_start = start + 8
+    elif head[4:6] in _LONG_LENGTH_VRS:
+        extra = stream.read(4)
+        if len(extra) < 4:
+            return STATUS_CANNOT_UNDERSTAND, "dataset truncated in the Pixel Data element"
+        (length,) = struct.unpack(order + "L", extra)
+        value_start = start + 12
+    else:
+        (length,) = struct.unpack(order + "H", head[6:8])
+        value_start = start + 8
+    encapsulated = UID(transfer_syntax).is_encapsulated
+    if length == _UNDEFINED_LENGTH:
+        if not encapsulated:
+            return STATUS_CANNOT_UNDERSTAND, "native Pixel Data of undefined length"
+        return _fragments_problem(stream, value_start, end)
+    if value_start + length > end:
+        return STATUS_CANNOT_UNDERSTAND, "Pixel Data shorter than its declared length"
+    if encapsulated:
+        return STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data of defined length"
+    needed = _native_pixel_bytes(header_ds)
+    if needed is None:
+        return STATUS_DOES_NOT_MATCH_SOP_CLASS, "image pixel description missing or invalid"
+    if length < needed:
+        return STATUS_CANNOT_UNDERSTAND, "Pixel Data shorter than the image size needs"
+    return None
+
+
+def _native_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes that uncompressed pixel data of ``ds`` needs; None when it cannot be told."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if min(rows, columns, samples, frames) < 1 or bits < 1 or (bits != 1 and bits % 8):
+        return None
+    values = rows * columns * samples * frames
+    return (values + 7) // 8 if bits == 1 else values * (bits // 8)
+
+
+def _fragments_problem(stream: ReadableBuffer, position: int, end: int) -> tuple[int, str] | None:
+    """Walk the items of encapsulated Pixel Data (always little endian) to its delimiter."""
+    items = 0
+    while True:
+        stream.seek(position)
+        head = stream.read(8)
+        if len(head) < 8:
+            return STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data truncated"
+        group, element, length = struct.unpack("<HHL", head)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM or length == _UNDEFINED_LENGTH:
+            return STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data items cannot be read"
+        position += 8 + length
+        if position > end:
+            return STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data truncated"
+        items += 1
+    if items < 2:  # the Basic Offset Table item, then at least one fragment
+        return STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data without a fragment"
+    return None

@@ -102,19 +102,50 @@ def handle_echo(event: evt.Event) -> int:
 
 
 def handle_conn_open(event: evt.Event) -> None:
-    """Nagle off on every accepted socket: small responses must not wait on delayed ACKs."""
+    """Nagle off on every accepted socket: small responses must not wait on delayed ACKs.
+
+    The network timeout is set on the socket too: pynetdicom leaves accepted sockets
+    blocking, so a peer that stops in the middle of a PDU would hold its association (and
+    its threads) for ever. With the timeout, a read that waits longer closes the connection.
+    """
     association_socket = event.assoc.dul.socket
     if association_socket is not None and association_socket.socket is not None:
         association_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        association_socket.socket.settimeout(event.assoc.network_timeout)
 
 
 class ReusePortServer(ThreadedAssociationServer):
-    """A threaded association server whose port several listener processes may share."""
+    """A threaded association server whose port several listener processes may share.
+
+    Every accepted socket gets the network timeout, and the TLS handshake runs in the
+    connection's own thread: pynetdicom does it in the listener thread on a blocking socket,
+    where one peer that connects and stays silent stops every other connection.
+    """
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        client_socket.settimeout(self.ae.network_timeout)
+        return client_socket, address
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if self.ssl_context is not None and isinstance(request, socket.socket):
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except OSError as exc:  # ssl.SSLError, a timeout, a reset: this peer only
+                log.warning("TLS handshake failed: %s", type(exc).__name__)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
