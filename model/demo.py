@@ -57,6 +57,7 @@ def _demo_training() -> TrainConfig:
         init="random",
         seed=0,
         device="auto",
+        recalibrate_batchnorm=True,
     )
 
 

@@ -58,6 +58,9 @@ class TrainConfig:
     init: str = "imagenet"  # "imagenet" (falls back to random when not cached) or "random"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # after each epoch, re-estimate BatchNorm statistics on the (unaugmented) training slices
+    # with the epoch's final weights ("precise BN"); not in the paper, off by default
+    recalibrate_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.augmentation_factor < 1:
@@ -136,6 +139,28 @@ class FitResult:
         }
 
 
+class EarlyStopping:
+    """Tracks the lowest monitored loss; says when ``patience`` epochs brought no new low."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_loss = float("inf")
+        self.best_epoch = 0
+        self.stale_epochs = 0
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record an epoch's loss; True when it is the new lowest (keep these weights)."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.stale_epochs = loss, epoch, 0
+            return True
+        self.stale_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.stale_epochs >= self.patience
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -208,6 +233,29 @@ def train_one_epoch(
     return total / max(count, 1)
 
 
+def recalibrate_batchnorm(
+    model: nn.Module, data: SliceSet, *, device: torch.device, batch_size: int = 64
+) -> None:
+    """Replace BatchNorm running statistics by their average over ``data`` (weights unchanged).
+
+    After a short, fast-moving training the exponential running averages lag behind the
+    weights; evaluation then sees statistics of earlier weights.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(data) == 0:
+        return
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            _forward(model, data.inputs[start : start + batch_size], device)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+
+
 def evaluate(
     model: nn.Module,
     criterion: nn.Module,
@@ -261,17 +309,16 @@ def fit(
     train_set = load_data(train_patients, device)
     validation_set = load_data(validation_patients, device)
     history: list[EpochRecord] = []
-    best_loss = float("inf")
-    best_epoch = 0
+    stopping = EarlyStopping(config.patience)
     best_state: dict[str, torch.Tensor] = {}
-    stale_epochs = 0
-    stopped_early = False
     epochs = tqdm(range(1, config.epochs + 1), desc=description, unit="epoch", disable=not progress)
     for epoch in epochs:
         epoch_start = time.perf_counter()
         train_loss = train_one_epoch(
             model, criterion, optimizer, train_set, config, generator=generator, device=device
         )
+        if config.recalibrate_batchnorm:
+            recalibrate_batchnorm(model, train_set, device=device)
         validation_loss = evaluate(model, criterion, validation_set, device=device).loss
         history.append(
             EpochRecord(epoch, train_loss, validation_loss, time.perf_counter() - epoch_start)
@@ -283,14 +330,10 @@ def fit(
                 "(try a lower learning rate)"
             )
         epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{validation_loss or 0.0:.4f}")
-        if monitored < best_loss:
-            best_loss, best_epoch, stale_epochs = monitored, epoch, 0
+        if stopping.update(epoch, monitored):
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            stale_epochs += 1
-            if config.patience and stale_epochs >= config.patience:
-                stopped_early = True
-                break
+        elif stopping.should_stop:
+            break
     model.load_state_dict(best_state)
     model.eval()
     seconds = time.perf_counter() - started
@@ -299,9 +342,9 @@ def fit(
         description,
         len(history),
         seconds,
-        best_epoch,
+        stopping.best_epoch,
         "training" if not validation_patients else "validation",
-        best_loss,
+        stopping.best_loss,
         init_used,
         device,
     )
@@ -309,9 +352,9 @@ def fit(
         model=model,
         state_dict={k: v.contiguous() for k, v in best_state.items()},
         history=tuple(history),
-        best_epoch=best_epoch,
-        best_validation_loss=best_loss if validation_patients else None,
-        stopped_early=stopped_early,
+        best_epoch=stopping.best_epoch,
+        best_validation_loss=stopping.best_loss if validation_patients else None,
+        stopped_early=len(history) < config.epochs,
         init_used=init_used,
         initialisation=initialisation,
         device=str(device),

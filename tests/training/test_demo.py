@@ -88,5 +88,7 @@ def test_demo_model_separates_held_out_synthetic_patients(
     area = auroc(labels, scores)
     correct = sum((s >= 0.5) == bool(y) for s, y in zip(scores, labels, strict=True))
     print(f"demo model: trained in {seconds:.0f} s, held-out AUROC {area:.3f}, {correct}/16")
+    pairs = [(y, round(s, 3)) for y, s in zip(labels, scores, strict=True)]
+    print("held-out (label, probability):", pairs)
     assert area is not None and area >= 0.9
-    assert correct >= 13
+    assert correct >= 14

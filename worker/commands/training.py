@@ -35,29 +35,44 @@ otherwise (the report says which). CUDA with bf16 autocast when present, the CPU
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training protocol (defaults: the paper's)")
-    group.add_argument("--epochs", type=int, help="maximum number of epochs (default 100)")
-    group.add_argument("--batch-size", type=int, help="slices per optimiser step (default 32)")
-    group.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate (1e-4)")
-    group.add_argument("--beta1", type=float, help="Adam beta1 (default 0.5)")
-    group.add_argument("--beta2", type=float, help="Adam beta2 (default 0.999)")
     group.add_argument(
-        "--weight-decay", type=float, help="L2 regularisation coefficient (default 1e-4)"
+        "--epochs", type=int, metavar="N", help="maximum number of epochs (default 100)"
+    )
+    group.add_argument(
+        "--batch-size", type=int, metavar="N", help="slices per optimiser step (default 32)"
+    )
+    group.add_argument(
+        "--lr", type=float, metavar="LR", dest="learning_rate", help="Adam learning rate (1e-4)"
+    )
+    group.add_argument("--beta1", type=float, metavar="B", help="Adam beta1 (default 0.5)")
+    group.add_argument("--beta2", type=float, metavar="B", help="Adam beta2 (default 0.999)")
+    group.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="L2",
+        help="L2 regularisation coefficient (default 1e-4)",
     )
     group.add_argument(
         "--augmentation-factor",
         type=int,
+        metavar="N",
         help="times each training slice is seen per epoch, each with a fresh random affine "
         "(default 20)",
     )
     group.add_argument(
         "--max-translation",
         type=float,
+        metavar="F",
         help="largest shift, as a fraction of the ROI box side (default 0.10)",
     )
-    group.add_argument("--min-scale", type=float, help="smallest zoom factor (default 0.90)")
-    group.add_argument("--max-scale", type=float, help="largest zoom factor (default 1.10)")
     group.add_argument(
-        "--max-rotation", type=float, help="largest rotation in degrees (default 15)"
+        "--min-scale", type=float, metavar="S", help="smallest zoom factor (default 0.90)"
+    )
+    group.add_argument(
+        "--max-scale", type=float, metavar="S", help="largest zoom factor (default 1.10)"
+    )
+    group.add_argument(
+        "--max-rotation", type=float, metavar="DEG", help="largest rotation in degrees (default 15)"
     )
     group.add_argument(
         "--no-augment", action="store_true", help="no affine augmentation (factor 1, identity)"
@@ -65,12 +80,14 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--patience",
         type=int,
+        metavar="N",
         help="stop after this many epochs without a lower validation loss; 0 runs every "
         "epoch (the best epoch is kept either way; default 10)",
     )
     group.add_argument(
         "--validation-fraction",
         type=float,
+        metavar="F",
         help="share of the training patients held out, per label, for early stopping (default 0.1)",
     )
     group.add_argument(
@@ -78,12 +95,28 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         choices=["imagenet", "random"],
         help="initial weights (default imagenet; random when they are not cached)",
     )
-    group.add_argument("--seed", type=int, help="training seed (default 0)")
-    group.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    group.add_argument(
+        "--recalibrate-batchnorm",
+        action="store_true",
+        default=None,
+        help="after each epoch, re-estimate BatchNorm statistics on the training slices "
+        "(not in the paper; steadier validation loss in short runs)",
+    )
+    group.add_argument("--seed", type=int, metavar="N", help="training seed (default 0)")
+    group.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     runtime.add_argument(
-        "--decode-workers", type=int, help="threads decoding compressed slices per patient"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice; on a CPU shared with other "
+        "work, 1 is often several times faster than more)",
+    )
+    runtime.add_argument(
+        "--decode-workers",
+        type=int,
+        metavar="N",
+        help="threads decoding compressed slices per patient",
     )
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -93,7 +126,7 @@ def register(subparsers: Any) -> None:
     train = subparsers.add_parser(
         "train",
         help="train a checkpoint on a labelled cohort (or synthetic phantoms)",
-        description="Train the classifier on a labelled cohort and write OUT/model.pt and "
+        description="Train the classifier on a labelled cohort and write OUT/model.pt and\n"
         "OUT/config.json (every setting; also inside the checkpoint's meta).\n\n"
         + PROTOCOL_HELP
         + "\n"
@@ -122,11 +155,11 @@ def register(subparsers: Any) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="patient-level k-fold cross-validation with the paper's table",
-        description="Cross-validate the training protocol: patient-level, label-stratified "
-        "k-fold; each patient is in exactly one test fold and every fold's model is trained "
-        "from scratch. Writes to OUT: predictions.csv, report.md (per-slice and per-patient "
-        "sensitivity, specificity and accuracy at 0.5, AUROC with 95 % bootstrap interval, "
-        "confusion matrices, the threshold reaching the target per-patient sensitivity, "
+        description="Cross-validate the training protocol: patient-level, label-stratified\n"
+        "k-fold; each patient is in exactly one test fold and every fold's model is trained\n"
+        "from scratch. Writes to OUT: predictions.csv, report.md (per-slice and per-patient\n"
+        "sensitivity, specificity and accuracy at 0.5, AUROC with 95 % bootstrap interval,\n"
+        "confusion matrices, the threshold reaching the target per-patient sensitivity,\n"
         "calibration), roc.png, misclassified/<patient>.png and config.json.\n\n"
         + PROTOCOL_HELP
         + "\n"
@@ -159,10 +192,10 @@ def register(subparsers: Any) -> None:
     demo = subparsers.add_parser(
         "demo-model",
         help="train (once) and cache the demonstration model on synthetic phantoms",
-        description="Make sure the demonstration checkpoint exists and print its path. It is "
-        "trained on synthetic phantoms in a few minutes on a CPU the first time, then cached "
-        "(a changed recipe trains a new one). Its meta says it is a demonstration model "
-        "trained on synthetic data, not for clinical use. The node serves it when no "
+        description="Make sure the demonstration checkpoint exists and print its path. It is\n"
+        "trained on synthetic phantoms in a few minutes on a CPU the first time, then cached\n"
+        "(a changed recipe trains a new one). Its meta says it is a demonstration model\n"
+        "trained on synthetic data, not for clinical use. The node serves it when no\n"
         "checkpoint is configured.",
         formatter_class=formatter,
     )
@@ -207,6 +240,7 @@ def _training_config(args: argparse.Namespace, base: Any) -> Any:
         init=args.init,
         seed=args.seed,
         device=args.device,
+        recalibrate_batchnorm=args.recalibrate_batchnorm,
     )
 
 
