@@ -142,6 +142,16 @@ def test_conformance_statement_lists_exactly_the_sop_classes_and_transfer_syntax
     assert mentioned <= known, f"listed but not in the code: {sorted(mentioned - known)}"
 
 
+def test_conformance_statement_lists_every_c_store_status_the_node_answers() -> None:
+    from dicom_node import ingest
+
+    text = CONFORMANCE.read_text()
+    statuses = {value for name, value in vars(ingest).items() if name.startswith("STATUS_")}
+    assert len(statuses) >= 4
+    for status in statuses:
+        assert f"| 0x{status:04X} " in text, f"C-STORE status 0x{status:04X} is not documented"
+
+
 def _result_sr_codes(label: str) -> set[tuple[str, str]]:
     study_uid, frame_uid = new_study()
     images = axial_series(study_uid, frame_uid)
