@@ -93,7 +93,7 @@ DEMO_RECIPE = DemoRecipe()
 
 
 def demo_checkpoint_path(cache_dir: Path, recipe: DemoRecipe = DEMO_RECIPE) -> Path:
-    return Path(cache_dir) / f"{DEMO_NAME}-{recipe.version}.pt"
+    return Path(cache_dir) / f"{DEMO_NAME}-{recipe.version.removeprefix('demo-')}.pt"
 
 
 def make_synthetic_cohort(
@@ -168,8 +168,10 @@ def train_demo_checkpoint(
             seed=recipe.cohort_seed,
             malignant_fraction=recipe.malignant_fraction,
         )
+        generated = time.perf_counter()
         params = PreprocessParams()
         patients = load_cohort(manifest, params, workers=1, progress=progress)
+        loaded = time.perf_counter()
         run = main(
             patients,
             workdir / "run",
@@ -186,6 +188,12 @@ def train_demo_checkpoint(
             progress=progress,
         )
         run.checkpoint.replace(path)
+        logger.info(
+            "demonstration model: phantoms %.0f s, inputs %.0f s, training %.0f s",
+            generated - started,
+            loaded - generated,
+            run.fit.seconds,
+        )
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(workdir, ignore_errors=True)
