@@ -210,6 +210,7 @@ def annotation_view(api: ApiState, annotation_id: int) -> dict[str, Any]:
                     "priority": result.priority,
                     "threshold": result.threshold,
                     "sr_sop_instance_uid": result.sr_sop_instance_uid,
+                    "timings_s": result.timings,
                     "created_at": result.created_at.isoformat(),
                     "deliveries": [
                         {

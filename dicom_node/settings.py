@@ -254,6 +254,13 @@ class Settings(BaseSettings):
         description="Patient probability at or above which a study is flagged HIGH. Empty: the "
         "threshold stored in the checkpoint (0.5 unless the site chose another).",
     )
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="CPU threads a worker process gives PyTorch for inference (0: PyTorch's "
+        "default, one per core). One is fastest beside other work on a small CPU; scale with "
+        "worker processes instead.",
+    )
     inference_device: str = Field(
         "auto", description="auto (CUDA when present, else CPU), cpu, or cuda[:N]."
     )

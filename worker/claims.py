@@ -143,6 +143,31 @@ def fail_annotation(
     )
 
 
+def retry_failed_annotations(
+    session: Session, annotation_ids: list[int] | None, *, now: datetime
+) -> list[int]:
+    """Failed annotations back to pending with a fresh set of attempts (after the cause was
+    fixed, e.g. a missing series re-sent); the node's scheduler wakes a worker for them."""
+    query = select(RoiAnnotation.id).where(RoiAnnotation.state == AnnotationState.FAILED)
+    if annotation_ids:
+        query = query.where(RoiAnnotation.id.in_(annotation_ids))
+    ids = list(session.scalars(query))
+    if ids:
+        session.execute(
+            update(RoiAnnotation)
+            .where(RoiAnnotation.id.in_(ids))
+            .values(
+                state=AnnotationState.PENDING,
+                attempts=0,
+                enqueued_at=None,
+                claimed_by=None,
+                claimed_until=None,
+                updated_at=now,
+            )
+        )
+    return ids
+
+
 def backoff_s(
     attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None
 ) -> float:

@@ -70,8 +70,12 @@ class WorkerRuntime:
     def classifier(self) -> Classifier:
         with self._lock:
             if self._classifier is None:
+                import torch
+
                 from model.inference import Classifier
 
+                if self.settings.torch_threads:
+                    torch.set_num_threads(self.settings.torch_threads)
                 device = (
                     None
                     if self.settings.inference_device == "auto"

@@ -315,3 +315,26 @@ def test_quiet_period_completes_and_late_instance_reopens(node_factory: NodeFact
     while state()[0] is not StudyState.COMPLETE and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state() == (StudyState.COMPLETE, 2)
+
+
+@pytest.mark.parametrize(
+    ("offered", "accepted"),
+    [
+        (["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"], "1.2.840.10008.1.2.4.90"),
+        (["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"], "1.2.840.10008.1.2.1"),
+        (["1.2.840.10008.1.2.4.91"], "1.2.840.10008.1.2.4.91"),
+    ],
+)
+def test_transfer_syntax_preference_lossless_first_lossy_last(
+    node_factory: NodeFactory, offered: list[str], accepted: str
+) -> None:
+    node = node_factory()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, offered)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SPINE_TRIAGE")
+    try:
+        assert assoc.is_established
+        assert [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts] == [accepted]
+    finally:
+        assoc.release()
+        ae.shutdown()

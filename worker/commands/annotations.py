@@ -28,6 +28,14 @@ def register(subparsers: Any) -> None:
     show = sub.add_parser("show", help="one annotation with its result and deliveries (JSON)")
     show.add_argument("id", type=int)
     show.set_defaults(handler=_show)
+    retry = sub.add_parser(
+        "retry",
+        help="run failed annotations again (all, or the ids given) once the cause is fixed",
+    )
+    retry.add_argument(
+        "ids", nargs="*", type=int, help="annotation ids (default: every failed one)"
+    )
+    retry.set_defaults(handler=_retry)
     imp = sub.add_parser(
         "import",
         help="import ROI annotations from a CSV file (all rows or none)",
@@ -118,4 +126,24 @@ def _import(args: argparse.Namespace) -> int:
         engine.dispose()
     new = sum(1 for item in stored if item.created)
     print(f"{len(stored)} row(s): {new} new annotation(s), {len(stored) - new} already known")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from dicom_node.db import make_engine, make_session_factory, transaction
+    from dicom_node.settings import load_settings
+    from worker.claims import retry_failed_annotations
+
+    engine = make_engine(load_settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            ids = retry_failed_annotations(session, args.ids or None, now=datetime.now(UTC))
+    finally:
+        engine.dispose()
+    if not ids:
+        print("no failed annotation to run again")
+        return 1 if args.ids else 0
+    print(f"{len(ids)} annotation(s) pending again: {', '.join(map(str, ids))}")
     return 0

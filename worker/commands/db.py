@@ -37,6 +37,10 @@ def register(subparsers: Any) -> None:
         "env-example", help="print every setting with its default and meaning (.env.example)"
     )
     example.set_defaults(handler=_env_example)
+    docs = config_sub.add_parser(
+        "settings-doc", help="print the settings reference in Markdown (docs/settings.md)"
+    )
+    docs.set_defaults(handler=_settings_doc)
     show = config_sub.add_parser("show", help="print the effective settings (secrets hidden)")
     show.set_defaults(handler=_show)
 
@@ -81,6 +85,13 @@ def _env_example(args: argparse.Namespace) -> int:
     from dicom_node.settings import render_env_example
 
     print(render_env_example())
+    return 0
+
+
+def _settings_doc(args: argparse.Namespace) -> int:
+    from dicom_node.settings import render_settings_markdown
+
+    print(render_settings_markdown(), end="")
     return 0
 
 

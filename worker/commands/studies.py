@@ -37,14 +37,12 @@ def _list(args: argparse.Namespace) -> int:
             if args.state:
                 query = query.where(Study.state == StudyState(args.state))
             studies = list(session.scalars(query))
-            series_counts: dict[int, int] = {
-                study_id: count
-                for study_id, count in session.execute(
-                    select(Series.study_id, func.count(Series.id))
-                    .where(Series.study_id.in_([study.id for study in studies]))
-                    .group_by(Series.study_id)
-                ).tuples()
-            }
+            counts = session.execute(
+                select(Series.study_id, func.count(Series.id))
+                .where(Series.study_id.in_([study.id for study in studies]))
+                .group_by(Series.study_id)
+            ).all()
+            series_counts: dict[int, int] = {study_id: count for study_id, count in counts}
     finally:
         engine.dispose()
     rows = [

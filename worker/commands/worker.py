@@ -45,7 +45,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.runtime import default_checkpoint
 
     settings = load_settings()
-    default_checkpoint(settings)  # a demonstration model is trained before taking jobs
+    if TRIAGE_QUEUE in args.queues.split(","):
+        default_checkpoint(settings)  # a demonstration model is trained before taking jobs
     app = make_app(settings)
     argv = [
         "worker",
