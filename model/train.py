@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,58 +28,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.augment import AugmentParams, augment_batch
+from model.augment import augment_batch
 from model.cohort import PatientInputs
 from model.folds import carve_validation
 from model.network import PretrainedWeightsUnavailable, build_resnet50
+from model.train_config import EarlyStopping, TrainConfig, with_overrides  # noqa: F401
 
 logger = logging.getLogger(__name__)
+
 
 INTENDED_USE = (
     "Computer-aided triage: raises the reading priority of spine CT studies with a likely "
     "malignant vertebral fracture. Never a diagnosis; every result is reviewed by a radiologist."
 )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of a training run; written beside the outputs and into the checkpoint."""
-
-    epochs: int = 100
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    weight_decay: float = 1e-4  # L2 penalty coefficient (Adam's coupled weight decay)
-    augmentation_factor: int = 20  # each training slice is seen this many times per epoch
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    patience: int = 10  # epochs without a new lowest validation loss; 0 = run all epochs
-    validation_fraction: float = 0.1  # of the training patients, carved out per label
-    init: str = "imagenet"  # "imagenet" (falls back to random when not cached) or "random"
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    # after each epoch, re-estimate BatchNorm statistics on the (unaugmented) training slices
-    # with the epoch's final weights ("precise BN"); not in the paper, off by default
-    recalibrate_batchnorm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.augmentation_factor < 1:
-            raise ValueError("epochs, batch size and augmentation factor must be at least 1")
-        if self.patience < 0:
-            raise ValueError("patience must be 0 (off) or positive")
-        if self.init not in ("imagenet", "random"):
-            raise ValueError(f"init must be 'imagenet' or 'random', not {self.init!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["augment"] = self.augment.to_json()
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        values = dict(data)
-        values["augment"] = AugmentParams.from_json(values.get("augment", {}))
-        return cls(**values)
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,28 +98,6 @@ class FitResult:
             "seconds": round(self.seconds, 1),
             "history": [asdict(record) for record in self.history],
         }
-
-
-class EarlyStopping:
-    """Tracks the lowest monitored loss; says when ``patience`` epochs brought no new low."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.best_loss = float("inf")
-        self.best_epoch = 0
-        self.stale_epochs = 0
-
-    def update(self, epoch: int, loss: float) -> bool:
-        """Record an epoch's loss; True when it is the new lowest (keep these weights)."""
-        if loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.stale_epochs = loss, epoch, 0
-            return True
-        self.stale_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.stale_epochs >= self.patience
 
 
 def resolve_device(name: str) -> torch.device:
@@ -476,8 +415,3 @@ def validation_metrics(
         "auroc": auroc(labels, patient_scores),
         "accuracy": confusion_matrix(labels, patient_scores).accuracy,
     }
-
-
-def with_overrides(config: TrainConfig, **changes: Any) -> TrainConfig:
-    """``config`` with the given fields replaced (None values are ignored)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})

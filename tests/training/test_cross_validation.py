@@ -128,3 +128,17 @@ def test_a_bad_manifest_stops_before_training(
     err = capsys.readouterr().err
     assert "row 2 (patient A)" in err and "unknown label" in err and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_invalid_settings_are_refused_plainly(
+    tiny_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "out")
+    assert main(["train", str(tiny_cohort), "--out", out, "--lr", "-1", *QUICK]) == 2
+    assert "invalid setting: learning rate must be positive" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_cohort), "--out", out, "--folds", "1", *QUICK]) == 2
+    assert "cannot split the cohort: cross-validation needs at least 2 folds" in (
+        capsys.readouterr().err
+    )
+    assert main(["evaluate", str(tiny_cohort), "--out", out, "--folds", "7", *QUICK]) == 2
+    assert "6 patients cannot fill 7 test folds" in capsys.readouterr().err

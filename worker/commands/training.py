@@ -290,7 +290,11 @@ def _train(args: argparse.Namespace) -> int:
         base, name, intended_use = DEMO_RECIPE.train, DEMO_NAME, DEMO_INTENDED_USE
     else:
         base, name, intended_use = TrainConfig(), "spine-triage", INTENDED_USE
-    config = _training_config(args, base)
+    try:
+        config = _training_config(args, base)
+    except ValueError as exc:
+        print(f"invalid setting: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="spine-triage-synth-") as workdir:
         try:
             patients, source = _patients(args, Path(workdir))
@@ -337,7 +341,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from model.train import TrainConfig
 
     _set_threads(args)
-    config = _training_config(args, TrainConfig())
+    try:
+        config = _training_config(args, TrainConfig())
+    except ValueError as exc:
+        print(f"invalid setting: {exc}", file=sys.stderr)
+        return 2
     cv = CrossValidationConfig(
         folds=args.folds,
         fold_seed=args.fold_seed,
