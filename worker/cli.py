@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.log_level != "DEBUG":
-        for noisy in ("alembic", "pynetdicom", "httpx", "celery.worker.strategy"):
+        for noisy in ("alembic", "pynetdicom", "httpx", "highdicom", "celery.worker.strategy"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     handler = args.handler
     result = handler(args)
