@@ -67,7 +67,12 @@ def test_every_configured_kind_gets_its_sender(tmp_path: Path) -> None:
         {"name": "web", "kind": "stow", "url": "https://pacs/dicom-web", "bearer_token": "t"},
         {"name": "ris", "kind": "hl7", "host": "ris", "port": 2575},
         {"name": "orthanc", "kind": "orthanc", "url": "http://orthanc:8042"},
-        {"name": "engine", "kind": "webhook", "url": "https://engine/hook", "secret": "s"},
+        {
+            "name": "engine",
+            "kind": "webhook",
+            "url": "https://engine/hook",
+            "secret": "a-shared-secret-of-24ch",
+        },
         {"name": "copies", "kind": "folder", "path": str(tmp_path)},
     ]
     settings = Settings(_env_file=None, destinations=json.loads(json.dumps(destinations)))  # type: ignore[call-arg]
