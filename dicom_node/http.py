@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,10 +71,29 @@ def _state(request: Request) -> ApiState:
     return state
 
 
-def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    expected = _state(request).token
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _token_matches(authorization: str | None, expected: str) -> bool:
     scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    )
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    return value
+
+
+def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Documents the bearer scheme in the OpenAPI schema (the middleware enforces it first)."""
+    if not _token_matches(authorization, _state(request).token):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "a bearer token is required for writes",
@@ -86,6 +109,25 @@ def create_app(state: ApiState) -> FastAPI:
         version="0.1.0",
     )
     app.state.api = state
+
+    @app.middleware("http")
+    async def _writes_need_the_token(request: Request, call_next: Any) -> Any:
+        # Before anything reads the body: an unauthenticated write learns nothing else.
+        if request.method in WRITE_METHODS and not _token_matches(
+            request.headers.get("authorization"), state.token
+        ):
+            return JSONResponse(
+                {"detail": "a bearer token is required for writes"},
+                status_code=status.HTTP_401_UNAUTHORIZED,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # JSON allows NaN/Infinity into Python; they cannot be echoed back as JSON.
+        detail = _finite_json(jsonable_encoder(exc.errors()))
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.post(
         "/annotations",
