@@ -7,12 +7,12 @@ before it answers Success.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -88,6 +88,7 @@ class RecordOutcome(enum.Enum):
 class RecordResult:
     outcome: RecordOutcome
     study_id: int
+    series_id: int
     previous_path: str | None  # file the index no longer points at (REPLACED), to remove
 
 
@@ -104,15 +105,23 @@ def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: st
     session.execute(stmt)
 
 
-def record_instance(
-    session: Session,
-    header: InstanceHeader,
-    stored: StoredFile,
-    *,
-    calling_ae: str | None,
-    now: datetime,
-) -> RecordResult:
-    """Index one stored instance; (re)opens its study. Runs in the caller's transaction."""
+@dataclass
+class KnownIds:
+    """Ids of committed study and series rows, per process (rows are never renumbered)."""
+
+    studies: dict[str, int] = field(default_factory=dict)
+    series: dict[str, int] = field(default_factory=dict)
+    limit: int = 10_000
+
+    def remember(self, header: InstanceHeader, result: RecordResult) -> None:
+        if len(self.series) > self.limit:  # a long-running node: start afresh
+            self.studies.clear()
+            self.series.clear()
+        self.studies[header.study_instance_uid] = result.study_id
+        self.series[header.series_instance_uid] = result.series_id
+
+
+def _study_id(session: Session, header: InstanceHeader, now: datetime) -> int:
     _insert_ignore(
         session,
         Study.__table__,
@@ -135,6 +144,10 @@ def record_instance(
         select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
     )
     assert study_id is not None
+    return study_id
+
+
+def _series_id(session: Session, header: InstanceHeader, study_id: int) -> int:
     _insert_ignore(
         session,
         Series.__table__,
@@ -153,6 +166,30 @@ def record_instance(
         select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
     )
     assert series_id is not None
+    return series_id
+
+
+def record_instance(
+    session: Session,
+    header: InstanceHeader,
+    stored: StoredFile,
+    *,
+    calling_ae: str | None,
+    now: datetime,
+    known: KnownIds | None = None,
+) -> RecordResult:
+    """Index one stored instance; (re)opens its study. Runs in the caller's transaction.
+
+    ``known`` holds the ids of studies and series already committed (filled by the caller
+    after its commit): for the second and later instances of a series, two statements fewer
+    each for the study and the series.
+    """
+    study_id = known.studies.get(header.study_instance_uid) if known else None
+    if study_id is None:
+        study_id = _study_id(session, header, now)
+    series_id = known.series.get(header.series_instance_uid) if known else None
+    if series_id is None:
+        series_id = _series_id(session, header, study_id)
 
     existing = session.execute(
         select(Instance.id, Instance.sha256, Instance.path)
@@ -161,8 +198,8 @@ def record_instance(
     ).one_or_none()
 
     if existing is None:
-        session.add(
-            Instance(
+        session.execute(
+            insert(Instance).values(
                 series_id=series_id,
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,
@@ -175,7 +212,6 @@ def record_instance(
                 received_at=now,
             )
         )
-        session.flush()
         session.execute(
             update(Series)
             .where(Series.id == series_id)
@@ -210,7 +246,9 @@ def record_instance(
     if outcome is RecordOutcome.NEW:
         values["instance_count"] = Study.instance_count + 1
     session.execute(update(Study).where(Study.id == study_id).values(**values))
-    return RecordResult(outcome=outcome, study_id=study_id, previous_path=previous)
+    return RecordResult(
+        outcome=outcome, study_id=study_id, series_id=series_id, previous_path=previous
+    )
 
 
 def count_instances(session: Session, study_instance_uid: str) -> int:

@@ -20,7 +20,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 
@@ -38,7 +38,7 @@ from pydicom.uid import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.index import RecordOutcome, header_from_dataset, record_instance
+from dicom_node.index import KnownIds, RecordOutcome, header_from_dataset, record_instance
 from dicom_node.storage import FileStore, InvalidUidError, StorageFullError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class StoreContext:
     sessions: sessionmaker[Session]
     on_sr: SrReceived | None = None
     on_stored: Callable[[str], None] | None = None  # called with the study UID (metrics)
+    known: KnownIds = field(default_factory=KnownIds)  # committed study/series ids
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -145,7 +146,9 @@ def store_instance(
 
     try:
         with context.sessions() as session, session.begin():
-            result = record_instance(session, header, stored, calling_ae=source, now=context.now())
+            result = record_instance(
+                session, header, stored, calling_ae=source, now=context.now(), known=context.known
+            )
             if (
                 context.on_sr is not None
                 and header.sop_class_uid in SR_SOP_CLASSES
@@ -158,6 +161,7 @@ def store_instance(
         log.error("database unavailable (%s): refused instance from %s", type(exc).__name__, source)
         return StoreOutcome(STATUS_DATABASE_UNAVAILABLE, "database unavailable", **identity)
 
+    context.known.remember(header, result)
     if result.previous_path is not None and result.previous_path != stored.relative_path:
         context.store.remove(result.previous_path)
     if context.on_stored is not None:

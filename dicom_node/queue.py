@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 
+from dicom_node import localqueue
 from dicom_node.jobs import DELIVER_TASK, DELIVERY_QUEUE, TRIAGE_QUEUE, TRIAGE_TASK
 from dicom_node.settings import Settings
 
@@ -46,6 +47,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_timeout": 2.0,
     }
     if settings.is_embedded:
+        config["broker_url"] = f"{localqueue.SCHEME}://"
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -353,7 +353,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "spinefs://"
 
     @property
     def broker_folder(self) -> Path:

@@ -25,7 +25,7 @@ def test_defaults_are_embedded_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.resolved_database_url.startswith("sqlite:///")
     assert settings.resolved_database_url.endswith("var/spine-triage.db")
     assert settings.resolved_storage_dir == (tmp_path / "var" / "storage").resolve()
-    assert settings.is_embedded and settings.resolved_broker_url == "filesystem://"
+    assert settings.is_embedded and settings.resolved_broker_url == "spinefs://"
 
 
 def test_environment_overrides_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
