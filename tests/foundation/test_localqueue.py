@@ -15,7 +15,11 @@ def test_a_message_appears_under_its_name_only_once_written(
 ) -> None:
     folder = tmp_path / "queue"
     folder.mkdir()
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(tmp_path / "control"),
+    }
     exchange = Exchange("jobs", type="direct")
     queue = Queue("jobs", exchange, routing_key="jobs")
     visible_while_writing: list[list[str]] = []
