@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom import Dataset, dcmread
@@ -88,17 +87,6 @@ class RoiIn(BaseModel):
         if self.vertebra is not None and not self.vertebra.strip():
             raise ValueError("vertebra, when given, must not be empty")
         return self
-
-    def roi_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "study_instance_uid": self.study_instance_uid,
-            "series_instance_uid": self.series_instance_uid,
-            "slices_x_mm": list(self.slices_x_mm),
-            "polygon_yz_mm": [list(point) for point in self.polygon_yz_mm],
-        }
-        if self.vertebra:
-            data["vertebra"] = self.vertebra
-        return data
 
 
 def _polygon_area(points: Sequence[tuple[float, float]]) -> float:
