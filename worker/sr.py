@@ -35,6 +35,7 @@ key (and slice), so the same lesion keeps its tracking UID across model versions
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from typing import Literal
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -224,7 +226,10 @@ def build_triage_sr(
         title=codes.cid7021.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[_with_type2_attributes(source_images[0]), *source_images[1:]],
+        evidence=[
+            _in_utf8(_with_type2_attributes(source_images[0])),
+            *(_in_utf8(image) for image in source_images[1:]),
+        ],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
@@ -293,6 +298,23 @@ def _with_type2_attributes(image: pydicom.Dataset) -> pydicom.Dataset:
     for keyword in missing:
         setattr(patched, keyword, None)
     return patched
+
+
+def _in_utf8(image: pydicom.Dataset) -> pydicom.Dataset:
+    """``image``, or a copy re-labelled UTF-8 when its character set uses ISO 2022 code
+    extensions (e.g. ``\\ISO 2022 IR 87``, Japanese), which the SR writer does not accept.
+
+    pydicom has already decoded the text values; only the label of their encoding changes, so
+    the SR carries the same names, written as UTF-8 (ISO_IR 192).
+    """
+    charset = image.get("SpecificCharacterSet")
+    values = list(charset) if isinstance(charset, list | tuple | MultiValue) else [charset]
+    if not any(str(value or "").startswith("ISO 2022") for value in values):
+        return image
+    converted = copy.deepcopy(image)
+    converted.decode()
+    converted.SpecificCharacterSet = "ISO_IR 192"
+    return converted
 
 
 def _finding_sites(vertebra: str | None) -> list[hd.sr.FindingSite] | None:

@@ -405,3 +405,30 @@ def test_synthetic_ct_helper_makes_valid_ct_images(
     returncode, lines = dciodvfy_messages(path)
     assert [line for line in lines if line.startswith(("Error", "Warning"))] == []
     assert returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    ],
+)
+def test_iso_2022_source_gives_a_valid_utf8_sr_with_the_same_names(
+    tmp_path: Path, ct_series: list[pydicom.Dataset], charset: list[str], name: str
+) -> None:
+    source = tmp_path / "ct.dcm"
+    ct_series[0].SpecificCharacterSet = charset
+    ct_series[0].PatientName = name
+    ct_series[0].file_meta = pydicom.dataset.FileMetaDataset()
+    ct_series[0].file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ct_series[0].save_as(source, enforce_file_format=True)
+    ct_series[0] = pydicom.dcmread(source)  # as the worker reads it: encoded in ISO 2022
+    sr = build_triage_sr(ct_series, malignant_finding(), algorithm(), annotation_key="jp")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(sr_to_bytes(sr))
+    back = pydicom.dcmread(path)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == name
+    returncode, lines = dciodvfy_messages(path)
+    assert [line for line in lines if line.startswith("Error")] == []
