@@ -1,0 +1,407 @@
+"""The triage worklist's queries: studies in reading order, and one study's detail.
+
+Reading order (``GET /worklist``):
+
+1. **flagged** — the study's current result has priority HIGH; by descending probability;
+2. **waiting** — images still arriving, or an ROI waiting for (or being processed by) a
+   worker; the longest waiting first;
+3. **routine** — the current result has priority ROUTINE; by descending probability;
+4. **failed** (the job failed; its reason is shown), then **awaiting_roi** (images complete,
+   no ROI yet); newest first.
+
+A study's *current* annotation is its newest ROI; its current result the newest result of
+that annotation (a newer model version supersedes an older one). Studies an ROI names but
+whose images have not arrived are listed as waiting, without patient data.
+
+Filters: ``state`` (one or several, comma-separated), ``since`` / ``until`` (inclusive
+``YYYY-MM-DD``) on the study date (DICOM Study Date; the date the node first received the
+study when the Study Date is missing) or, with ``date_basis=received``, on the date (UTC) the
+node first received the study. The list is built with four queries whatever its length.
+
+This is the clinical worklist: it shows patient names and IDs, which never go to the logs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.schema import (
+    AnnotationState,
+    Delivery,
+    RoiAnnotation,
+    Study,
+    StudyState,
+    TriageResult,
+)
+
+_R = TypeVar("_R")
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+
+
+class WorklistState(enum.StrEnum):
+    """A study's place on the worklist; the members are in reading order."""
+
+    FLAGGED = "flagged"
+    WAITING = "waiting"
+    ROUTINE = "routine"
+    FAILED = "failed"
+    AWAITING_ROI = "awaiting_roi"
+
+
+GROUP_RANK = {state: rank for rank, state in enumerate(WorklistState)}
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    states: frozenset[WorklistState] | None = None
+    since: date | None = None
+    until: date | None = None
+    date_basis: Literal["study", "received"] = "study"
+    limit: int = DEFAULT_LIMIT
+
+
+@dataclass(frozen=True)
+class _StudyRow:
+    study_instance_uid: str
+    accession_number: str | None
+    patient_name: str | None
+    patient_id: str | None
+    study_date: str | None
+    study_description: str | None
+    state: StudyState
+    instance_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _AnnotationRow:
+    id: int
+    study_instance_uid: str
+    state: AnnotationState
+    failure_reason: str | None
+    vertebra: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class _ResultRow:
+    id: int
+    annotation_id: int
+    patient_probability: float
+    label: str
+    priority: str
+    threshold: float
+    model_name: str
+    model_version: str
+    demonstration_model: bool
+    preview_path: str | None
+    created_at: datetime
+
+
+def _columns(model: type[Any], row: type[Any]) -> list[Any]:
+    return [getattr(model, name) for name in row.__dataclass_fields__]
+
+
+def _row_of(row: type[_R], instance: object) -> _R:
+    names = getattr(row, "__dataclass_fields__")  # noqa: B009 (a dataclass type variable)
+    return row(*(getattr(instance, name) for name in names))
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _dicom_date(value: str | None) -> date | None:
+    """A DICOM DA (YYYYMMDD) as a date; None when absent or malformed."""
+    if not value or len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
+
+
+# The newest annotation of each study, the newest result of each annotation.
+LATEST_ANNOTATIONS = select(func.max(RoiAnnotation.id)).group_by(RoiAnnotation.study_instance_uid)
+LATEST_RESULTS = select(func.max(TriageResult.id)).group_by(TriageResult.annotation_id)
+
+
+def _delivery_counts(session: Session, result_ids: Any) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    rows = session.execute(
+        select(Delivery.result_id, Delivery.state, func.count())
+        .where(Delivery.result_id.in_(result_ids))
+        .group_by(Delivery.result_id, Delivery.state)
+    )
+    for result_id, state, count in rows:
+        summary = counts.setdefault(
+            result_id, {"total": 0, "delivered": 0, "pending": 0, "sending": 0, "failed": 0}
+        )
+        summary[state.value] = int(count)
+        summary["total"] += int(count)
+    return counts
+
+
+def classify(
+    study: _StudyRow | None, annotation: _AnnotationRow | None, result: _ResultRow | None
+) -> tuple[WorklistState, str]:
+    """The study's worklist state and what it is waiting for / why it failed (short text)."""
+    if annotation is None:
+        if study is not None and study.state is StudyState.RECEIVING:
+            return WorklistState.WAITING, "receiving images"
+        return WorklistState.AWAITING_ROI, "images complete, no ROI yet"
+    if annotation.state is AnnotationState.FAILED:
+        return WorklistState.FAILED, annotation.failure_reason or "failed"
+    if annotation.state is AnnotationState.DONE and result is not None:
+        if result.priority == "HIGH":
+            return WorklistState.FLAGGED, "probability at or above the threshold"
+        return WorklistState.ROUTINE, "probability below the threshold"
+    if study is None:
+        return WorklistState.WAITING, "ROI received, images not yet"
+    if study.state is StudyState.RECEIVING:
+        return WorklistState.WAITING, "receiving images"
+    if annotation.state is AnnotationState.PROCESSING:
+        return WorklistState.WAITING, "processing"
+    if annotation.failure_reason:
+        return WorklistState.WAITING, f"retrying after: {annotation.failure_reason}"
+    return WorklistState.WAITING, "queued for a worker"
+
+
+def _item(
+    uid: str,
+    study: _StudyRow | None,
+    annotation: _AnnotationRow | None,
+    result: _ResultRow | None,
+    deliveries: dict[str, int] | None,
+) -> dict[str, Any]:
+    state, activity = classify(study, annotation, result)
+    study_date = _dicom_date(study.study_date) if study else None
+    return {
+        "study_instance_uid": uid,
+        "accession_number": study.accession_number if study else None,
+        "patient_name": study.patient_name if study else None,
+        "patient_id": study.patient_id if study else None,
+        "study_date": study_date.isoformat() if study_date else None,
+        "study_description": study.study_description if study else None,
+        "study_state": study.state.value if study else "not received",
+        "instances": study.instance_count if study else 0,
+        "state": state.value,
+        "activity": activity,
+        "failure_reason": annotation.failure_reason if annotation else None,
+        "probability": result.patient_probability if result else None,
+        "label": result.label if result else None,
+        "priority": result.priority if result else None,
+        "threshold": result.threshold if result else None,
+        "model": (
+            {
+                "name": result.model_name,
+                "version": result.model_version,
+                "demonstration": result.demonstration_model,
+            }
+            if result
+            else None
+        ),
+        "annotation_id": annotation.id if annotation else None,
+        "annotation_state": annotation.state.value if annotation else None,
+        "vertebra": annotation.vertebra if annotation else None,
+        "result_id": result.id if result else None,
+        "preview_url": (
+            f"/results/{result.id}/preview.png" if result and result.preview_path else None
+        ),
+        "deliveries": deliveries
+        or {"total": 0, "delivered": 0, "pending": 0, "sending": 0, "failed": 0},
+        "received_at": _iso(study.first_received_at) if study else None,
+        "last_received_at": _iso(study.last_received_at) if study else None,
+        "completed_at": _iso(study.completed_at) if study else None,
+        "annotated_at": _iso(annotation.created_at) if annotation else None,
+        "result_at": _iso(result.created_at) if result else None,
+        "updated_at": _iso(annotation.updated_at) if annotation else None,
+        "detail_url": f"/worklist/{uid}",
+    }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One study's rows and its state, before it becomes JSON (only the page's entries do)."""
+
+    uid: str
+    study: _StudyRow | None
+    annotation: _AnnotationRow | None
+    result: _ResultRow | None
+    state: WorklistState
+
+    def sort_key(self) -> tuple[Any, ...]:
+        rank = GROUP_RANK[self.state]
+        study, annotation, result = self.study, self.annotation, self.result
+        if result is not None and self.state in (WorklistState.FLAGGED, WorklistState.ROUTINE):
+            return (rank, -result.patient_probability, -result.created_at.timestamp(), self.uid)
+        if self.state is WorklistState.WAITING:  # the longest waiting first
+            since = annotation.created_at if annotation else _first_received(study)
+            return (rank, 0.0, since.timestamp() if since else 0.0, self.uid)
+        latest = annotation.updated_at if annotation else study.last_received_at if study else None
+        return (rank, 0.0, -latest.timestamp() if latest else 0.0, self.uid)
+
+    def day(self, basis: str) -> date | None:
+        if basis == "study" and self.study is not None:
+            study_date = _dicom_date(self.study.study_date)
+            if study_date is not None:
+                return study_date
+        moment = _first_received(self.study) or (self.annotation and self.annotation.created_at)
+        return moment.astimezone(UTC).date() if moment else None
+
+
+def _first_received(study: _StudyRow | None) -> datetime | None:
+    return study.first_received_at if study else None
+
+
+def _study_rows(session: Session, uids: Iterable[str] | None = None) -> dict[str, _StudyRow]:
+    query = select(*_columns(Study, _StudyRow))
+    if uids is not None:
+        query = query.where(Study.study_instance_uid.in_(list(uids)))
+    return {row[0]: _StudyRow(*row) for row in session.execute(query)}
+
+
+def build_worklist(session: Session, selection: WorklistFilter) -> dict[str, Any]:
+    """The worklist in reading order, with the number of studies per state (before ``states``)."""
+    studies = _study_rows(session)
+    annotation_query = select(*_columns(RoiAnnotation, _AnnotationRow)).where(
+        RoiAnnotation.id.in_(LATEST_ANNOTATIONS)
+    )
+    annotations = {
+        row.study_instance_uid: row
+        for row in (_AnnotationRow(*values) for values in session.execute(annotation_query))
+    }
+    result_query = select(*_columns(TriageResult, _ResultRow)).where(
+        TriageResult.id.in_(LATEST_RESULTS)
+    )
+    results = {
+        row.annotation_id: row
+        for row in (_ResultRow(*values) for values in session.execute(result_query))
+    }
+    entries = []
+    for uid in studies.keys() | annotations.keys():
+        study, annotation = studies.get(uid), annotations.get(uid)
+        result = results.get(annotation.id) if annotation else None
+        state, _ = classify(study, annotation, result)
+        entries.append(_Entry(uid, study, annotation, result, state))
+    if selection.since or selection.until:
+        entries = [entry for entry in entries if _in_dates(entry, selection)]
+    counts = {state.value: 0 for state in WorklistState}
+    for entry in entries:
+        counts[entry.state.value] += 1
+    if selection.states:
+        entries = [entry for entry in entries if entry.state in selection.states]
+    entries.sort(key=_Entry.sort_key)
+    deliveries = _delivery_counts(session, LATEST_RESULTS)
+    items = [
+        _item(
+            e.uid,
+            e.study,
+            e.annotation,
+            e.result,
+            deliveries.get(e.result.id) if e.result else None,
+        )
+        for e in entries[: selection.limit]
+    ]
+    return {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "total": len(entries),
+        "counts": counts,
+        "items": items,
+    }
+
+
+def _in_dates(entry: _Entry, selection: WorklistFilter) -> bool:
+    day = entry.day(selection.date_basis)
+    if day is None:
+        return False
+    if selection.since and day < selection.since:
+        return False
+    return not (selection.until and day > selection.until)
+
+
+def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
+    """One study's worklist item with its per-slice probabilities, ROI and deliveries."""
+    study = _study_rows(session, [study_uid]).get(study_uid)
+    annotations = session.scalars(
+        select(RoiAnnotation)
+        .where(RoiAnnotation.study_instance_uid == study_uid)
+        .order_by(RoiAnnotation.id.desc())
+    ).all()
+    if study is None and not annotations:
+        return None
+    annotation = annotations[0] if annotations else None
+    result = None
+    if annotation is not None:
+        result = session.scalar(
+            select(TriageResult)
+            .where(TriageResult.annotation_id == annotation.id)
+            .order_by(TriageResult.id.desc())
+            .limit(1)
+        )
+    deliveries: Sequence[Delivery] = []
+    if result is not None:
+        query = select(Delivery).where(Delivery.result_id == result.id).order_by(Delivery.id)
+        deliveries = session.scalars(query).all()
+    summary = _delivery_counts(session, [result.id]).get(result.id) if result else None
+    detail = _item(
+        study_uid,
+        study,
+        _row_of(_AnnotationRow, annotation) if annotation else None,
+        _row_of(_ResultRow, result) if result else None,
+        summary,
+    )
+    detail["slices"] = [
+        {"x_mm": x, "probability": p}
+        for x, p in (
+            zip(result.slice_x_mm, result.slice_probabilities, strict=True) if result else []
+        )
+    ]
+    detail["roi"] = (
+        {**annotation.roi_json(), "source": annotation.source, "annotator": annotation.annotator}
+        if annotation
+        else None
+    )
+    detail["timings"] = dict(result.timings) if result else {}
+    detail["sr_sop_instance_uid"] = result.sr_sop_instance_uid if result else None
+    detail["delivery_list"] = [_plain(d, DELIVERY_FIELDS) for d in deliveries]
+    detail["annotations"] = [_plain(a, ANNOTATION_FIELDS) for a in annotations]
+    return detail
+
+
+DELIVERY_FIELDS = [
+    "id",
+    "destination",
+    "kind",
+    "state",
+    "attempts",
+    "max_attempts",
+    "last_error",
+    "next_attempt_at",
+    "delivered_at",
+]
+ANNOTATION_FIELDS = ["id", "state", "source", "created_at", "failure_reason"]
+
+
+def _plain(row: object, names: Sequence[str]) -> dict[str, Any]:
+    """Named attributes of a row as JSON values (enums by value, times in ISO 8601)."""
+    values: dict[str, Any] = {}
+    for name in names:
+        value = getattr(row, name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        values[name] = value
+    return values
