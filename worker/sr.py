@@ -52,7 +52,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from dicom_node.sr_roi import vertebra_code
+from dicom_node.vertebrae import vertebra_code
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dicom_node.ingest import STORAGE_SOP_CLASSES
 from dicom_node.schema import AnnotationState, DeliveryState
 from dicom_node.scp import TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.settings import render_settings_markdown
-from dicom_node.sr_roi import VERTEBRA_CODES
+from dicom_node.vertebrae import VERTEBRA_CODES
 from model.demo import DEMO_RECIPE
 from tests.deploy.files import DEPLOY, DOCS, REPO, SETTING_VARIABLES, parse_cli, setting_names_in
 from tests.sr.synthetic_ct import axial_series, new_study

@@ -432,3 +432,4 @@ def test_iso_2022_source_gives_a_valid_utf8_sr_with_the_same_names(
     assert str(back.PatientName) == name
     returncode, lines = dciodvfy_messages(path)
     assert [line for line in lines if line.startswith("Error")] == []
+    assert returncode == 0

@@ -14,14 +14,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from dicom_node.sr_roi import (
-    RoiSrError,
-    SrRoi,
-    extract_roi,
-    is_roi_report,
-    vertebra_code,
-    vertebra_label,
-)
+from dicom_node.sr_roi import RoiSrError, SrRoi, extract_roi, is_roi_report
+from dicom_node.vertebrae import vertebra_code, vertebra_label
 from tests.sr.synthetic_ct import axial_series, new_study, sagittal_image
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
 
