@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.commands import database_session
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -54,19 +56,13 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node.db import make_engine, make_session_factory
     from dicom_node.schema import AnnotationState, RoiAnnotation
-    from dicom_node.settings import load_settings
 
-    engine = make_engine(load_settings().resolved_database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            query = select(RoiAnnotation).order_by(RoiAnnotation.id.desc()).limit(args.limit)
-            if args.state:
-                query = query.where(RoiAnnotation.state == AnnotationState(args.state))
-            rows = list(session.scalars(query))
-    finally:
-        engine.dispose()
+    with database_session() as session:
+        query = select(RoiAnnotation).order_by(RoiAnnotation.id.desc()).limit(args.limit)
+        if args.state:
+            query = query.where(RoiAnnotation.state == AnnotationState(args.state))
+        rows = list(session.scalars(query))
     if not rows:
         print("no annotations")
         return 0
@@ -105,8 +101,6 @@ def _show(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from dicom_node.annotations import CsvImportError, import_rows, parse_csv
-    from dicom_node.db import make_engine, make_session_factory, transaction
-    from dicom_node.settings import load_settings
 
     try:
         rows = parse_csv(args.csv.read_text(encoding="utf-8-sig"))
@@ -118,12 +112,8 @@ def _import(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.csv}: {exc.strerror}", file=sys.stderr)
         return 1
-    engine = make_engine(load_settings().resolved_database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            stored = import_rows(session, rows)
-    finally:
-        engine.dispose()
+    with database_session(write=True) as session:
+        stored = import_rows(session, rows)
     new = sum(1 for item in stored if item.created)
     print(f"{len(stored)} row(s): {new} new annotation(s), {len(stored) - new} already known")
     return 0
@@ -132,16 +122,10 @@ def _import(args: argparse.Namespace) -> int:
 def _retry(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from dicom_node.db import make_engine, make_session_factory, transaction
-    from dicom_node.settings import load_settings
     from worker.claims import retry_failed_annotations
 
-    engine = make_engine(load_settings().resolved_database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            ids = retry_failed_annotations(session, args.ids or None, now=datetime.now(UTC))
-    finally:
-        engine.dispose()
+    with database_session(write=True) as session:
+        ids = retry_failed_annotations(session, args.ids or None, now=datetime.now(UTC))
     if not ids:
         print("no failed annotation to run again")
         return 1 if args.ids else 0

@@ -6,6 +6,8 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.commands import database_session
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -32,19 +34,13 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node.db import make_engine, make_session_factory
     from dicom_node.schema import Delivery, DeliveryState
-    from dicom_node.settings import load_settings
 
-    engine = make_engine(load_settings().resolved_database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            query = select(Delivery).order_by(Delivery.id.desc()).limit(args.limit)
-            if args.state:
-                query = query.where(Delivery.state == DeliveryState(args.state))
-            rows = list(session.scalars(query))
-    finally:
-        engine.dispose()
+    with database_session() as session:
+        query = select(Delivery).order_by(Delivery.id.desc()).limit(args.limit)
+        if args.state:
+            query = query.where(Delivery.state == DeliveryState(args.state))
+        rows = list(session.scalars(query))
     if not rows:
         print("no deliveries")
         return 0
@@ -60,16 +56,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from dicom_node.db import make_engine, make_session_factory, transaction
-    from dicom_node.settings import load_settings
     from worker.delivery import retry_failed
 
-    engine = make_engine(load_settings().resolved_database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            ids = retry_failed(session, delivery_ids=args.ids or None, now=datetime.now(UTC))
-    finally:
-        engine.dispose()
+    with database_session(write=True) as session:
+        ids = retry_failed(session, delivery_ids=args.ids or None, now=datetime.now(UTC))
     if not ids:
         print("no failed delivery to re-send")
         return 1 if args.ids else 0

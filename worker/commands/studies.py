@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from worker.commands import database_session
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -26,25 +28,19 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from dicom_node.db import make_engine, make_session_factory
     from dicom_node.schema import Series, Study, StudyState
-    from dicom_node.settings import load_settings
 
-    engine = make_engine(load_settings().resolved_database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            query = select(Study).order_by(Study.last_received_at.desc()).limit(args.limit)
-            if args.state:
-                query = query.where(Study.state == StudyState(args.state))
-            studies = list(session.scalars(query))
-            counts = session.execute(
-                select(Series.study_id, func.count(Series.id))
-                .where(Series.study_id.in_([study.id for study in studies]))
-                .group_by(Series.study_id)
-            ).all()
-            series_counts: dict[int, int] = {study_id: count for study_id, count in counts}
-    finally:
-        engine.dispose()
+    with database_session() as session:
+        query = select(Study).order_by(Study.last_received_at.desc()).limit(args.limit)
+        if args.state:
+            query = query.where(Study.state == StudyState(args.state))
+        studies = list(session.scalars(query))
+        counts = session.execute(
+            select(Series.study_id, func.count(Series.id))
+            .where(Series.study_id.in_([study.id for study in studies]))
+            .group_by(Series.study_id)
+        ).all()
+        series_counts: dict[int, int] = {study_id: count for study_id, count in counts}
     rows = [
         {
             "study_instance_uid": study.study_instance_uid,
