@@ -197,20 +197,21 @@ def record_instance(
         .with_for_update()
     ).one_or_none()
 
+    # what the row says of the file now (new instance, or newer content of a known one)
+    current: dict[str, Any] = {
+        "series_id": series_id,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": stored.relative_path,
+        "size": stored.size,
+        "sha256": stored.sha256,
+        "calling_ae": calling_ae,
+        "received_at": now,
+    }
     if existing is None:
         session.execute(
-            insert(Instance).values(
-                series_id=series_id,
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                instance_number=header.instance_number,
-                path=stored.relative_path,
-                size=stored.size,
-                sha256=stored.sha256,
-                calling_ae=calling_ae,
-                received_at=now,
-            )
+            insert(Instance).values(sop_instance_uid=header.sop_instance_uid, **current)
         )
         session.execute(
             update(Series)
@@ -221,21 +222,7 @@ def record_instance(
     elif existing.sha256 == stored.sha256:
         outcome, previous = RecordOutcome.IDENTICAL, None
     else:
-        session.execute(
-            update(Instance)
-            .where(Instance.id == existing.id)
-            .values(
-                series_id=series_id,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                instance_number=header.instance_number,
-                path=stored.relative_path,
-                size=stored.size,
-                sha256=stored.sha256,
-                calling_ae=calling_ae,
-                received_at=now,
-            )
-        )
+        session.execute(update(Instance).where(Instance.id == existing.id).values(**current))
         outcome, previous = RecordOutcome.REPLACED, existing.path
 
     # Any arrival (re)opens the study: completion is a quiet period after the last one.
