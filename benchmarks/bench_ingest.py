@@ -60,7 +60,12 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def send(port: int, ae: str, chunks: list[list[Path]]) -> float:
-    """Seconds to send every chunk, one storescu association per chunk, concurrently."""
+    """Seconds to send every chunk, one storescu association per chunk, concurrently.
+
+    Dirty pages and pending discards of the previous run are flushed first, so neither
+    receiver pays for the other's writes.
+    """
+    os.sync()
     start = time.perf_counter()
     processes = [
         subprocess.Popen(

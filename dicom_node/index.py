@@ -9,10 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, Integer, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -22,47 +22,75 @@ from dicom_node.storage import StoredFile, validate_uid
 
 @dataclass(frozen=True)
 class InstanceHeader:
-    """What the index keeps of one instance (read from its header, never its pixels)."""
+    """What the index keeps of one instance (read from its header, never its pixels).
+
+    The identifying UIDs are read (and validated) at once; the descriptive study and series
+    fields only when a study or series row is created (:meth:`study_fields`,
+    :meth:`series_fields`), which is once per study and series, not once per instance.
+    """
 
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
-    modality: str | None = None
     instance_number: int | None = None
-    series_number: int | None = None
-    series_description: str | None = None
     frame_of_reference_uid: str | None = None
-    patient_id: str | None = None
-    patient_name: str | None = None
-    accession_number: str | None = None
-    study_date: str | None = None
-    study_description: str | None = None
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
+
+    def study_fields(self) -> dict[str, str | None]:
+        ds = self.dataset if self.dataset is not None else Dataset()
+        return {
+            "patient_id": _text(ds.get("PatientID"), 64),
+            "patient_name": _text(ds.get("PatientName"), 324),
+            "accession_number": _text(ds.get("AccessionNumber"), 16),
+            "study_date": _text(ds.get("StudyDate"), 8),
+            "study_description": _text(ds.get("StudyDescription"), 64),
+        }
+
+    def series_fields(self) -> dict[str, str | int | None]:
+        ds = self.dataset if self.dataset is not None else Dataset()
+        return {
+            "modality": _text(ds.get("Modality"), 16),
+            "series_number": _int(ds.get("SeriesNumber")),
+            "series_description": _text(ds.get("SeriesDescription"), 64),
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+        }
 
 
 def header_from_dataset(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
-    """Read the index fields of ``ds``; raises ``InvalidUidError`` on a bad UID."""
-    frame_of_reference = ds.get("FrameOfReferenceUID")
+    """Read the identifying fields of ``ds``; raises ``InvalidUidError`` on a bad UID.
+
+    UIDs and the instance number are read from the raw element bytes: pydicom's value
+    conversion (and its validation, which these checks replace) costs more than reading
+    the whole header.
+    """
+    frame_of_reference = _raw_text(ds, 0x00200052)
     return InstanceHeader(
-        study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series_instance_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-        sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+        study_instance_uid=validate_uid(_raw_text(ds, 0x0020000D), "StudyInstanceUID"),
+        series_instance_uid=validate_uid(_raw_text(ds, 0x0020000E), "SeriesInstanceUID"),
+        sop_instance_uid=validate_uid(_raw_text(ds, 0x00080018), "SOPInstanceUID"),
+        sop_class_uid=validate_uid(_raw_text(ds, 0x00080016), "SOPClassUID"),
         transfer_syntax_uid=validate_uid(transfer_syntax_uid, "TransferSyntaxUID"),
-        modality=_text(ds.get("Modality"), 16),
-        instance_number=_int(ds.get("InstanceNumber")),
-        series_number=_int(ds.get("SeriesNumber")),
-        series_description=_text(ds.get("SeriesDescription"), 64),
+        instance_number=_int(_raw_text(ds, 0x00200013)),
         frame_of_reference_uid=(
             validate_uid(frame_of_reference, "FrameOfReferenceUID") if frame_of_reference else None
         ),
-        patient_id=_text(ds.get("PatientID"), 64),
-        patient_name=_text(ds.get("PatientName"), 324),
-        accession_number=_text(ds.get("AccessionNumber"), 16),
-        study_date=_text(ds.get("StudyDate"), 8),
-        study_description=_text(ds.get("StudyDescription"), 64),
+        dataset=ds,
     )
+
+
+def _raw_text(ds: Dataset, tag: int) -> str | None:
+    """The value of a text element (UI, IS) as a string, without pydicom's conversion."""
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if value is None:
+        return None
+    return str(value).strip("\x00 ")
 
 
 def _text(value: Any, limit: int) -> str | None:
@@ -92,17 +120,70 @@ class RecordResult:
     previous_path: str | None  # file the index no longer points at (REPLACED), to remove
 
 
-def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> None:
-    dialect = session.get_bind().dialect.name
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+
+
+def _insert_ignore(dialect: str, table: Any, key: str) -> Any:
+    """``INSERT … ON CONFLICT (key) DO NOTHING`` for this dialect (values bound per call)."""
     if dialect == "postgresql":
-        stmt: Any = (
-            postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    raise RuntimeError(f"unsupported database {dialect}")  # pragma: no cover
+
+
+class _Statements:
+    """The index's statements, built once per dialect: only their parameters vary per call.
+
+    Building a statement (``insert(...).values(...)``) costs more than executing a cached
+    one; the hot path executes these on the session's connection, past the ORM.
+    """
+
+    def __init__(self, dialect: str) -> None:
+        self.insert_study = _insert_ignore(dialect, _STUDY, "study_instance_uid")
+        self.study_id = select(_STUDY.c.id).where(
+            _STUDY.c.study_instance_uid == bindparam("study_instance_uid")
         )
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
-    else:  # pragma: no cover - only PostgreSQL and SQLite are supported
-        raise RuntimeError(f"unsupported database {dialect}")
-    session.execute(stmt)
+        self.insert_series = _insert_ignore(dialect, _SERIES, "series_instance_uid")
+        self.series_id = select(_SERIES.c.id).where(
+            _SERIES.c.series_instance_uid == bindparam("series_instance_uid")
+        )
+        self.insert_instance = _insert_ignore(dialect, _INSTANCE, "sop_instance_uid").returning(
+            _INSTANCE.c.id
+        )
+        self.existing_instance = (
+            select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.path)
+            .where(_INSTANCE.c.sop_instance_uid == bindparam("sop_instance_uid"))
+            .with_for_update()
+        )
+        self.replace_instance = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("instance_id"))
+        self.count_series = (
+            update(_SERIES)
+            .where(_SERIES.c.id == bindparam("series_id"))
+            .values(instance_count=_SERIES.c.instance_count + 1)
+        )
+        self.touch_study = (
+            update(_STUDY)
+            .where(_STUDY.c.id == bindparam("study_id"))
+            .values(
+                last_received_at=bindparam("now", type_=_STUDY.c.last_received_at.type),
+                state=bindparam("state", type_=_STUDY.c.state.type),
+                instance_count=_STUDY.c.instance_count + bindparam("added", type_=Integer()),
+            )
+        )
+
+
+_STATEMENTS: dict[str, _Statements] = {}
+
+
+def _statements(connection: Connection) -> _Statements:
+    dialect = connection.dialect.name
+    statements = _STATEMENTS.get(dialect)
+    if statements is None:
+        statements = _STATEMENTS[dialect] = _Statements(dialect)
+    return statements
 
 
 @dataclass
@@ -121,56 +202,47 @@ class KnownIds:
         self.series[header.series_instance_uid] = result.series_id
 
 
-def _study_id(session: Session, header: InstanceHeader, now: datetime) -> int:
-    _insert_ignore(
-        session,
-        Study.__table__,
+def _study_id(
+    connection: Connection, sql: _Statements, header: InstanceHeader, now: datetime
+) -> int:
+    connection.execute(
+        sql.insert_study,
         {
             "study_instance_uid": header.study_instance_uid,
-            "patient_id": header.patient_id,
-            "patient_name": header.patient_name,
-            "accession_number": header.accession_number,
-            "study_date": header.study_date,
-            "study_description": header.study_description,
-            "state": StudyState.RECEIVING.value,
+            **header.study_fields(),
+            "state": StudyState.RECEIVING,
             "instance_count": 0,
             "first_received_at": now,
             "last_received_at": now,
             "completion_count": 0,
         },
-        "study_instance_uid",
     )
-    study_id = session.scalar(
-        select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
-    )
+    study_id = connection.scalar(sql.study_id, {"study_instance_uid": header.study_instance_uid})
     assert study_id is not None
-    return study_id
+    return int(study_id)
 
 
-def _series_id(session: Session, header: InstanceHeader, study_id: int) -> int:
-    _insert_ignore(
-        session,
-        Series.__table__,
+def _series_id(
+    connection: Connection, sql: _Statements, header: InstanceHeader, study_id: int
+) -> int:
+    connection.execute(
+        sql.insert_series,
         {
             "study_id": study_id,
             "series_instance_uid": header.series_instance_uid,
-            "modality": header.modality,
-            "series_number": header.series_number,
-            "series_description": header.series_description,
-            "frame_of_reference_uid": header.frame_of_reference_uid,
+            **header.series_fields(),
             "instance_count": 0,
         },
-        "series_instance_uid",
     )
-    series_id = session.scalar(
-        select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
+    series_id = connection.scalar(
+        sql.series_id, {"series_instance_uid": header.series_instance_uid}
     )
     assert series_id is not None
-    return series_id
+    return int(series_id)
 
 
 def record_instance(
-    session: Session,
+    connection: Connection,
     header: InstanceHeader,
     stored: StoredFile,
     *,
@@ -181,21 +253,16 @@ def record_instance(
     """Index one stored instance; (re)opens its study. Runs in the caller's transaction.
 
     ``known`` holds the ids of studies and series already committed (filled by the caller
-    after its commit): for the second and later instances of a series, two statements fewer
-    each for the study and the series.
+    after its commit): for the second and later instances of a series, a new instance is
+    three statements — insert it, count it in its series, touch its study.
     """
+    sql = _statements(connection)
     study_id = known.studies.get(header.study_instance_uid) if known else None
     if study_id is None:
-        study_id = _study_id(session, header, now)
+        study_id = _study_id(connection, sql, header, now)
     series_id = known.series.get(header.series_instance_uid) if known else None
     if series_id is None:
-        series_id = _series_id(session, header, study_id)
-
-    existing = session.execute(
-        select(Instance.id, Instance.sha256, Instance.path)
-        .where(Instance.sop_instance_uid == header.sop_instance_uid)
-        .with_for_update()
-    ).one_or_none()
+        series_id = _series_id(connection, sql, header, study_id)
 
     # what the row says of the file now (new instance, or newer content of a known one)
     current: dict[str, Any] = {
@@ -209,30 +276,32 @@ def record_instance(
         "calling_ae": calling_ae,
         "received_at": now,
     }
-    if existing is None:
-        session.execute(
-            insert(Instance).values(sop_instance_uid=header.sop_instance_uid, **current)
-        )
-        session.execute(
-            update(Series)
-            .where(Series.id == series_id)
-            .values(instance_count=Series.instance_count + 1)
-        )
+    inserted = connection.execute(
+        sql.insert_instance, {"sop_instance_uid": header.sop_instance_uid, **current}
+    ).first()
+    if inserted is not None:
+        connection.execute(sql.count_series, {"series_id": series_id})
         outcome, previous = RecordOutcome.NEW, None
-    elif existing.sha256 == stored.sha256:
-        outcome, previous = RecordOutcome.IDENTICAL, None
-    else:
-        session.execute(update(Instance).where(Instance.id == existing.id).values(**current))
-        outcome, previous = RecordOutcome.REPLACED, existing.path
+    else:  # the SOP Instance UID is known: the same bytes again, or newer content
+        existing = connection.execute(
+            sql.existing_instance, {"sop_instance_uid": header.sop_instance_uid}
+        ).one()
+        if existing.sha256 == stored.sha256:
+            outcome, previous = RecordOutcome.IDENTICAL, None
+        else:
+            connection.execute(sql.replace_instance.values(**current), {"instance_id": existing.id})
+            outcome, previous = RecordOutcome.REPLACED, existing.path
 
     # Any arrival (re)opens the study: completion is a quiet period after the last one.
-    values: dict[str, Any] = {
-        "last_received_at": now,
-        "state": StudyState.RECEIVING,
-    }
-    if outcome is RecordOutcome.NEW:
-        values["instance_count"] = Study.instance_count + 1
-    session.execute(update(Study).where(Study.id == study_id).values(**values))
+    connection.execute(
+        sql.touch_study,
+        {
+            "study_id": study_id,
+            "now": now,
+            "state": StudyState.RECEIVING,
+            "added": 1 if outcome is RecordOutcome.NEW else 0,
+        },
+    )
     return RecordResult(
         outcome=outcome, study_id=study_id, series_id=series_id, previous_path=previous
     )

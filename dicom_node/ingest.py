@@ -20,9 +20,11 @@ import logging
 import os
 import struct
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
+from typing import cast
 
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileDataset
@@ -35,11 +37,24 @@ from pydicom.uid import (
     EnhancedCTImageStorage,
     EnhancedSRStorage,
 )
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.index import KnownIds, RecordOutcome, header_from_dataset, record_instance
-from dicom_node.storage import FileStore, InvalidUidError, StorageFullError
+from dicom_node.index import (
+    InstanceHeader,
+    KnownIds,
+    RecordOutcome,
+    header_from_dataset,
+    record_instance,
+)
+from dicom_node.storage import (
+    FileStore,
+    InvalidUidError,
+    PendingFile,
+    StorageFullError,
+    content_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +83,12 @@ class StoreContext:
     on_sr: SrReceived | None = None
     on_stored: Callable[[str], None] | None = None  # called with the study UID (metrics)
     known: KnownIds = field(default_factory=KnownIds)  # committed study/series ids
+    writer_lock: AbstractContextManager[object] = field(default_factory=nullcontext)
+
+    @property
+    def engine(self) -> Engine:
+        return cast(Engine, self.sessions.kw["bind"])
+
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -96,7 +117,96 @@ def store_instance(
 
     ``transfer_syntax`` None: taken from the file meta (STOW-RS). ``source`` is the calling
     AE title or ``"STOW-RS"`` (kept in the index, never patient data).
+
+    The bytes go to a temporary file (written and fsynced in the background) while the header
+    is read, checked and hashed; a refused instance leaves nothing behind.
     """
+    try:
+        pending: PendingFile | None = context.store.start(data)
+        refused_by_disk: OSError | None = None
+    except OSError as exc:  # below the free-space reserve: answered once the header is read
+        pending, refused_by_disk = None, exc
+    header = _read_header(data, transfer_syntax, source, expected_sop_instance_uid)
+    if isinstance(header, StoreOutcome):
+        if pending is not None:
+            pending.discard()
+        return header
+    identity = {
+        "sop_class_uid": header.sop_class_uid,
+        "sop_instance_uid": header.sop_instance_uid,
+        "study_instance_uid": header.study_instance_uid,
+    }
+    try:
+        if pending is None:
+            assert refused_by_disk is not None
+            raise refused_by_disk
+        digest = content_digest(data)
+        stored = pending.place(
+            context.store.relative_path(
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                digest,
+            ),
+            digest,
+        )
+    except StorageFullError:
+        log.error("storage full: refused instance from %s (sender should retry)", source)
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage full", **identity)
+    except OSError as exc:
+        log.error("storage write failed (%s): refused instance from %s", exc.strerror, source)
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage unavailable", **identity)
+
+    try:
+        with context.writer_lock, context.engine.begin() as connection:
+            result = record_instance(
+                connection,
+                header,
+                stored,
+                calling_ae=source,
+                now=context.now(),
+                known=context.known,
+            )
+            if (
+                context.on_sr is not None
+                and header.sop_class_uid in SR_SOP_CLASSES
+                and result.outcome is not RecordOutcome.IDENTICAL
+            ):  # an ORM session in the same transaction, for the annotation it makes
+                with Session(bind=connection) as session:
+                    context.on_sr(session, dcmread(BytesIO(data)))
+                    session.flush()
+    except SQLAlchemyError as exc:
+        pending.discard()  # no row can point at a file this call created
+        log.error("database unavailable (%s): refused instance from %s", type(exc).__name__, source)
+        return StoreOutcome(STATUS_DATABASE_UNAVAILABLE, "database unavailable", **identity)
+    try:
+        pending.wait_durable()  # the file's name, fsynced beside the commit
+    except OSError as exc:  # the sender retries; the index then finds the same digest
+        log.error("storage sync failed (%s): refused instance from %s", exc.strerror, source)
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage unavailable", **identity)
+
+    context.known.remember(header, result)
+    if result.previous_path is not None and result.previous_path != stored.relative_path:
+        context.store.remove(result.previous_path)
+    if context.on_stored is not None:
+        context.on_stored(header.study_instance_uid)
+    log.debug(
+        "stored %s (%s) study=%s outcome=%s",
+        header.sop_instance_uid,
+        header.transfer_syntax_uid,
+        header.study_instance_uid,
+        result.outcome.value,
+    )
+    return StoreOutcome(STATUS_SUCCESS, **identity)
+
+
+def _read_header(
+    data: bytes,
+    transfer_syntax: str | None,
+    source: str | None,
+    expected_sop_instance_uid: str | None,
+) -> InstanceHeader | StoreOutcome:
+    """The index fields of ``data``, or the refusal when it cannot be stored."""
     try:
         header_ds = dcmread(BytesIO(data), stop_before_pixels=True)
         syntax = transfer_syntax or str(header_ds.file_meta.TransferSyntaxUID)
@@ -127,53 +237,7 @@ def store_instance(
     except Exception as exc:  # an unreadable dataset: refuse it, keep serving
         log.warning("refused unreadable dataset from %s: %s", source, type(exc).__name__)
         return StoreOutcome(STATUS_CANNOT_UNDERSTAND, "dataset cannot be read")
-
-    identity = {
-        "sop_class_uid": header.sop_class_uid,
-        "sop_instance_uid": header.sop_instance_uid,
-        "study_instance_uid": header.study_instance_uid,
-    }
-    try:
-        stored = context.store.write(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
-        )
-    except StorageFullError:
-        log.error("storage full: refused instance from %s (sender should retry)", source)
-        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage full", **identity)
-    except OSError as exc:
-        log.error("storage write failed (%s): refused instance from %s", exc.strerror, source)
-        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage unavailable", **identity)
-
-    try:
-        with context.sessions() as session, session.begin():
-            result = record_instance(
-                session, header, stored, calling_ae=source, now=context.now(), known=context.known
-            )
-            if (
-                context.on_sr is not None
-                and header.sop_class_uid in SR_SOP_CLASSES
-                and result.outcome is not RecordOutcome.IDENTICAL
-            ):
-                context.on_sr(session, dcmread(BytesIO(data)))
-    except SQLAlchemyError as exc:
-        if stored.created:  # no row can point at a file this call created
-            context.store.remove(stored.relative_path)
-        log.error("database unavailable (%s): refused instance from %s", type(exc).__name__, source)
-        return StoreOutcome(STATUS_DATABASE_UNAVAILABLE, "database unavailable", **identity)
-
-    context.known.remember(header, result)
-    if result.previous_path is not None and result.previous_path != stored.relative_path:
-        context.store.remove(result.previous_path)
-    if context.on_stored is not None:
-        context.on_stored(header.study_instance_uid)
-    log.debug(
-        "stored %s (%s) study=%s outcome=%s",
-        header.sop_instance_uid,
-        header.transfer_syntax_uid,
-        header.study_instance_uid,
-        result.outcome.value,
-    )
-    return StoreOutcome(STATUS_SUCCESS, **identity)
+    return header
 
 
 # --- the pixel data check (element and item headers only) -----------------------------------

@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.annotations import annotation_from_sr
-from dicom_node.db import make_engine, make_session_factory
+from dicom_node.db import make_engine, make_session_factory, writer_lock
 from dicom_node.ingest import SrReceived, StoreContext
 from dicom_node.jobs import SendTask
 from dicom_node.metrics import count_instance_received
@@ -90,6 +90,7 @@ def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool
             sessions=sessions,
             on_sr=_sr_hook(store),
             on_stored=count_instance_received,
+            writer_lock=writer_lock(engine),
         ),
     )
     service.start()
@@ -128,6 +129,7 @@ def _listener_main(settings_data: dict[str, Any]) -> None:
             sessions=sessions,
             on_sr=_sr_hook(store),
             on_stored=count_instance_received,
+            writer_lock=writer_lock(engine),
         ),
     )
     service.start()

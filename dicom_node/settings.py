@@ -181,6 +181,16 @@ class Settings(BaseSettings):
         description="Maximum PDU size the node receives, in bytes (0: unlimited, the fastest).",
     )
     network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout (s).")
+    dicom_poll_interval_ms: float = Field(
+        0.2,
+        ge=0.05,
+        le=10,
+        description=(
+            "How long an association's network loop sleeps when it finds nothing to do (ms; "
+            "pynetdicom's default is 1). Shorter answers sooner: 0.2 ms receives about 30 % "
+            "faster than 1 ms, for about 3 % of a core per open, idle association."
+        ),
+    )
     acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout (s).")
     dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout (s).")
     tls_certificate: Path | None = Field(

@@ -7,7 +7,9 @@ transaction, and only then is the old file removed.
 
 Every write is a temporary file in ``ROOT/.incoming``, fsynced, renamed into place, and the
 folder fsynced; a crash leaves at most a temporary file, which :meth:`FileStore.sweep_incoming`
-removes at start-up. UIDs are validated before they become path components.
+removes at start-up. UIDs are validated before they become path components. The receive path
+writes and fsyncs in the background while it reads the header and indexes
+(:meth:`FileStore.start`, :class:`PendingFile`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +71,7 @@ class FileStore:
         self.min_free_bytes = min_free_bytes
         self._incoming = self.root / INCOMING
         self._incoming.mkdir(parents=True, exist_ok=True)
+        self._folders: set[str] = set()  # series folders known to exist (durably)
 
     # --- paths ---------------------------------------------------------------------------
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> str:
@@ -96,32 +101,77 @@ class FileStore:
         Raises :class:`InvalidUidError` for a bad UID (nothing written) and
         :class:`StorageFullError` / :class:`OSError` when the disk refuses (nothing left).
         """
-        digest = hashlib.sha256(data).hexdigest()
+        digest = content_digest(data)
         relative = self.relative_path(study_uid, series_uid, sop_uid, digest)
-        final = self.absolute(relative)
+        pending = self.start(data)
+        stored = pending.place(relative, digest)
+        pending.wait_durable()
+        return stored
+
+    def start(self, data: bytes) -> PendingFile:
+        """Begin writing ``data``: a temporary file is written and fsynced in the background.
+
+        The caller reads the header and hashes the bytes meanwhile, then calls
+        :meth:`PendingFile.place` (or :meth:`PendingFile.discard`). Raises
+        :class:`StorageFullError` at once when the disk is below its reserve.
+        """
         self.check_free_space(len(data))
-        if final.exists() and final.stat().st_size == len(data):
-            return StoredFile(relative, len(data), digest, created=False)  # already durable
-        new_folders = [p for p in (final.parent.parent, final.parent) if not p.exists()]
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self._incoming, suffix=".part")
+        return PendingFile(self, data)
+
+    def _write_temporary(self, data: bytes) -> str:
+        # O_DSYNC: each write returns once its bytes (and the size) are on stable storage, as
+        # write + fdatasync would, in one system call (one GIL hand-back instead of two).
+        tmp_name = os.path.join(self._incoming, f"{uuid.uuid4().hex}.part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DSYNC | os.O_CLOEXEC
         try:
-            with os.fdopen(fd, "wb", buffering=0) as handle:
+            fd = os.open(tmp_name, flags, 0o600)
+            try:
                 view = memoryview(data)
                 while view:
-                    written = handle.write(view)
-                    view = view[written:] if written else view
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, final)
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
         except OSError as exc:
             _unlink_quietly(Path(tmp_name))
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(exc.errno, "disk full while storing an instance") from exc
             raise
-        _fsync_dir(final.parent)
-        for folder in new_folders:  # a new folder's entry must be durable in its parent too
-            _fsync_dir(folder.parent)
-        return StoredFile(relative, len(data), digest, created=True)
+        return tmp_name
+
+    def _place(self, tmp_name: str, relative: str, size: int) -> bool:
+        """Rename a durable temporary file into place; False when that content is there."""
+        final = os.path.join(self.root, relative)  # validated UIDs: cannot leave the root
+        try:
+            if os.stat(final).st_size == size:
+                _unlink_quietly(Path(tmp_name))
+                return False  # the same content (same digest) is already durable
+        except FileNotFoundError:
+            pass
+        folder = os.path.dirname(final)
+        try:
+            if folder not in self._folders:
+                self._make_folders(folder)
+            try:
+                os.replace(tmp_name, final)
+            except FileNotFoundError:  # the folder was removed behind our back: make it anew
+                self._folders.discard(folder)
+                self._make_folders(folder)
+                os.replace(tmp_name, final)
+        except OSError:
+            _unlink_quietly(Path(tmp_name))
+            raise
+        return True
+
+    def _make_folders(self, folder: str) -> None:
+        """Create a series folder (and its study folder), each entry durable in its parent."""
+        series = Path(folder)
+        new_folders = [p for p in (series.parent, series) if not p.exists()]
+        series.mkdir(parents=True, exist_ok=True)
+        for created in new_folders:
+            _fsync_dir(created.parent)
+        if len(self._folders) > 10_000:  # a long-running node: start afresh
+            self._folders.clear()
+        self._folders.add(folder)
 
     def write_file(self, relative_path: str, data: bytes) -> None:
         """Write a derived artefact (e.g. a preview PNG) atomically at ``relative_path``.
@@ -158,6 +208,62 @@ class FileStore:
         if count:
             log.warning("removed %d partial file(s) left by an interrupted write", count)
         return count
+
+
+def content_digest(data: bytes) -> str:
+    """The SHA-256 of ``data`` (hex): kept in the index, its start names the file."""
+    return hashlib.sha256(data).hexdigest()
+
+
+_IO = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage-io")
+"""Writes and fsyncs run here while the receiving thread reads headers, hashes and indexes:
+the system calls release the GIL, so the two overlap on separate cores."""
+
+
+class PendingFile:
+    """One instance on its way to durable storage (see :meth:`FileStore.start`).
+
+    Order of durability: the bytes are fsynced before the file gets its final name, so a
+    name never points at incomplete content. The folder's fsync (the name's durability) runs
+    beside the caller's index commit; the caller answers Success only after
+    :meth:`wait_durable`. Should a crash fall between the two, the unacknowledged sender sends
+    again, the index finds the same digest, and the file is written again under its name.
+    """
+
+    def __init__(self, store: FileStore, data: bytes) -> None:
+        self._store = store
+        self._size = len(data)
+        self._temporary: Future[str] = _IO.submit(store._write_temporary, data)
+        self._folder_synced: Future[None] | None = None
+        self.stored: StoredFile | None = None
+
+    def place(self, relative: str, digest: str) -> StoredFile:
+        """Wait for the bytes to be durable and give them their final name (``relative``,
+        from :meth:`FileStore.relative_path` with ``digest``, their :func:`content_digest`)."""
+        tmp_name = self._temporary.result()  # raises StorageFullError / OSError
+        created = self._store._place(tmp_name, relative, self._size)
+        if created:
+            folder = os.path.dirname(os.path.join(self._store.root, relative))
+            self._folder_synced = _IO.submit(_fsync_dir, Path(folder))
+        self.stored = StoredFile(relative, self._size, digest, created)
+        return self.stored
+
+    def wait_durable(self) -> None:
+        """Return once the file's name is durable too (raises what the fsync raised)."""
+        if self._folder_synced is not None:
+            self._folder_synced.result()
+
+    def discard(self) -> None:
+        """Drop bytes that will not be stored (a refused instance): nothing stays behind."""
+        try:
+            tmp_name = self._temporary.result()
+        except OSError:
+            return  # the write failed and removed its temporary file
+        if self.stored is None:
+            _unlink_quietly(Path(tmp_name))
+        elif self.stored.created:
+            self.wait_durable()
+            self._store.remove(self.stored.relative_path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dicom_node.db import transaction
+from dicom_node.db import transaction, writer_lock
 from dicom_node.ingest import SR_SOP_CLASSES
 from dicom_node.jobs import DELIVER_TASK, DELIVERY_QUEUE, mark_deliveries_enqueued, publish
 from dicom_node.schema import (
@@ -170,7 +170,7 @@ def retrieve_series(rt: WorkerRuntime, study_uid: str, series_uid: str) -> None:
         password=settings.dicomweb_source_password or None,
         bearer_token=settings.dicomweb_source_bearer_token or None,
     )
-    context = StoreContext(store=rt.store, sessions=rt.sessions)
+    context = StoreContext(store=rt.store, sessions=rt.sessions, writer_lock=writer_lock(rt.engine))
     refused: list[StoreOutcome] = []
 
     def store(data: bytes) -> None:
