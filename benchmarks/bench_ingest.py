@@ -6,7 +6,7 @@ process each run: new SQLite database and storage, so every instance is really w
 fsynced and indexed), and prints instances/s and the node/storescp ratio (medians).
 
     python benchmarks/bench_ingest.py [--instances 300] [--runs 5] [--senders 1]
-        [--listeners 1] [--database-url postgresql+psycopg2://...]
+        [--listeners 1] [--database-url postgresql+psycopg2://...] [--set NAME=VALUE]
 
 ``--senders 4`` splits the files over 4 concurrent ``storescu`` associations (then
 ``storescp --fork`` is the reference and ``--listeners`` the node's listener processes).
@@ -110,7 +110,12 @@ def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_node(chunks: list[list[Path]], listeners: int, database_url: str | None) -> float:
+def run_node(
+    chunks: list[list[Path]],
+    listeners: int,
+    database_url: str | None,
+    overrides: dict[str, str] | None = None,
+) -> float:
     port = free_port()
     var = Path(tempfile.mkdtemp(prefix="bench-node-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_TRIAGE_")}
@@ -123,6 +128,7 @@ def run_node(chunks: list[list[Path]], listeners: int, database_url: str | None)
             "SPINE_TRIAGE_MIN_FREE_DISK_MB": "0",
         }
     )
+    env.update({f"SPINE_TRIAGE_{k.upper()}": v for k, v in (overrides or {}).items()})
     created_db = None
     if database_url:
         created_db = _create_pg_database(database_url)
@@ -184,9 +190,17 @@ def main() -> int:
         help="PostgreSQL server URL without database name, "
         "e.g. postgresql+psycopg2://postgres@127.0.0.1:5432 (default: SQLite)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a node setting for the run, e.g. --set dicom_poll_interval_ms=1 (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
+    overrides = dict(item.split("=", 1) for item in args.set)
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         files = write_ct_series(data, args.instances, rows=512, columns=512)
@@ -196,7 +210,7 @@ def main() -> int:
         reference, node = [], []
         for run in range(args.runs):
             reference.append(run_storescp(chunks, fork))
-            node.append(run_node(chunks, args.listeners, args.database_url))
+            node.append(run_node(chunks, args.listeners, args.database_url, overrides))
             print(
                 f"run {run + 1}: storescp {reference[-1]:.2f} s, node {node[-1]:.2f} s", flush=True
             )

@@ -165,8 +165,8 @@ def handle_conn_open(event: evt.Event, poll_interval_s: float | None = None) -> 
 
     ``poll_interval_s`` is the sleep of the association's DUL loop when it finds no event
     (pynetdicom's ``_run_loop_delay``, 1 ms by default). Each time the loop has read all the
-    sender has sent so far it sleeps that long, several times per instance: a shorter
-    sleep receives a 0.5 MiB instance about 30 % faster (benchmarks/README.md).
+    sender has sent so far it sleeps that long, several times per instance; the setting
+    ``DICOM_POLL_INTERVAL_MS`` trades that latency against CPU (benchmarks/README.md).
     """
     association_socket = event.assoc.dul.socket
     if association_socket is not None and association_socket.socket is not None:

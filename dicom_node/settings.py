@@ -182,13 +182,15 @@ class Settings(BaseSettings):
     )
     network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout (s).")
     dicom_poll_interval_ms: float = Field(
-        0.2,
+        1.0,
         ge=0.05,
         le=10,
         description=(
             "How long an association's network loop sleeps when it finds nothing to do (ms; "
-            "pynetdicom's default is 1). Shorter answers sooner: 0.2 ms receives about 30 % "
-            "faster than 1 ms, for about 3 % of a core per open, idle association."
+            "pynetdicom's default). Shorter answers sooner but costs CPU: at 0.2 ms a bare "
+            "receiver took 30 % less time per instance, the node 5 % less on one association "
+            "and 13 % more with four on two cores; each open, idle association costs about "
+            "3 % of a core more (benchmarks/README.md)."
         ),
     )
     acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout (s).")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlalchemy import create_engine
 
@@ -193,3 +194,19 @@ def test_file_descriptors_do_not_leak_per_write(tmp_path: Path) -> None:
     for index in range(20):
         store.write(ds.StudyInstanceUID, ds.SeriesInstanceUID, f"1.2.3.{index + 1}", data)
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_poll_interval_setting_reaches_each_association(node_factory: NodeFactory) -> None:
+    node = node_factory(dicom_poll_interval_ms=0.3)
+    scu = AE(ae_title="MODALITY")
+    scu.add_requested_context(CTImageStorage)
+    assoc = scu.associate("127.0.0.1", node.port, ae_title="SPINE_TRIAGE")
+    try:
+        assert assoc.is_established
+        deadline = time.monotonic() + 5
+        while not node.node.service.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (accepted,) = node.node.service.ae.active_associations
+        assert accepted.dul._run_loop_delay == pytest.approx(0.0003)
+    finally:
+        assoc.release()
