@@ -92,14 +92,28 @@ class WriterLock:
         self._thread_lock.release()
 
 
+_WRITER_LOCKS: dict[Path, WriterLock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
 def writer_lock(engine: Engine) -> WriterLock | nullcontext[None]:
-    """The lock to hold around a write transaction on ``engine`` (see :class:`WriterLock`)."""
+    """The lock to hold around a write transaction on ``engine`` (see :class:`WriterLock`).
+
+    One per database file and process, whoever asks: writers of the same process queue on
+    its thread lock, and its lock file is opened once.
+    """
     url = engine.url
     if url.get_backend_name() != "sqlite":
         return nullcontext()
     if not url.database or url.database == ":memory:":
         return WriterLock(None)
-    return WriterLock(Path(url.database).with_name(Path(url.database).name + ".writer-lock"))
+    database = Path(url.database).resolve()
+    with _WRITER_LOCKS_GUARD:
+        lock = _WRITER_LOCKS.get(database)
+        if lock is None:
+            lock_path = database.with_name(database.name + ".writer-lock")
+            lock = _WRITER_LOCKS[database] = WriterLock(lock_path)
+        return lock
 
 
 def is_postgresql(engine: Engine) -> bool:

@@ -122,13 +122,12 @@ def store_instance(
     is read, checked and hashed; a refused instance leaves nothing behind.
     """
     try:
-        pending: PendingFile | None = context.store.start(data)
-        refused_by_disk: OSError | None = None
+        pending: PendingFile | OSError = context.store.start(data)
     except OSError as exc:  # below the free-space reserve: answered once the header is read
-        pending, refused_by_disk = None, exc
+        pending = exc
     header = _read_header(data, transfer_syntax, source, expected_sop_instance_uid)
     if isinstance(header, StoreOutcome):
-        if pending is not None:
+        if isinstance(pending, PendingFile):
             pending.discard()
         return header
     identity = {
@@ -136,26 +135,14 @@ def store_instance(
         "sop_instance_uid": header.sop_instance_uid,
         "study_instance_uid": header.study_instance_uid,
     }
+    if isinstance(pending, OSError):
+        return _storage_refusal(pending, source, identity)
+    digest = content_digest(data)
+    uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
     try:
-        if pending is None:
-            assert refused_by_disk is not None
-            raise refused_by_disk
-        digest = content_digest(data)
-        stored = pending.place(
-            context.store.relative_path(
-                header.study_instance_uid,
-                header.series_instance_uid,
-                header.sop_instance_uid,
-                digest,
-            ),
-            digest,
-        )
-    except StorageFullError:
-        log.error("storage full: refused instance from %s (sender should retry)", source)
-        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage full", **identity)
+        stored = pending.place(context.store.relative_path(*uids, digest), digest)
     except OSError as exc:
-        log.error("storage write failed (%s): refused instance from %s", exc.strerror, source)
-        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage unavailable", **identity)
+        return _storage_refusal(exc, source, identity)
 
     try:
         with context.writer_lock, context.engine.begin() as connection:
@@ -182,8 +169,7 @@ def store_instance(
     try:
         pending.wait_durable()  # the file's name, fsynced beside the commit
     except OSError as exc:  # the sender retries; the index then finds the same digest
-        log.error("storage sync failed (%s): refused instance from %s", exc.strerror, source)
-        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage unavailable", **identity)
+        return _storage_refusal(exc, source, identity)
 
     context.known.remember(header, result)
     if result.previous_path is not None and result.previous_path != stored.relative_path:
@@ -198,6 +184,15 @@ def store_instance(
         result.outcome.value,
     )
     return StoreOutcome(STATUS_SUCCESS, **identity)
+
+
+def _storage_refusal(exc: OSError, source: str | None, identity: dict[str, str]) -> StoreOutcome:
+    """0xA700 for a disk that is full or failing: the sender retries later."""
+    if isinstance(exc, StorageFullError):
+        log.error("storage full: refused instance from %s (sender should retry)", source)
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage full", **identity)
+    log.error("storage write failed (%s): refused instance from %s", exc.strerror, source)
+    return StoreOutcome(STATUS_OUT_OF_RESOURCES, "storage unavailable", **identity)
 
 
 def _read_header(

@@ -138,13 +138,14 @@ class FileStore:
             raise
         return tmp_name
 
-    def _place(self, tmp_name: str, relative: str, size: int) -> bool:
-        """Rename a durable temporary file into place; False when that content is there."""
+    def _place(self, tmp_name: str, relative: str, size: int) -> str | None:
+        """Rename a durable temporary file into place and return its folder (to fsync);
+        None when that content is there already."""
         final = os.path.join(self.root, relative)  # validated UIDs: cannot leave the root
         try:
             if os.stat(final).st_size == size:
                 _unlink_quietly(Path(tmp_name))
-                return False  # the same content (same digest) is already durable
+                return None  # the same content (same digest) is already durable
         except FileNotFoundError:
             pass
         folder = os.path.dirname(final)
@@ -160,7 +161,7 @@ class FileStore:
         except OSError:
             _unlink_quietly(Path(tmp_name))
             raise
-        return True
+        return folder
 
     def _make_folders(self, folder: str) -> None:
         """Create a series folder (and its study folder), each entry durable in its parent."""
@@ -241,11 +242,10 @@ class PendingFile:
         """Wait for the bytes to be durable and give them their final name (``relative``,
         from :meth:`FileStore.relative_path` with ``digest``, their :func:`content_digest`)."""
         tmp_name = self._temporary.result()  # raises StorageFullError / OSError
-        created = self._store._place(tmp_name, relative, self._size)
-        if created:
-            folder = os.path.dirname(os.path.join(self._store.root, relative))
+        folder = self._store._place(tmp_name, relative, self._size)
+        if folder is not None:
             self._folder_synced = _IO.submit(_fsync_dir, Path(folder))
-        self.stored = StoredFile(relative, self._size, digest, created)
+        self.stored = StoredFile(relative, self._size, digest, created=folder is not None)
         return self.stored
 
     def wait_durable(self) -> None:
