@@ -11,6 +11,10 @@ fsynced and indexed), and prints instances/s and the node/storescp ratio (median
 ``--senders 4`` splits the files over 4 concurrent ``storescu`` associations (then
 ``storescp --fork`` is the reference and ``--listeners`` the node's listener processes).
 TCP_NODELAY=1 is set for the DCMTK tools (see shared PERFORMANCE.md).
+
+Each run also sends to two bare pynetdicom receivers (``bare_scp.py``, unless ``--no-bare``):
+one whose handler does nothing and one that writes ``event.encoded_dataset()`` without fsync
+or index. They bound what any node built on pynetdicom can reach on this machine.
 """
 
 from __future__ import annotations
@@ -110,6 +114,25 @@ def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def run_bare(chunks: list[list[Path]], handler: str) -> float:
+    """Seconds for a bare pynetdicom receiver (``bare_scp.py``) to take every chunk."""
+    port = free_port()
+    out = Path(tempfile.mkdtemp(prefix="bench-bare-"))
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("bare_scp.py")), str(port), handler]
+        + (["--folder", str(out)] if handler == "write" else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        return send(port, "BARE", chunks)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def run_node(
     chunks: list[list[Path]],
     listeners: int,
@@ -197,6 +220,11 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="a node setting for the run, e.g. --set dicom_poll_interval_ms=1 (repeatable)",
     )
+    parser.add_argument(
+        "--no-bare",
+        action="store_true",
+        help="skip the bare pynetdicom receivers (bare_scp.py) in each run",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -208,15 +236,21 @@ def main() -> int:
         chunks = [files[i :: args.senders] for i in range(args.senders)]
         fork = args.senders > 1
         reference, node = [], []
+        bare: dict[str, list[float]] = {} if args.no_bare else {"nothing": [], "write": []}
         for run in range(args.runs):
             reference.append(run_storescp(chunks, fork))
+            for handler, times in bare.items():
+                times.append(run_bare(chunks, handler))
             node.append(run_node(chunks, args.listeners, args.database_url, overrides))
+            bare_text = "".join(f", bare {h} {t[-1]:.2f} s" for h, t in bare.items())
             print(
-                f"run {run + 1}: storescp {reference[-1]:.2f} s, node {node[-1]:.2f} s", flush=True
+                f"run {run + 1}: storescp {reference[-1]:.2f} s{bare_text}, node {node[-1]:.2f} s",
+                flush=True,
             )
     finally:
         shutil.rmtree(data, ignore_errors=True)
     ref_s, node_s = statistics.median(reference), statistics.median(node)
+    bare_s = {handler: statistics.median(times) for handler, times in bare.items()}
     figures = {
         "instances": args.instances,
         "mib": round(size / 2**20, 1),
@@ -229,15 +263,27 @@ def main() -> int:
         "node_inst_per_s": round(args.instances / node_s, 1),
         "ratio_node_to_storescp": round(ref_s / node_s, 3),
     }
+    for handler, seconds in bare_s.items():
+        figures[f"bare_{handler}_s"] = round(seconds, 3)
+        figures[f"ratio_bare_{handler}_to_storescp"] = round(ref_s / seconds, 3)
     reference_name = "storescp --fork" if fork else "storescp"
-    print(
+    lines = [
         f"\n{args.instances} instances ({figures['mib']} MiB), {args.senders} sender(s), "
-        f"median of {args.runs}:\n"
-        f"  {reference_name:<16} {ref_s:6.2f} s  {figures['storescp_inst_per_s']:7.1f} inst/s\n"
-        f"  node ({figures['database']}, {args.listeners} listener(s)) {node_s:6.2f} s  "
-        f"{figures['node_inst_per_s']:7.1f} inst/s\n"
-        f"  ratio node / {reference_name}: {figures['ratio_node_to_storescp']:.2f}"
+        f"median of {args.runs} (ratio: storescp's time / this one's):",
+        f"  {reference_name:<40} {ref_s:6.2f} s  {args.instances / ref_s:7.1f} inst/s",
+    ]
+    for handler, seconds in bare_s.items():
+        name = f"bare pynetdicom, handler: {handler}"
+        lines.append(
+            f"  {name:<40} {seconds:6.2f} s  {args.instances / seconds:7.1f} inst/s  "
+            f"ratio {ref_s / seconds:.2f}"
+        )
+    name = f"node ({figures['database']}, {args.listeners} listener(s))"
+    lines.append(
+        f"  {name:<40} {node_s:6.2f} s  {figures['node_inst_per_s']:7.1f} inst/s  "
+        f"ratio {figures['ratio_node_to_storescp']:.2f}"
     )
+    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
