@@ -1,0 +1,80 @@
+"""The ingest benchmark scripts still run end to end (a few instances, one run).
+
+They are not timed tests: they only prove that the figures in benchmarks/README.md can be
+measured again with the code as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import require_dcmtk
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_ingest_measures_storescp_the_bare_receivers_and_the_node(tmp_path: Path) -> None:
+    require_dcmtk("storescu")
+    require_dcmtk("storescp")
+    out = tmp_path / "ingest.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_ingest.py"),
+            "--instances",
+            "4",
+            "--runs",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["instances"] == 4
+    for key in ("storescp_s", "bare_nothing_s", "bare_write_s", "node_s"):
+        assert figures[key] > 0, key
+    assert "bare pynetdicom, handler: nothing" in result.stdout
+    assert "node (sqlite, 1 listener(s))" in result.stdout
+
+
+def test_bench_store_path_reports_every_stage(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_store_path.py"),
+            "--instances",
+            "3",
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = {
+        line.split()[0]: float(line.split()[1])
+        for line in result.stdout.splitlines()[1:]
+        if line.strip()
+    }
+    assert set(stages) == {
+        "start",
+        "header",
+        "digest",
+        "place",
+        "index",
+        "commit",
+        "durable",
+        "total",
+        "CPU",
+    }
+    assert stages["total"] > 0
