@@ -22,13 +22,9 @@ Geometry rules:
 - A 2D POLYLINE or a 3D POLYGON/POLYLINE with at least three distinct points is a region (a
   polyline is read as closed). POINT, MULTIPOINT, CIRCLE, ELLIPSE, ELLIPSOID and segmentation
   references are refused with a message.
-- Every polygon must lie in a sagittal plane: its points' x spread by at most
-  ``SAGITTAL_TOLERANCE_MM``; the polygon's slice position is the mean x. Each region adds its
-  x to ``slices_x_mm`` (positions closer than ``SAME_SLICE_TOLERANCE_MM`` count once, sorted).
-- With several regions, ``polygon_yz_mm`` is their common polygon when they all agree, else
-  the bounding rectangle of all their (y, z) points. The method only uses the smallest square
-  around the polygon's bounding box, so the model input is the same either way.
-- Coordinates are rounded to ``COORDINATE_DECIMALS`` decimals (SCOORD3D stores float32).
+- The regions, in patient coordinates, become ``slices_x_mm`` and ``polygon_yz_mm`` by the
+  rules of :mod:`dicom_node.roi_geometry`: every polygon in a sagittal plane, slice positions
+  the polygons' mean x, several regions combined into one polygon, coordinates rounded.
 
 The CT series the ROI refers to is the referenced image's series (SCOORD) or, for SCOORD3D,
 the one CT series among the SR's evidence whose Frame of Reference matches; none or several
@@ -52,13 +48,21 @@ from pydicom.uid import (
     EnhancedSRStorage,
 )
 
+from dicom_node.roi_geometry import (
+    RoiSrError,
+    as_points,
+    combined_polygon,
+    distinct,
+    distinct_sorted,
+    polygon_yz,
+    require_area,
+    sagittal_x,
+)
 from dicom_node.vertebrae import vertebra_label
 
-logger = logging.getLogger(__name__)
+__all__ = ["SR_CLASSES", "ImageResolver", "RoiSrError", "SrRoi", "extract_roi", "is_roi_report"]
 
-SAGITTAL_TOLERANCE_MM = 1.0
-SAME_SLICE_TOLERANCE_MM = 0.01
-COORDINATE_DECIMALS = 4
+logger = logging.getLogger(__name__)
 
 SR_CLASSES: dict[str, type[hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR]] = {
     Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
@@ -69,10 +73,6 @@ SR_CLASSES: dict[str, type[hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comp
 _AREA_GRAPHIC_TYPES_2D = {"POLYLINE", "CIRCLE", "ELLIPSE"}
 _AREA_GRAPHIC_TYPES_3D = {"POLYGON", "POLYLINE", "ELLIPSE"}
 _READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError)
-
-
-class RoiSrError(ValueError):
-    """The SR does not hold an ROI this product can use; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,13 @@ def _roi_of_report(
         raise RoiSrError(f"the ROIs lie in {len(frames)} different frames of reference")
     series_uid = _series_instance_uid(ds, regions, frames.pop(), resolve_image)
 
-    slice_positions = [_sagittal_x(region) for region in regions]
-    polygons = [_polygon_yz(region) for region in regions]
+    slice_positions = [sagittal_x(region.points_xyz, region.where) for region in regions]
+    polygons = [polygon_yz(region.points_xyz, region.where) for region in regions]
     return SrRoi(
         study_instance_uid=str(ds.StudyInstanceUID),
         series_instance_uid=series_uid,
-        slices_x_mm=_distinct_sorted(slice_positions),
-        polygon_yz_mm=_combined_polygon(polygons),
+        slices_x_mm=distinct_sorted(slice_positions),
+        polygon_yz_mm=combined_polygon(polygons),
         vertebra=_vertebra(groups),
         annotator=_annotator(report),
         sr_sop_instance_uid=str(ds.SOPInstanceUID),
@@ -231,7 +231,7 @@ def _drawn_coordinates(
             allowed = _AREA_GRAPHIC_TYPES_3D if three_d else _AREA_GRAPHIC_TYPES_2D
             if graphic_type not in allowed:
                 continue
-            if graphic_type == "POLYLINE" and len(_distinct(coordinates.value)) < 3:
+            if graphic_type == "POLYLINE" and len(distinct(coordinates.value)) < 3:
                 continue
             found.append(coordinates)
     return found
@@ -264,8 +264,8 @@ def _region(item: Any, where: str, resolve_image: ImageResolver) -> _Region:
                 f"{where}: graphic type {graphic_type} is not supported; draw a polygon"
             )
         points = np.asarray(item.value, dtype=float).reshape(-1, 3)
-        _require_area(points, where)
-        return _Region(where, _as_points(points), str(item.ReferencedFrameOfReferenceUID), None)
+        require_area(points, where)
+        return _Region(where, as_points(points), str(item.ReferencedFrameOfReferenceUID), None)
     if graphic_type != "POLYLINE":
         raise RoiSrError(f"{where}: graphic type {graphic_type} is not supported; draw a polygon")
     image_items = hd.sr.utils.find_content_items(item, value_type=hd.sr.ValueTypeValues.IMAGE)
@@ -288,11 +288,11 @@ def _region(item: Any, where: str, resolve_image: ImageResolver) -> _Region:
         raise RoiSrError(
             f"{where}: image {sop_instance_uid} has no usable geometry: {error}"
         ) from error
-    _require_area(points, where)
+    require_area(points, where)
     frame_of_reference = image.get("FrameOfReferenceUID")
     if not frame_of_reference:
         raise RoiSrError(f"{where}: image {sop_instance_uid} has no Frame of Reference UID")
-    return _Region(where, _as_points(points), str(frame_of_reference), str(image.SeriesInstanceUID))
+    return _Region(where, as_points(points), str(frame_of_reference), str(image.SeriesInstanceUID))
 
 
 def _first_frame(frame_numbers: Any) -> int | None:
@@ -302,75 +302,6 @@ def _first_frame(frame_numbers: Any) -> int | None:
         numbers = list(frame_numbers)
         return int(numbers[0]) if numbers else None
     return int(frame_numbers)
-
-
-def _require_area(points: np.ndarray, where: str) -> None:
-    if len(_distinct(points)) < 3:
-        raise RoiSrError(f"{where}: the region has fewer than three distinct points")
-
-
-def _distinct(points: Any) -> list[tuple[float, ...]]:
-    array = np.asarray(points, dtype=float)
-    array = array.reshape(len(array), -1)
-    return list(dict.fromkeys(tuple(row) for row in np.round(array, COORDINATE_DECIMALS)))
-
-
-def _as_points(points: np.ndarray) -> tuple[tuple[float, float, float], ...]:
-    return tuple((float(x), float(y), float(z)) for x, y, z in points)
-
-
-def _open_points(
-    points: tuple[tuple[float, float, float], ...],
-) -> tuple[tuple[float, float, float], ...]:
-    """The polygon's vertices, without the closing repetition of the first one."""
-    if len(points) > 1 and np.allclose(points[0], points[-1]):
-        return points[:-1]
-    return points
-
-
-def _sagittal_x(region: _Region) -> float:
-    xs = np.array([point[0] for point in _open_points(region.points_xyz)])
-    spread = float(xs.max() - xs.min())
-    if spread > SAGITTAL_TOLERANCE_MM:
-        raise RoiSrError(
-            f"{region.where}: the ROI is not in a sagittal plane "
-            f"(its x spans {spread:.2f} mm, at most {SAGITTAL_TOLERANCE_MM} mm allowed)"
-        )
-    return round(float(xs.mean()), COORDINATE_DECIMALS)
-
-
-def _polygon_yz(region: _Region) -> tuple[tuple[float, float], ...]:
-    points = [
-        (round(y, COORDINATE_DECIMALS), round(z, COORDINATE_DECIMALS))
-        for _, y, z in _open_points(region.points_xyz)
-    ]
-    yz = np.array(points)
-    doubled_area = np.dot(yz[:, 0], np.roll(yz[:, 1], 1)) - np.dot(yz[:, 1], np.roll(yz[:, 0], 1))
-    if abs(float(doubled_area)) < 1e-6:
-        raise RoiSrError(f"{region.where}: the ROI has no area in the sagittal plane")
-    return tuple(points)
-
-
-def _distinct_sorted(values: Sequence[float]) -> tuple[float, ...]:
-    kept: list[float] = []
-    for value in sorted(values):
-        if not kept or value - kept[-1] > SAME_SLICE_TOLERANCE_MM:
-            kept.append(value)
-    return tuple(kept)
-
-
-def _combined_polygon(
-    polygons: Sequence[tuple[tuple[float, float], ...]],
-) -> tuple[tuple[float, float], ...]:
-    first = polygons[0]
-    if all(
-        len(polygon) == len(first) and np.allclose(polygon, first, atol=SAME_SLICE_TOLERANCE_MM)
-        for polygon in polygons[1:]
-    ):
-        return first
-    points = np.array([point for polygon in polygons for point in polygon])
-    (y_min, z_min), (y_max, z_max) = points.min(axis=0), points.max(axis=0)
-    return ((y_min, z_min), (y_max, z_min), (y_max, z_max), (y_min, z_max))
 
 
 def _series_instance_uid(
