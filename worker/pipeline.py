@@ -5,13 +5,15 @@ database is the source of truth: the claim is taken there, and the result, its d
 and the annotation's new state are committed in one transaction. A result is keyed by
 (annotation, model version) and the SR's UIDs are derived from that key, so a re-run
 re-sends the same report instead of writing a second one.
+
+Finding the series' stored images, retrieving them by WADO-RS when the node never
+received them, and checking the site's selection rules: :mod:`worker.series`.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,22 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dicom_node.db import transaction, writer_lock
-from dicom_node.ingest import SR_SOP_CLASSES
+from dicom_node.db import transaction
 from dicom_node.jobs import DELIVER_TASK, DELIVERY_QUEUE, mark_deliveries_enqueued, publish
-from dicom_node.schema import (
-    AnnotationState,
-    Instance,
-    RoiAnnotation,
-    Series,
-    Study,
-    StudyState,
-    TriageResult,
-)
+from dicom_node.schema import AnnotationState, RoiAnnotation, TriageResult
 from worker.claims import (
     backoff_s,
     claim_annotation,
@@ -46,6 +39,12 @@ from worker.claims import (
 from worker.delivery import create_deliveries
 from worker.errors import PermanentError, TransientError
 from worker.runtime import WorkerRuntime
+from worker.series import (
+    SeriesNotReceived,
+    check_series_selection,
+    retrieve_series,
+    stored_image_paths,
+)
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
 
 if TYPE_CHECKING:
@@ -149,75 +148,14 @@ def load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
         return _load_job(rt, annotation_id, attempt)
 
 
-class SeriesNotReceived(PermanentError):
-    def __init__(self, study_instance_uid: str, series_instance_uid: str) -> None:
-        super().__init__(
-            f"series {series_instance_uid} of study {study_instance_uid} was not received"
-        )
-        self.study_instance_uid = study_instance_uid
-        self.series_instance_uid = series_instance_uid
-
-
-def retrieve_series(rt: WorkerRuntime, study_uid: str, series_uid: str) -> None:
-    """WADO-RS from the configured source into storage, through the durable ingest path."""
-    from dicom_node.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
-    from dicom_node.ingest import StoreContext, StoreOutcome, store_instance
-
-    settings = rt.settings
-    endpoint = DicomwebEndpoint(
-        url=settings.dicomweb_source_url,
-        username=settings.dicomweb_source_username or None,
-        password=settings.dicomweb_source_password or None,
-        bearer_token=settings.dicomweb_source_bearer_token or None,
-    )
-    context = StoreContext(store=rt.store, sessions=rt.sessions, writer_lock=writer_lock(rt.engine))
-    refused: list[StoreOutcome] = []
-
-    def store(data: bytes) -> None:
-        outcome = store_instance(context, data, transfer_syntax=None, source="WADO-RS")
-        if not outcome.ok:
-            refused.append(outcome)
-
-    try:
-        with DicomwebPeer(endpoint) as peer:
-            count = peer.retrieve_series(study_uid, series_uid, store)
-    except DicomwebError as exc:
-        error = TransientError if exc.transient else PermanentError
-        raise error(f"retrieving series {series_uid} by WADO-RS: {exc}") from exc
-    if refused:
-        raise TransientError(f"{len(refused)} retrieved instance(s) could not be stored")
-    if count == 0:
-        raise PermanentError(f"series {series_uid} not found at the DICOMweb source")
-    with transaction(rt.sessions) as session:  # retrieved whole: complete by construction
-        session.execute(
-            update(Study)
-            .where(Study.study_instance_uid == study_uid)
-            .values(state=StudyState.COMPLETE, completed_at=datetime.now(UTC))
-        )
-    log.info("retrieved %d instance(s) of series %s by WADO-RS", count, series_uid)
-
-
 def _load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
     with rt.sessions() as session:
         annotation = session.get(RoiAnnotation, annotation_id)
         if annotation is None:
             raise PermanentError(f"annotation {annotation_id} no longer exists")
-        series = session.scalar(
-            select(Series)
-            .join(Study, Series.study_id == Study.id)
-            .where(
-                Series.series_instance_uid == annotation.series_instance_uid,
-                Study.study_instance_uid == annotation.study_instance_uid,
-            )
+        paths = stored_image_paths(
+            session, annotation.study_instance_uid, annotation.series_instance_uid
         )
-        if series is None:
-            raise SeriesNotReceived(annotation.study_instance_uid, annotation.series_instance_uid)
-        paths = session.scalars(
-            select(Instance.path).where(
-                Instance.series_id == series.id,
-                Instance.sop_class_uid.not_in([str(uid) for uid in SR_SOP_CLASSES]),
-            )
-        ).all()
         key = f"{annotation.study_instance_uid}:{annotation.id}:{annotation.created_at.isoformat()}"
         job = Job(
             annotation_id=annotation.id,
@@ -231,26 +169,6 @@ def _load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
         raise PermanentError(f"series {job.roi_json['series_instance_uid']} holds no image")
     check_series_selection(job.series_files[0], rt.settings.series_selection)
     return job
-
-
-def check_series_selection(path: Path, rules: list[str]) -> None:
-    """The series must meet the site's selection rules (``KEY=REGEX``, case-insensitive)."""
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise PermanentError(f"stored image cannot be read: {type(exc).__name__}") from exc
-    for rule in rules:
-        keyword, _, pattern = rule.partition("=")
-        value = header.get(keyword.strip())
-        text = (
-            "\\".join(str(v) for v in value)
-            if isinstance(value, list | tuple)
-            else str(value if value is not None else "")
-        )
-        if not re.search(pattern.strip(), text, flags=re.IGNORECASE):
-            raise PermanentError(
-                f"series does not meet the selection rule {rule!r} (found {keyword}={text!r})"
-            )
 
 
 def to_model_roi(job: Job) -> ModelRoi:

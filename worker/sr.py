@@ -28,6 +28,8 @@ Contributing Equipment (SOP Common) gets an item for the algorithm as IHE AI Res
 purpose of reference Processing Equipment (DCM 109102), manufacturer, model name, software
 versions and Device UID.
 
+The CT instances are checked and prepared as evidence by :mod:`worker.sr_evidence`.
+
 Identity: series and SOP Instance UIDs are derived from (annotation key, model version) only,
 so re-running a job rebuilds the same object; the tracking UIDs are derived from the annotation
 key (and slice), so the same lesion keeps its tracking UID across model versions.
@@ -35,7 +37,6 @@ key (and slice), so the same lesion keeps its tracking UID across model versions
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections.abc import Sequence
@@ -47,12 +48,12 @@ from typing import Literal
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from dicom_node.vertebrae import vertebra_code
+from worker.sr_evidence import frame_of_reference, in_utf8, with_type2_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def build_triage_sr(
     """The result SR of ``finding`` for the CT instances ``source_images`` (its evidence)."""
     if not source_images:
         raise ValueError("the SR needs the CT instances it reports on as evidence")
-    frame_of_reference_uid = _frame_of_reference(source_images)
+    frame_of_reference_uid = frame_of_reference(source_images)
     series_uid, sop_uid = result_uids(annotation_key, algorithm.version)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.reported_name,
@@ -227,8 +228,8 @@ def build_triage_sr(
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[
-            _in_utf8(_with_type2_attributes(source_images[0])),
-            *(_in_utf8(image) for image in source_images[1:]),
+            in_utf8(with_type2_attributes(source_images[0])),
+            *(in_utf8(image) for image in source_images[1:]),
         ],
         content=report[0],
         series_instance_uid=series_uid,
@@ -263,58 +264,6 @@ def sr_to_bytes(sr: pydicom.Dataset) -> bytes:
     buffer = BytesIO()
     pydicom.dcmwrite(buffer, sr, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def _frame_of_reference(source_images: Sequence[pydicom.Dataset]) -> str:
-    studies = {str(image.StudyInstanceUID) for image in source_images}
-    if len(studies) != 1:
-        raise ValueError(f"the source images belong to {len(studies)} studies; one is required")
-    frames = {str(image.get("FrameOfReferenceUID", "")) for image in source_images}
-    if len(frames) != 1 or "" in frames:
-        raise ValueError("the source images must share one Frame of Reference UID")
-    return frames.pop()
-
-
-_TYPE2_EVIDENCE_KEYWORDS = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-)
-
-
-def _with_type2_attributes(image: pydicom.Dataset) -> pydicom.Dataset:
-    """``image``, or a shallow copy with absent Type 2 patient/study attributes present, empty."""
-    missing = [keyword for keyword in _TYPE2_EVIDENCE_KEYWORDS if keyword not in image]
-    if not missing:
-        return image
-    logger.warning("source image lacks Type 2 attributes %s; the SR gets them empty", missing)
-    patched = pydicom.Dataset()
-    patched.update(image)
-    for keyword in missing:
-        setattr(patched, keyword, None)
-    return patched
-
-
-def _in_utf8(image: pydicom.Dataset) -> pydicom.Dataset:
-    """``image``, or a copy re-labelled UTF-8 when its character set uses ISO 2022 code
-    extensions (e.g. ``\\ISO 2022 IR 87``, Japanese), which the SR writer does not accept.
-
-    pydicom has already decoded the text values; only the label of their encoding changes, so
-    the SR carries the same names, written as UTF-8 (ISO_IR 192).
-    """
-    charset = image.get("SpecificCharacterSet")
-    values = list(charset) if isinstance(charset, list | tuple | MultiValue) else [charset]
-    if not any(str(value or "").startswith("ISO 2022") for value in values):
-        return image
-    converted = copy.deepcopy(image)
-    converted.decode()
-    converted.SpecificCharacterSet = "ISO_IR 192"
-    return converted
 
 
 def _finding_sites(vertebra: str | None) -> list[hd.sr.FindingSite] | None:
