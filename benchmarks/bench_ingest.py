@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,35 +99,43 @@ def send(port: int, ae: str, chunks: list[list[Path]]) -> float:
 
 def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
     port = free_port()
-    out = Path(tempfile.mkdtemp(prefix="bench-storescp-"))
-    args = [str(DCMTK / "storescp"), "-od", str(out), "-aet", "STORESCP"]
-    if fork:
-        args.append("--fork")
-    server = subprocess.Popen(
-        [*args, str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    args = [str(DCMTK / "storescp"), "-aet", "STORESCP", *(["--fork"] if fork else [])]
+    return _time_receiver(
+        lambda out: [*args, "-od", str(out), str(port)], port, "STORESCP", chunks, dcmtk_env()
     )
-    try:
-        wait_port(port)
-        return send(port, "STORESCP", chunks)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def run_bare(chunks: list[list[Path]], handler: str) -> float:
     """Seconds for a bare pynetdicom receiver (``bare_scp.py``) to take every chunk."""
     port = free_port()
-    out = Path(tempfile.mkdtemp(prefix="bench-bare-"))
+    script = str(Path(__file__).with_name("bare_scp.py"))
+    return _time_receiver(
+        lambda out: (
+            [sys.executable, script, str(port), handler]
+            + (["--folder", str(out)] if handler == "write" else [])
+        ),
+        port,
+        "BARE",
+        chunks,
+    )
+
+
+def _time_receiver(
+    command: Callable[[Path], list[str]],
+    port: int,
+    ae: str,
+    chunks: list[list[Path]],
+    env: dict[str, str] | None = None,
+) -> float:
+    """Start a reference receiver (``command`` of its output folder), time the sends to it,
+    stop it and remove what it wrote."""
+    out = Path(tempfile.mkdtemp(prefix="bench-receiver-"))
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("bare_scp.py")), str(port), handler]
-        + (["--folder", str(out)] if handler == "write" else []),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         wait_port(port)
-        return send(port, "BARE", chunks)
+        return send(port, ae, chunks)
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -16,27 +16,25 @@ from tests.support import require_dcmtk
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_ingest_measures_storescp_the_bare_receivers_and_the_node(tmp_path: Path) -> None:
-    require_dcmtk("storescu")
-    require_dcmtk("storescp")
-    out = tmp_path / "ingest.json"
+def _run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_ingest.py"),
-            "--instances",
-            "4",
-            "--runs",
-            "1",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_bench_ingest_measures_storescp_the_bare_receivers_and_the_node(tmp_path: Path) -> None:
+    require_dcmtk("storescu")
+    require_dcmtk("storescp")
+    out = tmp_path / "ingest.json"
+    result = _run_benchmark(
+        "bench_ingest.py", "--instances", "4", "--runs", "1", "--json", str(out)
+    )
     figures = json.loads(out.read_text())
     assert figures["instances"] == 4
     for key in ("storescp_s", "bare_nothing_s", "bare_write_s", "node_s"):
@@ -46,21 +44,7 @@ def test_bench_ingest_measures_storescp_the_bare_receivers_and_the_node(tmp_path
 
 
 def test_bench_store_path_reports_every_stage(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_store_path.py"),
-            "--instances",
-            "3",
-            "--root",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run_benchmark("bench_store_path.py", "--instances", "3", "--root", str(tmp_path))
     stages = {
         line.split()[0]: float(line.split()[1])
         for line in result.stdout.splitlines()[1:]
