@@ -269,6 +269,18 @@ def fit(
                 "(try a lower learning rate)"
             )
         epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{validation_loss or 0.0:.4f}")
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "%s: epoch %d/%d, train loss %.4f, validation loss %s, %.0f s so far, "
+            "at most %.0f s left",
+            description,
+            epoch,
+            config.epochs,
+            train_loss,
+            "-" if validation_loss is None else f"{validation_loss:.4f}",
+            elapsed,
+            elapsed / epoch * (config.epochs - epoch),
+        )
         if stopping.update(epoch, monitored):
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         elif stopping.should_stop:

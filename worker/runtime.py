@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def default_checkpoint(settings: Settings, *, train_if_missing: bool = True) -> Path:
-    """The configured checkpoint, or the demonstration model (trained once, then cached)."""
+def default_checkpoint(
+    settings: Settings, *, train_if_missing: bool = True, progress: bool = False
+) -> Path:
+    """The configured checkpoint, or the demonstration model (trained once, then cached;
+    ``progress`` shows progress bars for that first training)."""
     if settings.model_checkpoint is not None:
         return settings.model_checkpoint
     from model.demo import demo_checkpoint_path, ensure_demo_checkpoint
@@ -40,7 +43,7 @@ def default_checkpoint(settings: Settings, *, train_if_missing: bool = True) -> 
     cache = (settings.var_dir / "models").resolve()
     if not train_if_missing:
         return demo_checkpoint_path(cache)
-    return ensure_demo_checkpoint(cache, progress=False)
+    return ensure_demo_checkpoint(cache, progress=progress)
 
 
 @dataclass

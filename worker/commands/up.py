@@ -19,9 +19,10 @@ DESCRIPTION = """\
 Run the node (DICOM service, scheduler, HTTP API and worklist page) and one worker together,
 with nothing to install: SQLite, storage and the broker live under ./var/ (or the settings'
 values when set). The database schema is upgraded first. Without a configured checkpoint
-the demonstration model is used: it is trained on synthetic phantoms on the first run (a few
-minutes on a laptop CPU) and cached under var/models. It is NOT for clinical use, and every
-result it produces says so.
+the demonstration model is used: it is trained on synthetic phantoms on the first run and
+cached under var/models. That first run takes about 3 to 6 minutes on a laptop CPU (2 cores;
+progress bars in a terminal, one log line per epoch otherwise); later runs start in seconds.
+It is NOT for clinical use, and every result it produces says so.
 
 Without configured destinations, each Structured Report is also copied to var/results/.
 
@@ -70,8 +71,12 @@ def run_up(args: argparse.Namespace) -> int:
     upgrade(settings.resolved_database_url)
 
     if settings.model_checkpoint is None:
-        print("preparing the demonstration model (trained once on synthetic data, then cached)")
-    checkpoint = default_checkpoint(settings)
+        print(
+            "preparing the demonstration model (trained once on synthetic data, then cached; "
+            "the first run takes about 3 to 6 minutes on a laptop CPU)",
+            flush=True,
+        )
+    checkpoint = default_checkpoint(settings, progress=sys.stderr.isatty())
     print(f"model: {checkpoint}")
 
     sender = TaskSender(make_celery(settings, "spine_triage_up"))
@@ -114,7 +119,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) -> None:
     """Synthetic studies by C-STORE to this node, then their ROIs by the REST API."""
-    import httpx
+    import requests
 
     from dicom_node.http import api_token
     from dicom_node.scu import StorePeer, store_files
@@ -130,14 +135,16 @@ def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) 
         calling_ae_title="DEMO_MODALITY",
     )
     token = api_token(settings)
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+    with requests.Session() as client:
+        client.headers["Authorization"] = f"Bearer {token}"
         for case in cases:
             files = sorted(Path(case.series_dir).rglob("*.dcm"))
             store_files(files, peer)
             answer = client.post(
-                "/annotations",
+                f"{url.rstrip('/')}/annotations",
                 json=case.roi.to_json(),
                 headers={"Idempotency-Key": f"demo-{seed}-{case.patient_id}"},
+                timeout=30,
             )
             answer.raise_for_status()
             print(

@@ -1,0 +1,46 @@
+"""Wait until the worklist at URL shows N finished studies (flagged or routine).
+
+Exits 1 when the process PID ends first or after the timeout (seconds, default 600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main(url: str, expected: int, pid: int, timeout_s: float = 600.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    states: list[str] = []
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            print("the run command ended before the worklist filled")
+            return 1
+        try:
+            with urllib.request.urlopen(f"{url}/worklist", timeout=5) as answer:
+                states = [item["state"] for item in json.load(answer)["items"]]
+        except (urllib.error.URLError, OSError, ValueError):
+            states = []
+        if sum(state in ("flagged", "routine") for state in states) >= expected:
+            print(f"worklist: {states}")
+            return 0
+        time.sleep(2)
+    print(f"worklist did not fill within {timeout_s:.0f} s: {states}")
+    return 1
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    sys.exit(main(arguments[0], int(arguments[1]), int(arguments[2]), *map(float, arguments[3:])))
