@@ -36,8 +36,8 @@ SEED = 2024
 
 def prepare_study(data: Path, encoding: str) -> tuple[list[Path], Any]:
     """The benchmark study in one encoding (same phantom, same ROI for every encoding)."""
-    from model.roi import RoiAnnotation
-    from model.synth import make_case
+    from model.serving.roi import RoiAnnotation
+    from model.synthetic.cases import make_case
 
     case_dir = data / encoding
     roi_path = case_dir / "BENCH" / "roi.json"
@@ -67,9 +67,9 @@ def prepare_checkpoint(data: Path) -> Path:
     """A ResNet50 checkpoint with random weights: timing does not depend on the weights."""
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.network import build_resnet50
-    from model.preprocess import PreprocessParams
+    from model.serving.checkpoint import save_checkpoint
+    from model.serving.network import build_resnet50
+    from model.serving.preprocess import PreprocessParams
 
     path = data / "bench-model.pt"
     if not path.exists():
@@ -92,8 +92,8 @@ def time_study(
     classifier: Any, paths: list[Path], roi: Any, runs: int, decode_threads: int | None
 ) -> dict[str, Any]:
     """Median wall-clock and CPU seconds (all threads of this process) per stage."""
-    from model.preprocess import build_inputs
-    from model.volume import read_series_geometry
+    from model.io.volume import read_series_geometry
+    from model.serving.preprocess import build_inputs
 
     stages = ("headers", "load", "inputs", "inference", "total")
     wall: dict[str, list[float]] = {name: [] for name in stages}
@@ -127,7 +127,7 @@ def time_study(
 
 
 def time_full_decode(paths: list[Path]) -> float:
-    from model.volume import load_series
+    from model.io.volume import load_series
 
     start = time.perf_counter()
     load_series(paths)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    from model.inference import Classifier
+    from model.serving.inference import Classifier
 
     args.data.mkdir(parents=True, exist_ok=True)
     checkpoint = prepare_checkpoint(args.data)

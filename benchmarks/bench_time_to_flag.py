@@ -46,7 +46,7 @@ def make_studies(
     folder: Path, count: int, phantoms: int
 ) -> list[tuple[list[Path], dict[str, Any]]]:
     """``count`` 300-slice studies: ``phantoms`` distinct ones, the rest copies under new UIDs."""
-    from model.synth import make_case
+    from model.synthetic.cases import make_case
 
     bases = []
     for number in range(phantoms):
@@ -165,7 +165,7 @@ def main() -> int:
         database_url = f"{args.database_url}/{name}"
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from model.demo import ensure_demo_checkpoint
+        from model.synthetic.demo import ensure_demo_checkpoint
 
         checkpoint = ensure_demo_checkpoint(ROOT / "var" / "models")
     env.update(

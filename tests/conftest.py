@@ -133,7 +133,7 @@ def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """
     from pathlib import Path
 
-    from model.demo import ensure_demo_checkpoint
+    from model.synthetic.demo import ensure_demo_checkpoint
 
     cache = os.environ.get("SPINE_TRIAGE_TEST_MODEL_CACHE")
     folder = Path(cache) if cache else tmp_path_factory.mktemp("demo-model")

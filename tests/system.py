@@ -41,9 +41,9 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from pydicom.uid import generate_uid
 
-    from model.checkpoint import save_checkpoint
-    from model.network import build_resnet50
-    from model.preprocess import PreprocessParams
+    from model.serving.checkpoint import save_checkpoint
+    from model.serving.network import build_resnet50
+    from model.serving.preprocess import PreprocessParams
 
     torch.manual_seed(0)
     network = build_resnet50("random")
@@ -68,7 +68,7 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     """Three small synthetic spine CT studies with their ROIs (made once per session)."""
-    from model.synth import make_cohort
+    from model.synthetic.cases import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("cohort"), patients=3, seed=11)
 

@@ -48,9 +48,9 @@ from worker.series import (
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
 
 if TYPE_CHECKING:
-    from model.inference import Prediction
-    from model.roi import RoiAnnotation as ModelRoi
-    from model.volume import Volume
+    from model.io.volume import Volume
+    from model.serving.inference import Prediction
+    from model.serving.roi import RoiAnnotation as ModelRoi
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def _load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
 
 
 def to_model_roi(job: Job) -> ModelRoi:
-    from model.roi import RoiAnnotation as ModelRoi
-    from model.roi import RoiError
+    from model.serving.roi import RoiAnnotation as ModelRoi
+    from model.serving.roi import RoiError
 
     try:
         return ModelRoi.from_json(job.roi_json)
@@ -183,7 +183,7 @@ def to_model_roi(job: Job) -> ModelRoi:
 
 def load_volume(rt: WorkerRuntime, job: Job, roi: ModelRoi) -> Volume:
     """Decode only the slices the ROI needs; geometry problems fail the job."""
-    from model.volume import SeriesError
+    from model.io.volume import SeriesError
 
     try:
         return rt.classifier.load_volume(list(job.series_files), roi)
@@ -195,9 +195,9 @@ def load_volume(rt: WorkerRuntime, job: Job, roi: ModelRoi) -> Volume:
 
 def classify(rt: WorkerRuntime, volume: Volume, roi: ModelRoi) -> tuple[np.ndarray, Prediction]:
     """The network inputs (METHOD.md) and the model's answer for them."""
-    from model.inference import prediction_from_probabilities
-    from model.preprocess import build_inputs
-    from model.volume import SeriesError
+    from model.io.volume import SeriesError
+    from model.serving.inference import prediction_from_probabilities
+    from model.serving.preprocess import build_inputs
 
     classifier = rt.classifier
     try:

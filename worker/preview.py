@@ -4,7 +4,7 @@ For each ROI slice position x the network sees three sagittal slabs (x − 3, x,
 ``METHOD.md``), z-scored; :func:`render_preview_png` shows them side by side in grey with the
 slice's x and probability above, and, when given, a sagittal context image (HU) around the
 ROI with the square box drawn in. :func:`sagittal_context` cuts that context image out of a
-:class:`model.volume.Volume`. Pillow only: rendering five slices takes a few tens of
+:class:`model.io.volume.Volume`. Pillow only: rendering five slices takes a few tens of
 milliseconds, so the pipeline can afford it on every job.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
-    from model.roi import RoiAnnotation
-    from model.volume import Volume
+    from model.io.volume import Volume
+    from model.serving.roi import RoiAnnotation
 
 __all__ = ["render_preview_png", "sagittal_context"]
 

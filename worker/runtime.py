@@ -26,7 +26,7 @@ from dicom_node.storage import FileStore
 from worker.destinations import Destination
 
 if TYPE_CHECKING:
-    from model.inference import Classifier
+    from model.serving.inference import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def default_checkpoint(
     ``progress`` shows progress bars for that first training)."""
     if settings.model_checkpoint is not None:
         return settings.model_checkpoint
-    from model.demo import demo_checkpoint_path, ensure_demo_checkpoint
+    from model.synthetic.demo import demo_checkpoint_path, ensure_demo_checkpoint
 
     cache = (settings.var_dir / "models").resolve()
     if not train_if_missing:
@@ -75,7 +75,7 @@ class WorkerRuntime:
             if self._classifier is None:
                 import torch
 
-                from model.inference import Classifier
+                from model.serving.inference import Classifier
 
                 if self.settings.torch_threads:
                     torch.set_num_threads(self.settings.torch_threads)

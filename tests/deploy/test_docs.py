@@ -15,7 +15,7 @@ from dicom_node.schema import AnnotationState, DeliveryState
 from dicom_node.scp import TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.settings import render_settings_markdown
 from dicom_node.vertebrae import VERTEBRA_CODES
-from model.demo import DEMO_RECIPE
+from model.synthetic.demo import DEMO_RECIPE
 from tests.deploy.files import DEPLOY, DOCS, REPO, SETTING_VARIABLES, parse_cli, setting_names_in
 from tests.sr.synthetic_ct import axial_series, new_study
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes

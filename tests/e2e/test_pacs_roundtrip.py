@@ -38,7 +38,7 @@ def ris() -> Iterator[MllpListener]:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One malignant and one benign synthetic study (a held-out seed)."""
-    from model.synth import make_case
+    from model.synthetic.cases import make_case
 
     folder = tmp_path_factory.mktemp("e2e-cases")
     return {

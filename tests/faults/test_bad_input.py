@@ -330,7 +330,7 @@ def test_well_formed_images_in_every_shape_are_still_accepted(
 ) -> None:
     """What the pixel check must let through: Enhanced CT (all frames in one object),
     JPEG 2000 and RLE fragments, implicit VR."""
-    from model.synth import make_case
+    from model.synthetic.cases import make_case
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     node = node_factory()

@@ -33,7 +33,7 @@ def _tilt_one_slice(files: list[Path]) -> None:
 def test_broken_series_fail_with_their_reason_while_a_good_study_is_done(
     system_factory: Callable[..., System], tmp_path: Path
 ) -> None:
-    from model.synth import make_case
+    from model.synthetic.cases import make_case
 
     cases = {
         name: make_case(tmp_path / "cases", patient_id=name, label="malignant", seed=5)

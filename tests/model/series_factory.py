@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.roi import RoiAnnotation
-from model.synth_dicom import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
+from model.serving.roi import RoiAnnotation
+from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
 
 Point = tuple[float, float, float]
 
@@ -120,7 +120,7 @@ def write_oriented_series(
     """A series in any orientation (sagittal, coronal, oblique), written pixel by pixel."""
     from pydicom.uid import CTImageStorage, generate_uid
 
-    from model.synth_dicom import RESCALE_INTERCEPT, base_dataset, ds_values, file_meta_for
+    from model.synthetic.dicom import RESCALE_INTERCEPT, base_dataset, ds_values, file_meta_for
 
     row = np.asarray(row_direction, dtype=np.float64)
     column = np.asarray(column_direction, dtype=np.float64)

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from model.checkpoint import (
+from model.serving.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from model.preprocess import PreprocessParams
+from model.serving.preprocess import PreprocessParams
 
 
 @dataclass

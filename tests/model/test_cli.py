@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.preprocess import build_inputs
-from model.roi import RoiAnnotation
-from model.volume import load_series
+from model.io.volume import load_series
+from model.serving.preprocess import build_inputs
+from model.serving.roi import RoiAnnotation
 from worker.cli import main
 
 

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, save_checkpoint
-from model.inference import Classifier, prediction_from_probabilities
-from model.network import PretrainedWeightsUnavailable, build_resnet50, imagenet_weights_path
-from model.preprocess import PreprocessParams, build_inputs
-from model.synth import make_case
-from model.volume import load_series
+from model.io.volume import load_series
+from model.serving.checkpoint import CheckpointError, save_checkpoint
+from model.serving.inference import Classifier, prediction_from_probabilities
+from model.serving.network import (
+    PretrainedWeightsUnavailable,
+    build_resnet50,
+    imagenet_weights_path,
+)
+from model.serving.preprocess import PreprocessParams, build_inputs
+from model.synthetic.cases import make_case
 
 torch.set_num_threads(1)
 
@@ -99,7 +103,7 @@ def test_predict_matches_the_network_run_by_hand(checkpoint: Path, case) -> None
     paths = sorted(case.series_dir.glob("*.dcm"))
     inputs = build_inputs(load_series(paths), case.roi)
     network = build_resnet50("random").eval()
-    from model.checkpoint import load_checkpoint
+    from model.serving.checkpoint import load_checkpoint
 
     network.load_state_dict(load_checkpoint(checkpoint)[0])
     with torch.inference_mode():

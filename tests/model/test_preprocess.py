@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.preprocess import (
+from model.io.volume import load_series
+from model.serving.preprocess import (
     PreprocessParams,
     PreprocessParamsError,
     RoiOutsideVolumeError,
     build_inputs,
+    load_roi_volume,
 )
-from model.roi import RoiAnnotation
-from model.volume import load_series
+from model.serving.roi import RoiAnnotation
 from tests.model.series_factory import square_roi, write_blob_series, write_oriented_series
 
 # Box centred at (y, z) = (2, -3) mm, side 32 mm: cells of 0.5 mm.
@@ -39,7 +40,7 @@ MARKER = (SLICE_X + 3.0, _y, _z)
 def _inputs(folder: Path, **layout: object) -> tuple[np.ndarray, RoiAnnotation]:
     paths, identity = write_blob_series(folder, [MARKER], **layout)  # type: ignore[arg-type]
     roi = square_roi(identity, center_yz=CENTER_YZ, side=SIDE, slices_x_mm=(SLICE_X, SLICE_X + 3))
-    return build_inputs(load_series(paths, roi=roi), roi), roi
+    return build_inputs(load_roi_volume(paths, roi), roi), roi
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_roi_partly_outside_the_volume_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RoiOutsideVolumeError, match="slice axis"):
         build_inputs(volume, over_top)
     with pytest.raises(RoiOutsideVolumeError):
-        build_inputs(load_series(paths, roi=over_top), over_top)
+        build_inputs(load_roi_volume(paths, over_top), over_top)
     # Slabs reach 4.5 mm to each side of x; the series spans x ±33.25 mm.
     at_edge = square_roi(identity, center_yz=(0.0, 0.0), side=24.0, slices_x_mm=(30.0,))
     with pytest.raises(RoiOutsideVolumeError, match="column axis"):
@@ -116,7 +117,7 @@ def test_roi_partly_outside_the_volume_is_an_error(tmp_path: Path) -> None:
 def test_partial_volume_without_enough_margin_is_reported(tmp_path: Path) -> None:
     paths, identity = write_blob_series(tmp_path, [MARKER], slices=30)
     roi = square_roi(identity, center_yz=(0.0, 0.0), side=12.0, slices_x_mm=(0.0,))
-    narrow = load_series(paths, roi=roi, lateral_reach_mm=0.0, margin_mm=0.0)
+    narrow = load_roi_volume(paths, roi, lateral_reach_mm=0.0, margin_mm=0.0)
     with pytest.raises(RoiOutsideVolumeError, match="larger margin"):
         build_inputs(narrow, roi)
 
@@ -176,7 +177,7 @@ def test_same_tensor_from_a_series_in_another_orientation(
         center=(2.0, 0.0, 0.0),
     )
     roi = square_roi(identity, center_yz=CENTER_YZ, side=SIDE, slices_x_mm=(SLICE_X, SLICE_X + 3))
-    inputs = build_inputs(load_series(paths, roi=roi), roi)
+    inputs = build_inputs(load_roi_volume(paths, roi), roi)
     np.testing.assert_allclose(inputs, reference, atol=0.08 * float(np.abs(reference).max()))
     assert float(np.abs(inputs - reference).mean()) < 0.01
     assert np.unravel_index(np.argmax(inputs[0]), inputs[0].shape) == (

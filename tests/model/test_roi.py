@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from model.roi import MAX_SLICES, RoiAnnotation, RoiError
+from model.serving.roi import MAX_SLICES, RoiAnnotation, RoiError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"

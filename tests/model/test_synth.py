@@ -12,10 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.preprocess import build_inputs
-from model.roi import RoiAnnotation
-from model.synth import make_case, make_cohort
-from model.volume import load_series
+from model.io.volume import load_series
+from model.serving.preprocess import build_inputs, load_roi_volume
+from model.serving.roi import RoiAnnotation
+from model.synthetic.cases import make_case, make_cohort
 from tests.support import require_binary
 
 
@@ -70,7 +70,7 @@ def test_case_has_series_roi_and_label(tmp_path: Path) -> None:
     assert roi.series_instance_uid == first.SeriesInstanceUID
     assert roi.study_instance_uid == first.StudyInstanceUID
     assert 0.5 <= float(first.PixelSpacing[0]) <= 0.9
-    inputs = build_inputs(load_series(files, roi=roi), roi)  # the ROI lies inside the volume
+    inputs = build_inputs(load_roi_volume(files, roi), roi)  # the ROI lies inside the volume
     assert inputs.shape == (len(roi.slices_x_mm), 3, 64, 64)
 
 
@@ -115,7 +115,7 @@ def test_cohort_manifest_and_table1_features(tmp_path: Path) -> None:
 
 def _roi_hu(case) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """Share of soft-tissue voxels inside the vertebral body and of bright (sclerotic) ones."""
-    volume = load_series(sorted(case.series_dir.glob("*.dcm")), roi=case.roi)
+    volume = load_roi_volume(sorted(case.series_dir.glob("*.dcm")), case.roi)
     box = case.roi.square_box_yz()
     x = float(np.mean(case.roi.slices_x_mm))
     points = np.array(

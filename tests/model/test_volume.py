@@ -9,8 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.roi import RoiAnnotation
-from model.volume import (
+from model.io.volume import (
     DuplicatePositionError,
     EmptySeriesError,
     GantryTiltError,
@@ -19,13 +18,14 @@ from model.volume import (
     MixedOrientationError,
     MixedSeriesError,
     NonUniformSpacingError,
-    RoiOutsideVolumeError,
     SeriesError,
     UnreadableSliceError,
     group_paths_by_series,
     load_series,
     read_series_geometry,
 )
+from model.serving.preprocess import RoiOutsideVolumeError, load_roi_volume
+from model.serving.roi import RoiAnnotation
 from tests.model.series_factory import square_roi, write_blob_series
 
 MARKER = (5.0, -4.0, 3.0)
@@ -186,7 +186,7 @@ def test_only_the_slices_the_roi_needs_are_decoded(tmp_path: Path, blob_series: 
     paths, roi = blob_series
     copies = _by_position(_copy(paths, tmp_path / "s"))
     full = load_series(paths)
-    partial = load_series(copies, roi=roi)
+    partial = load_roi_volume(copies, roi)
     # Box z -6..6 mm on slices 1 mm apart at z = -19.5, -18.5, ...: the slices from the one
     # just below the box to the one just above it (interpolation needs both).
     needed = {
@@ -198,7 +198,7 @@ def test_only_the_slices_the_roi_needs_are_decoded(tmp_path: Path, blob_series: 
     for i, path in enumerate(copies):
         if i not in needed:
             _spoil_pixel_data(path)
-    again = load_series(copies, roi=roi)  # the spoiled files are never decoded
+    again = load_roi_volume(copies, roi)  # the spoiled files are never decoded
     np.testing.assert_array_equal(again.voxels, partial.voxels)
     assert set(again.sop_instance_uids) == {
         pydicom.dcmread(copies[i]).SOPInstanceUID for i in needed
@@ -223,21 +223,21 @@ def test_geometry_of_whole_series_is_checked_even_for_an_roi(
     copies = _by_position(_copy(paths, tmp_path / "s"))
     copies[1].unlink()  # far from the ROI
     with pytest.raises(MissingSliceError):
-        load_series(copies[:1] + copies[2:], roi=roi)
+        load_roi_volume(copies[:1] + copies[2:], roi)
 
 
 def test_roi_of_another_series_is_refused(blob_series: BlobSeries) -> None:
     paths, roi = blob_series
     other = RoiAnnotation.from_json({**roi.to_json(), "series_instance_uid": "1.2.3"})
     with pytest.raises(MixedSeriesError, match=r"ROI names series 1\.2\.3"):
-        load_series(paths, roi=other)
+        load_roi_volume(paths, other)
 
 
 def test_roi_entirely_outside_the_series_is_refused(blob_series: BlobSeries) -> None:
     paths, roi = blob_series
     far = RoiAnnotation.from_json({**roi.to_json(), "slices_x_mm": [200.0]})
     with pytest.raises(RoiOutsideVolumeError):
-        load_series(paths, roi=far)
+        load_roi_volume(paths, far)
 
 
 @pytest.mark.parametrize("transfer_syntax", ["j2k", "rle"])
@@ -258,14 +258,14 @@ def test_compressed_series_decode_to_the_same_volume(
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID.is_compressed
     np.testing.assert_array_equal(load_series(compressed).voxels, load_series(paths).voxels)
     np.testing.assert_array_equal(
-        load_series(compressed, roi=roi, workers=2).voxels, load_series(paths, roi=roi).voxels
+        load_roi_volume(compressed, roi, workers=2).voxels, load_roi_volume(paths, roi).voxels
     )
 
 
 def test_jpeg2000_region_decoding_matches_pydicom(tmp_path: Path) -> None:
     from pydicom.encaps import get_frame
 
-    from model.j2k_region import decode_j2k_region, region_decoder_available
+    from model.io.j2k_region import decode_j2k_region, region_decoder_available
 
     assert region_decoder_available()
     paths, _ = write_blob_series(tmp_path, [MARKER], slices=3, transfer_syntax="j2k")
@@ -300,8 +300,8 @@ def test_enhanced_ct_multiframe_loads_like_classic_ct(
     np.testing.assert_array_equal(multiframe.voxels, classic.voxels)
     np.testing.assert_allclose(multiframe.origin, classic.origin)
     assert multiframe.spacing == pytest.approx(classic.spacing)
-    partial = load_series([enhanced], roi=roi)
-    np.testing.assert_array_equal(partial.voxels, load_series(paths, roi=roi).voxels)
+    partial = load_roi_volume([enhanced], roi)
+    np.testing.assert_array_equal(partial.voxels, load_roi_volume(paths, roi).voxels)
 
 
 def test_legacy_converted_enhanced_ct_from_highdicom_loads(

@@ -17,7 +17,7 @@ def _one_thread() -> None:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six synthetic patients (3 malignant, 3 benign); returns the manifest path."""
-    from model.synth import make_cohort
+    from model.synthetic.cases import make_cohort
 
     out = tmp_path_factory.mktemp("tiny-cohort")
     make_cohort(out, patients=6, seed=11)

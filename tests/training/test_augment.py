@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from model.augment import AugmentParams, augment_batch, random_affine_matrices, zscore_per_sample
+from model.training.augment import (
+    AugmentParams,
+    augment_batch,
+    random_affine_matrices,
+    zscore_per_sample,
+)
 
 IDENTITY = AugmentParams(
     max_translation_fraction=0.0, min_scale=1.0, max_scale=1.0, max_rotation_degrees=0.0

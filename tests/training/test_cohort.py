@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.cohort import CohortError, load_cohort, read_manifest
-from model.preprocess import PreprocessParams
-from model.synth import make_case
+from model.serving.preprocess import PreprocessParams
+from model.synthetic.cases import make_case
+from model.training.cohort import CohortError, load_cohort, read_manifest
 
 
 def _write_manifest(path: Path, rows: list[list[str]]) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.checkpoint import load_checkpoint
-from model.cohort import load_cohort, read_manifest
-from model.inference import Classifier
-from model.volume import load_series
+from model.serving.checkpoint import load_checkpoint
+from model.serving.inference import Classifier
+from model.serving.preprocess import load_roi_volume
+from model.training.cohort import load_cohort, read_manifest
 from worker.cli import main
 
 QUICK = [
@@ -100,7 +100,7 @@ def test_train_writes_a_servable_checkpoint_with_its_config(
     # the serving path reproduces the training-time inputs and gives probabilities
     classifier = Classifier.load(out / "model.pt", device="cpu")
     row = read_manifest(tiny_cohort)[0]
-    volume = load_series(list(row.series_files), roi=row.roi)
+    volume = load_roi_volume(list(row.series_files), row.roi)
     prediction = classifier.predict(volume, row.roi)
     (patient,) = [p for p in load_cohort(tiny_cohort) if p.patient_id == row.patient_id]
     direct = classifier.predict_inputs(patient.inputs)

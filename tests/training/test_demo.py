@@ -8,12 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import load_checkpoint
-from model.demo import DEMO_RECIPE, DemoRecipe, demo_checkpoint_path, ensure_demo_checkpoint
-from model.inference import Classifier
-from model.metrics import auroc
-from model.synth import make_cohort
-from model.volume import load_series
+from model.serving.checkpoint import load_checkpoint
+from model.serving.inference import Classifier
+from model.serving.preprocess import load_roi_volume
+from model.synthetic.cases import make_cohort
+from model.synthetic.demo import (
+    DEMO_RECIPE,
+    DemoRecipe,
+    demo_checkpoint_path,
+    ensure_demo_checkpoint,
+)
+from model.training.metrics import auroc
 from worker.cli import main
 
 TINY = DemoRecipe(
@@ -82,7 +87,7 @@ def test_demo_model_separates_held_out_synthetic_patients(
     labels, scores = [], []
     for case in cases:
         files = sorted(p for p in case.series_dir.iterdir() if p.is_file())
-        prediction = classifier.predict(load_series(files, roi=case.roi), case.roi)
+        prediction = classifier.predict(load_roi_volume(files, case.roi), case.roi)
         labels.append(1 if case.label == "malignant" else 0)
         scores.append(prediction.patient_probability)
     area = auroc(labels, scores)

@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.folds import SplitError, assign_folds, carve_validation, make_cross_validation_splits
+from model.training.folds import (
+    SplitError,
+    assign_folds,
+    carve_validation,
+    make_cross_validation_splits,
+)
 
 
 def _labels(malignant: int, benign: int) -> dict[str, int]:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model.metrics import (
+from model.training.metrics import (
     auroc,
     bootstrap_auroc,
     calibration_summary,

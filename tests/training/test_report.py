@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from model.evaluate import CrossValidationConfig, write_outputs
-from model.report import (
+from model.training.evaluate import CrossValidationConfig, write_outputs
+from model.training.report import (
     FoldSummary,
     SlicePrediction,
     group_by_patient,
     read_predictions_csv,
     summarise,
 )
-from model.train import TrainConfig
+from model.training.train import TrainConfig
 
 
 def _predictions() -> list[SlicePrediction]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.augment import AugmentParams
-from model.cohort import PatientInputs
-from model.train import (
+from model.training.augment import AugmentParams
+from model.training.cohort import PatientInputs
+from model.training.train import (
     EarlyStopping,
     TrainConfig,
     build_model,
@@ -129,7 +129,7 @@ def test_imagenet_init_uses_the_local_cache(
 ) -> None:
     from torchvision.models import resnet50
 
-    from model.network import imagenet_weights_path
+    from model.serving.network import imagenet_weights_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(123)

@@ -24,9 +24,8 @@ from dicom_node.db import make_engine, make_session_factory, transaction
 from dicom_node.http import HttpServer, start_http
 from dicom_node.migrate import upgrade
 from dicom_node.schema import AnnotationState, DeliveryState, StudyState
-from model.preprocess import build_inputs
-from model.synth import make_case
-from model.volume import load_series
+from model.serving.preprocess import build_inputs, load_roi_volume
+from model.synthetic.cases import make_case
 from tests.support import free_port, require_binary
 from tests.worklist.conftest import make_settings
 from tests.worklist.dom import Element, parse_html
@@ -80,7 +79,7 @@ def dump_dom(url: str) -> Element:
 def _preview_png(folder: Path) -> tuple[bytes, tuple[float, ...], tuple[float, ...]]:
     """The picture the pipeline makes, from a synthetic malignant phantom's real inputs."""
     case = make_case(folder, patient_id="PAGE1", label="malignant", seed=3)
-    volume = load_series(sorted(case.series_dir.iterdir()), roi=case.roi, margin_mm=30.0)
+    volume = load_roi_volume(sorted(case.series_dir.iterdir()), case.roi, margin_mm=30.0)
     context, box = sagittal_context(volume, case.roi)
     xs = case.roi.slices_x_mm
     probabilities = FLAGGED_PROBABILITIES[: len(xs)]

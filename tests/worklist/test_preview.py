@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import build_inputs
-from model.roi import RoiAnnotation
-from model.synth import make_case
-from model.volume import Volume, load_series
+from model.io.volume import Volume
+from model.serving.preprocess import build_inputs, load_roi_volume
+from model.serving.roi import RoiAnnotation
+from model.synthetic.cases import make_case
 from worker.preview import BOX, FLAGGED, render_preview_png, sagittal_context
 
 STUDY = "1.2.826.0.1.3680043.8.498.61.1"
@@ -158,7 +158,7 @@ def test_sagittal_context_is_superior_up_anterior_left_with_the_box_in_pixels() 
 def test_context_box_matches_what_the_network_saw_on_a_phantom(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     case = make_case(tmp_path, patient_id="PREVIEW1", label="malignant", seed=11)
-    volume = load_series(sorted(case.series_dir.iterdir()), roi=case.roi, margin_mm=30.0)
+    volume = load_roi_volume(sorted(case.series_dir.iterdir()), case.roi, margin_mm=30.0)
     inputs = build_inputs(volume, case.roi)
     xs = case.roi.slices_x_mm
     middle = sorted(range(len(xs)), key=lambda i: xs[i])[len(xs) // 2]  # the middle slice

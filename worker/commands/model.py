@@ -113,7 +113,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from model.synth import make_cohort
+    from model.synthetic.cases import make_cohort
 
     if args.patients < 1:
         print("synth: --patients must be at least 1", file=sys.stderr)
@@ -152,9 +152,9 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_preprocess(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from model.preprocess import PreprocessParams, build_inputs
-    from model.roi import RoiAnnotation, RoiError
-    from model.volume import SeriesError, group_paths_by_series, load_series
+    from model.io.volume import SeriesError, group_paths_by_series
+    from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
+    from model.serving.roi import RoiAnnotation, RoiError
 
     try:
         roi = RoiAnnotation.from_json(json.loads(args.roi.read_text()))
@@ -163,7 +163,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
         return 2
     params = PreprocessParams()
     if args.checkpoint is not None:
-        from model.checkpoint import CheckpointError, load_checkpoint
+        from model.serving.checkpoint import CheckpointError, load_checkpoint
 
         try:
             params = PreprocessParams.from_json(
@@ -186,7 +186,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        volume = load_series(paths, roi=roi, lateral_reach_mm=params.lateral_reach_mm)
+        volume = load_roi_volume(paths, roi, lateral_reach_mm=params.lateral_reach_mm)
         inputs = build_inputs(volume, roi, params)
     except SeriesError as exc:
         print(f"preprocess: {exc}", file=sys.stderr)

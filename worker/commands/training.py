@@ -208,8 +208,8 @@ def register(subparsers: Any) -> None:
 
 
 def _training_config(args: argparse.Namespace, base: Any) -> Any:
-    from model.augment import AugmentParams
-    from model.train import with_overrides
+    from model.training.augment import AugmentParams
+    from model.training.train import with_overrides
 
     augment = base.augment
     factor = args.augmentation_factor
@@ -257,12 +257,12 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
     """Load the cohort (or make a synthetic one); CohortError lists every row problem."""
-    from model.cohort import load_cohort
-    from model.preprocess import PreprocessParams
+    from model.serving.preprocess import PreprocessParams
+    from model.training.cohort import load_cohort
 
     progress = not args.no_progress
     if args.synthetic is not None:
-        from model.demo import make_synthetic_cohort
+        from model.synthetic.demo import make_synthetic_cohort
 
         manifest = make_synthetic_cohort(workdir, patients=args.synthetic, seed=0)
         source = f"{args.synthetic} synthetic phantoms (seed 0)"
@@ -278,14 +278,14 @@ def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
 def _train(args: argparse.Namespace) -> int:
     import tempfile
 
-    from model.cohort import CohortError
-    from model.preprocess import PreprocessParams
-    from model.train import INTENDED_USE, TrainConfig, main
+    from model.serving.preprocess import PreprocessParams
+    from model.training.cohort import CohortError
+    from model.training.train import INTENDED_USE, TrainConfig, main
 
     _set_threads(args)
     demonstration = args.synthetic is not None
     if demonstration:
-        from model.demo import DEMO_INTENDED_USE, DEMO_NAME, DEMO_RECIPE
+        from model.synthetic.demo import DEMO_INTENDED_USE, DEMO_NAME, DEMO_RECIPE
 
         base, name, intended_use = DEMO_RECIPE.train, DEMO_NAME, DEMO_INTENDED_USE
     else:
@@ -333,12 +333,12 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from model.cohort import CohortError
-    from model.evaluate import CrossValidationConfig, cross_validate
-    from model.folds import SplitError
-    from model.preprocess import PreprocessParams
-    from model.report import render_table
-    from model.train import TrainConfig
+    from model.serving.preprocess import PreprocessParams
+    from model.training.cohort import CohortError
+    from model.training.evaluate import CrossValidationConfig, cross_validate
+    from model.training.folds import SplitError
+    from model.training.report import render_table
+    from model.training.train import TrainConfig
 
     _set_threads(args)
     try:
@@ -387,7 +387,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from model.demo import ensure_demo_checkpoint
+    from model.synthetic.demo import ensure_demo_checkpoint
 
     cache_dir = args.cache_dir
     if cache_dir is None:

@@ -123,7 +123,7 @@ def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) 
 
     from dicom_node.http import api_token
     from dicom_node.scu import StorePeer, store_files
-    from model.synth import make_cohort
+    from model.synthetic.cases import make_cohort
 
     folder = (settings.var_dir / "demo" / f"seed-{seed}").resolve()
     print(f"demo: writing {studies} synthetic studies to {folder}", flush=True)

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from model.augment import AugmentParams
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.cohort import load_cohort
-from model.preprocess import PreprocessParams
-from model.train import TrainConfig, main
+from model.serving.checkpoint import CheckpointError, load_checkpoint
+from model.serving.preprocess import PreprocessParams
+from model.training.augment import AugmentParams
+from model.training.cohort import load_cohort
+from model.training.train import TrainConfig, main
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def make_synthetic_cohort(
     out_dir: Path, *, patients: int, seed: int, malignant_fraction: float = 0.5
 ) -> Path:
     """Write a synthetic cohort (DICOM series, ROI JSON, manifest.csv); return the manifest."""
-    from model.synth import make_cohort
+    from model.synthetic.cases import make_cohort
 
     make_cohort(out_dir, patients=patients, seed=seed, malignant_fraction=malignant_fraction)
     return out_dir / "manifest.csv"

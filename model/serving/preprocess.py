@@ -18,14 +18,24 @@ Sampling that reaches outside the series (beyond half a voxel past its edge) rai
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.roi import RoiAnnotation
-from model.volume import RoiOutsideVolumeError, Volume
+from model.io.volume import (
+    MixedSeriesError,
+    PatientBox,
+    RegionOutsideSeriesError,
+    SeriesError,
+    SeriesGeometry,
+    Volume,
+    load_volume,
+    read_series_geometry,
+)
+from model.serving.roi import RoiAnnotation
 
 __all__ = [
     "PREPROCESSING_METHOD",
@@ -33,6 +43,8 @@ __all__ = [
     "PreprocessParamsError",
     "RoiOutsideVolumeError",
     "build_inputs",
+    "load_roi_volume",
+    "roi_region",
     "sampling_points",
 ]
 
@@ -40,8 +52,17 @@ PREPROCESSING_METHOD = "li2021-sagittal-slabs"
 _AXIS_NAMES = ("slice", "row", "column")
 
 
+# How far (mm) the sampling slabs reach to either side of an ROI slice position with the
+# default preprocessing (channel spacing 3 mm + half a 3 mm slab); see PreprocessParams.
+DEFAULT_LATERAL_REACH_MM = 4.5
+
+
 class PreprocessParamsError(ValueError):
     """Preprocessing parameters are invalid or do not match what this code implements."""
+
+
+class RoiOutsideVolumeError(SeriesError):
+    """The ROI (box, slabs) reaches outside the volume: an error, never a crop of air."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +118,52 @@ class PreprocessParams:
         if missing:
             raise PreprocessParamsError(f"missing preprocessing parameter(s): {', '.join(missing)}")
         return cls(**dict(data))
+
+
+def roi_region(
+    roi: RoiAnnotation,
+    *,
+    lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
+    margin_mm: float = 0.0,
+) -> PatientBox:
+    """The region of the series an ROI samples: its square box in (y, z) and its slice
+    positions ± the slabs' lateral reach in x, all widened by ``margin_mm``."""
+    box = roi.square_box_yz()
+    reach = lateral_reach_mm + margin_mm
+    return PatientBox(
+        x_mm=(min(roi.slices_x_mm) - reach, max(roi.slices_x_mm) + reach),
+        y_mm=(box.y_range[0] - margin_mm, box.y_range[1] + margin_mm),
+        z_mm=(box.z_range[0] - margin_mm, box.z_range[1] + margin_mm),
+    )
+
+
+def load_roi_volume(
+    series: Sequence[Path] | SeriesGeometry,
+    roi: RoiAnnotation,
+    *,
+    lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
+    margin_mm: float = 0.0,
+    workers: int | None = None,
+) -> Volume:
+    """The part of a series an ROI needs (:func:`roi_region`), decoded; the whole series'
+    geometry is validated first (from ``series``' headers, or the geometry already read)."""
+    geometry = series if isinstance(series, SeriesGeometry) else read_series_geometry(series)
+    first = geometry.frames[0]
+    if roi.series_instance_uid != first.series_instance_uid:
+        raise MixedSeriesError(
+            f"ROI names series {roi.series_instance_uid}, files are series "
+            f"{first.series_instance_uid}"
+        )
+    region = roi_region(roi, lateral_reach_mm=lateral_reach_mm, margin_mm=margin_mm)
+    try:
+        return load_volume(geometry, region=region, workers=workers)
+    except RegionOutsideSeriesError as exc:
+        box = roi.square_box_yz()
+        raise RoiOutsideVolumeError(
+            f"ROI (box centre y={box.center_y:.1f}, z={box.center_z:.1f} mm, slices x="
+            f"{list(roi.slices_x_mm)} mm) lies entirely outside series "
+            f"{first.series_instance_uid}"
+        ) from exc
 
 
 def _grid_offsets(params: PreprocessParams, side: float) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.metrics import (
+from model.training.metrics import (
     CalibrationSummary,
     ConfidenceInterval,
     ConfusionMatrix,

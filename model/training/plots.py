@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from model.metrics import auroc, confusion_matrix, roc_curve
-from model.report import LABEL_NAMES, PatientPrediction, SlicePrediction, group_by_patient
+from model.training.metrics import auroc, confusion_matrix, roc_curve
+from model.training.report import LABEL_NAMES, PatientPrediction, SlicePrediction, group_by_patient
 
 
 def _save(figure: Figure, path: Path) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from model.preprocess import PreprocessParams, PreprocessParamsError
-from model.roi import is_dicom_uid
+from model.serving.preprocess import PreprocessParams, PreprocessParamsError
+from model.serving.roi import is_dicom_uid
 
 CHECKPOINT_FORMAT = "spine-triage-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1

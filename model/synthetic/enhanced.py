@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EnhancedCTImageStorage, generate_uid
 
-from model.synth_dicom import (
+from model.synthetic.dicom import (
     RESCALE_INTERCEPT,
     SeriesIdentity,
     SeriesLayout,

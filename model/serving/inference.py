@@ -17,11 +17,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from model.checkpoint import DEFAULT_THRESHOLD, CheckpointError, load_checkpoint
-from model.network import build_resnet50
-from model.preprocess import PreprocessParams, build_inputs
-from model.roi import RoiAnnotation
-from model.volume import Volume, load_series
+from model.io.volume import SeriesGeometry, Volume
+from model.serving.checkpoint import DEFAULT_THRESHOLD, CheckpointError, load_checkpoint
+from model.serving.network import build_resnet50
+from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
+from model.serving.roi import RoiAnnotation
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +163,15 @@ class Classifier:
         )
 
     def load_volume(
-        self, paths: Sequence[Path], roi: RoiAnnotation, *, workers: int | None = None
+        self,
+        series: Sequence[Path] | SeriesGeometry,
+        roi: RoiAnnotation,
+        *,
+        workers: int | None = None,
     ) -> Volume:
         """Load the part of a series this model needs for an ROI."""
-        return load_series(
-            paths,
-            roi=roi,
-            workers=workers,
-            lateral_reach_mm=self.preprocess.lateral_reach_mm,
+        return load_roi_volume(
+            series, roi, workers=workers, lateral_reach_mm=self.preprocess.lateral_reach_mm
         )
 
     def predict_files(

@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from model.phantom import Label
-from model.phantom_design import design_phantom, design_roi
-from model.roi import RoiAnnotation
-from model.synth_dicom import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
+from model.serving.roi import RoiAnnotation
+from model.synthetic.design import design_phantom, design_roi
+from model.synthetic.phantom import Label
+from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
 
 logger = logging.getLogger(__name__)
 

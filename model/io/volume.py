@@ -4,7 +4,7 @@ Slices are sorted by their position along the slice normal (ImagePositionPatient
 never by Instance Number. The whole series' geometry is validated from the headers alone
 (non-uniform spacing, gantry tilt, mixed orientations, duplicate positions and missing slices
 each raise their own :class:`SeriesError`); pixel data is then decoded only for the slices —
-and, where the codec allows, only the part of each slice — that an ROI needs.
+and, where the codec allows, only the part of each slice — that a region of interest needs.
 
 Index convention: ``voxels[k, r, c]`` is slice ``k`` (along ``slice_direction``), row ``r``
 (along ``column_direction``, DICOM's column cosine) and column ``c`` (along
@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.pixels import FrameRequest, decode_frames
-from model.roi import RoiAnnotation
-from model.series_headers import (
+from model.io.headers import (
     DuplicatePositionError,
     EmptySeriesError,
     FrameHeader,
@@ -38,9 +36,9 @@ from model.series_headers import (
     group_paths_by_series,
     read_frame_headers,
 )
+from model.io.pixels import FrameRequest, decode_frames
 
 __all__ = [
-    "DEFAULT_MARGIN_MM",
     "DuplicatePositionError",
     "EmptySeriesError",
     "GantryTiltError",
@@ -49,25 +47,19 @@ __all__ = [
     "MixedOrientationError",
     "MixedSeriesError",
     "NonUniformSpacingError",
-    "RoiOutsideVolumeError",
+    "PatientBox",
+    "RegionOutsideSeriesError",
     "SeriesError",
     "SeriesGeometry",
     "UnreadableSliceError",
     "Volume",
     "group_paths_by_series",
     "load_series",
+    "load_volume",
     "read_series_geometry",
 ]
 
 logger = logging.getLogger(__name__)
-
-# How far (mm) the sampling slabs reach to either side of an ROI slice position with the
-# default preprocessing (channel spacing 3 mm + half a 3 mm slab); see PreprocessParams.
-DEFAULT_LATERAL_REACH_MM = 4.5
-# Extra distance (mm) loaded around the region the ROI samples (the voxels that surround it
-# for interpolation are always loaded); raise it when sampling beyond the box, e.g. for
-# augmentation.
-DEFAULT_MARGIN_MM = 0.0
 
 _ORIENTATION_TOLERANCE = 1e-4
 _DUPLICATE_TOLERANCE_MM = 0.01
@@ -77,8 +69,8 @@ _TILT_TOLERANCE_MM = 0.02
 _TILT_TOLERANCE_SLOPE = 1e-3  # ≈ 0.06°
 
 
-class RoiOutsideVolumeError(SeriesError):
-    """The ROI (box, slabs) reaches outside the volume: an error, never a crop of air."""
+class RegionOutsideSeriesError(SeriesError):
+    """A region asked for lies entirely outside the series."""
 
 
 @dataclass(frozen=True)
@@ -292,24 +284,27 @@ def read_series_geometry(paths: Sequence[Path]) -> SeriesGeometry:
     return validate_geometry(read_frame_headers(paths))
 
 
-def roi_index_bounds(
-    geometry: SeriesGeometry,
-    roi: RoiAnnotation,
-    margin_mm: float,
-    lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Inclusive (start, stop) index ranges per axis of the region an ROI needs.
+@dataclass(frozen=True)
+class PatientBox:
+    """An axis-aligned box in patient coordinates (LPS, mm): the part of a series to decode."""
 
-    The region is the ROI's square box in (y, z) and its slice positions ± the slabs' lateral
-    reach in x, widened by ``margin_mm``, then to the voxels around it; clipped to
-    the series.
-    """
-    box = roi.square_box_yz()
-    reach = lateral_reach_mm + margin_mm
-    xs = (min(roi.slices_x_mm) - reach, max(roi.slices_x_mm) + reach)
-    ys = (box.y_range[0] - margin_mm, box.y_range[1] + margin_mm)
-    zs = (box.z_range[0] - margin_mm, box.z_range[1] + margin_mm)
-    corners = np.array([[x, y, z] for x in xs for y in ys for z in zs])
+    x_mm: tuple[float, float]
+    y_mm: tuple[float, float]
+    z_mm: tuple[float, float]
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{axis} {low:.1f}..{high:.1f} mm"
+            for axis, (low, high) in zip("xyz", (self.x_mm, self.y_mm, self.z_mm), strict=True)
+        )
+
+
+def region_index_bounds(
+    geometry: SeriesGeometry, region: PatientBox
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Inclusive (start, stop) index ranges per axis of the voxels ``region`` needs: those
+    inside it and those around it (for interpolation), clipped to the series."""
+    corners = np.array([[x, y, z] for x in region.x_mm for y in region.y_mm for z in region.z_mm])
     indices = geometry.patient_to_index(corners)
     low = np.floor(indices.min(axis=0) - 1e-6).astype(int)
     high = np.ceil(indices.max(axis=0) + 1e-6).astype(int)
@@ -318,9 +313,8 @@ def roi_index_bounds(
         size = geometry.shape[axis]
         start, stop = max(int(low[axis]), 0), min(int(high[axis]), size - 1)
         if start > stop:
-            raise RoiOutsideVolumeError(
-                f"ROI (box centre y={box.center_y:.1f}, z={box.center_z:.1f} mm, slices x="
-                f"{list(roi.slices_x_mm)} mm) lies entirely outside series "
+            raise RegionOutsideSeriesError(
+                f"region ({region.describe()}) lies entirely outside series "
                 f"{geometry.frames[0].series_instance_uid}"
             )
         bounds.append((start, stop))
@@ -328,34 +322,29 @@ def roi_index_bounds(
 
 
 def load_series(
-    paths: Sequence[Path],
-    *,
-    roi: RoiAnnotation | None = None,
-    margin_mm: float = DEFAULT_MARGIN_MM,
-    workers: int | None = None,
-    lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
+    paths: Sequence[Path], *, region: PatientBox | None = None, workers: int | None = None
 ) -> Volume:
-    """Load one CT series (classic CT or Enhanced CT multi-frame) as a :class:`Volume`.
+    """Read the headers of one CT series (classic CT or Enhanced CT multi-frame), validate its
+    geometry and load it as a :class:`Volume` (see :func:`load_volume`)."""
+    return load_volume(read_series_geometry(paths), region=region, workers=workers)
 
-    The headers of *all* files are read and the whole series' geometry validated first. With
-    ``roi``, only the slices the ROI's region crosses are decoded (its square box in y and z,
-    its slice positions ± ``lateral_reach_mm`` in x, all widened by ``margin_mm``), and of
-    each slice only the rows and columns it needs where the codec allows (JPEG 2000): the
-    result is then a partial volume. ``workers`` bounds the threads used to decode compressed
-    slices (default: the CPU count).
+
+def load_volume(
+    geometry: SeriesGeometry, *, region: PatientBox | None = None, workers: int | None = None
+) -> Volume:
+    """Decode a validated series as a :class:`Volume` (its headers are not read again).
+
+    With ``region``, only the slices the region crosses are decoded, and of each slice only
+    the rows and columns it needs where the codec allows (JPEG 2000): the result is then a
+    partial volume. ``workers`` bounds the threads used to decode compressed slices (default:
+    the CPU count).
     """
-    geometry = read_series_geometry(paths)
     first = geometry.frames[0]
-    if roi is not None and roi.series_instance_uid != first.series_instance_uid:
-        raise MixedSeriesError(
-            f"ROI names series {roi.series_instance_uid}, files are series "
-            f"{first.series_instance_uid}"
-        )
     n, rows, columns = geometry.shape
-    if roi is None:
+    if region is None:
         bounds = ((0, n - 1), (0, rows - 1), (0, columns - 1))
     else:
-        bounds = roi_index_bounds(geometry, roi, margin_mm, lateral_reach_mm)
+        bounds = region_index_bounds(geometry, region)
     (k0, k1), (r0, r1), (c0, c1) = bounds
     requests = [
         FrameRequest(header=geometry.frames[k], rows=(r0, r1 + 1), columns=(c0, c1 + 1))

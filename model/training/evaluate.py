@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.cohort import PatientInputs
-from model.folds import FoldSplit, make_cross_validation_splits
-from model.plots import plot_patient_slices, plot_roc, safe_file_stem
-from model.report import (
+from model.training.cohort import PatientInputs
+from model.training.folds import FoldSplit, make_cross_validation_splits
+from model.training.plots import plot_patient_slices, plot_roc, safe_file_stem
+from model.training.report import (
     EvaluationSummary,
     FoldSummary,
     SlicePrediction,
@@ -38,7 +38,7 @@ from model.report import (
     summarise,
     write_predictions_csv,
 )
-from model.train import (
+from model.training.train import (
     TrainConfig,
     cohort_description,
     fit,

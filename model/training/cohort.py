@@ -25,9 +25,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from model.preprocess import PreprocessParams, build_inputs
-from model.roi import RoiAnnotation, RoiError
-from model.volume import SeriesError, load_series
+from model.io.volume import SeriesError
+from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
+from model.serving.roi import RoiAnnotation, RoiError
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def load_patient_inputs(
     row: CohortRow, params: PreprocessParams, *, workers: int | None = None
 ) -> PatientInputs:
     """Load the series (only the slices the ROI needs) and build the network inputs."""
-    volume = load_series(row.series_files, roi=row.roi, workers=workers)
+    volume = load_roi_volume(row.series_files, row.roi, workers=workers)
     inputs = build_inputs(volume, row.roi, params)
     return PatientInputs(
         patient_id=row.patient_id,

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.augment import augment_batch
-from model.cohort import PatientInputs
-from model.folds import carve_validation
-from model.network import PretrainedWeightsUnavailable, build_resnet50
-from model.train_config import EarlyStopping, TrainConfig, with_overrides  # noqa: F401
+from model.serving.network import PretrainedWeightsUnavailable, build_resnet50
+from model.training.augment import augment_batch
+from model.training.cohort import PatientInputs
+from model.training.config import EarlyStopping, TrainConfig, with_overrides  # noqa: F401
+from model.training.folds import carve_validation
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def main(
     """Train on the whole cohort (validation carved out) and write model.pt + config.json."""
     from pydicom.uid import generate_uid
 
-    from model.checkpoint import save_checkpoint
+    from model.serving.checkpoint import save_checkpoint
 
     labels = {p.patient_id: p.label for p in patients}
     train_ids, validation_ids = carve_validation(
@@ -415,7 +415,7 @@ def validation_metrics(
 ) -> dict[str, float | int | None]:
     """Per-patient AUROC and accuracy at 0.5 on the validation patients (used for early
     stopping, so optimistic; the held-out estimate is what ``evaluate`` gives)."""
-    from model.metrics import auroc, confusion_matrix
+    from model.training.metrics import auroc, confusion_matrix
 
     if not validation:
         return {"patients": 0, "auroc": None, "accuracy": None}

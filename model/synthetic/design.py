@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from model.phantom import (
+from model.synthetic.phantom import (
     VERTEBRA_NAMES,
     CorticalBreak,
     Ellipsoid,

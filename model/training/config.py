@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from model.augment import AugmentParams
+from model.training.augment import AugmentParams
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Decoding the pixel data of the slices a volume needs, as float32 Hounsfield units.
 
 Any transfer syntax pydicom can decode (with the pylibjpeg plugins) works. JPEG 2000 frames
-are decoded region-only (:mod:`model.j2k_region`) in parallel threads; other frames are
+are decoded region-only (:mod:`model.io.j2k_region`) in parallel threads; other frames are
 decoded whole by pydicom and cropped.
 """
 
@@ -21,13 +21,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
 
-from model.j2k_region import (
+from model.io.headers import FrameHeader, UnreadableSliceError
+from model.io.j2k_region import (
     DecodedRegion,
     J2kRegionError,
     decode_j2k_region,
     region_decoder_available,
 )
-from model.series_headers import FrameHeader, UnreadableSliceError
 
 logger = logging.getLogger(__name__)
 
