@@ -1,7 +1,7 @@
 """The durable store path alone, stage by stage, without the network.
 
 Makes N synthetic CT instances (512×512 int16, ~0.5 MiB each) and stores them one after the
-other through the pieces of :func:`dicom_node.ingest.store_instance` (a fresh SQLite index and
+other through the pieces of :func:`dicom_node.dicom.ingest.store_instance` (a fresh SQLite index and
 storage under ``--root``), timing each stage, then prints the medians in ms per instance:
 
     python benchmarks/bench_store_path.py [--instances 300] [--root /tmp]
@@ -34,11 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.db import make_engine  # noqa: E402
-from dicom_node.index import KnownIds, record_instance  # noqa: E402
-from dicom_node.ingest import _read_header  # noqa: E402
-from dicom_node.migrate import upgrade  # noqa: E402
-from dicom_node.storage import FileStore, content_digest  # noqa: E402
+from dicom_node.archive.db import make_engine  # noqa: E402
+from dicom_node.archive.migrate import upgrade  # noqa: E402
+from dicom_node.dicom.index import KnownIds, record_instance  # noqa: E402
+from dicom_node.dicom.ingest import _read_header  # noqa: E402
+from dicom_node.dicom.storage import FileStore, content_digest  # noqa: E402
 from tests.dicom_factory import write_ct_series  # noqa: E402
 
 STAGES = ("start", "header", "digest", "place", "index", "commit", "durable", "total", "CPU")

@@ -22,9 +22,9 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.schema import AnnotationState, Instance, RoiAnnotation
-from dicom_node.sr_roi import RoiSrError, extract_roi, is_roi_report
-from dicom_node.storage import InvalidUidError, validate_uid
+from dicom_node.archive.schema import AnnotationState, Instance, RoiAnnotation
+from dicom_node.dicom.sr_roi import RoiSrError, extract_roi, is_roi_report
+from dicom_node.dicom.storage import InvalidUidError, validate_uid
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.annotations import annotation_from_sr
-from dicom_node.db import make_engine, make_session_factory, writer_lock
-from dicom_node.ingest import SrReceived, StoreContext
-from dicom_node.jobs import SendTask
-from dicom_node.metrics import count_instance_received
-from dicom_node.migrate import require_current_schema
+from dicom_node.archive.db import make_engine, make_session_factory, writer_lock
+from dicom_node.archive.migrate import require_current_schema
+from dicom_node.broker.wake import SendTask
+from dicom_node.dicom.ingest import SrReceived, StoreContext
+from dicom_node.dicom.scp import DicomService
+from dicom_node.dicom.storage import FileStore
 from dicom_node.scheduler import Scheduler
-from dicom_node.scp import DicomService
 from dicom_node.settings import Settings
-from dicom_node.storage import FileStore
+from dicom_node.web.metrics import count_instance_received
 
 log = logging.getLogger(__name__)
 

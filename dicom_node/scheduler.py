@@ -22,8 +22,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import transaction
-from dicom_node.jobs import (
+from dicom_node.archive.db import transaction
+from dicom_node.archive.schema import Delivery, RoiAnnotation
+from dicom_node.broker.wake import (
     DELIVER_TASK,
     DELIVERY_QUEUE,
     TRIAGE_QUEUE,
@@ -37,7 +38,6 @@ from dicom_node.jobs import (
     publish,
     ready_annotation_ids,
 )
-from dicom_node.schema import Delivery, RoiAnnotation
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)

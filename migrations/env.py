@@ -1,4 +1,4 @@
-"""Alembic environment: metadata from ``dicom_node.schema``, URL from the settings.
+"""Alembic environment: metadata from ``dicom_node.archive.schema``, URL from the settings.
 
 A caller may hand over a connection (``config.attributes["connection"]``) or a URL
 (``config.attributes["url"]``); otherwise the URL comes from the settings.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from dicom_node.db import make_engine
-from dicom_node.schema import Base
+from dicom_node.archive.db import make_engine
+from dicom_node.archive.schema import Base
 from dicom_node.settings import load_settings
 
 config = context.config

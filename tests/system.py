@@ -17,19 +17,19 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from dicom_node.http import HttpServer, start_http
-from dicom_node.migrate import upgrade
-from dicom_node.node import Node, start_node
-from dicom_node.queue import TaskSender, make_celery
-from dicom_node.schema import (
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     DeliveryState,
     RoiAnnotation,
     TriageResult,
 )
-from dicom_node.scu import StorePeer, store_files
+from dicom_node.broker.app import TaskSender, make_celery
+from dicom_node.dicom.scu import StorePeer, store_files
+from dicom_node.node import Node, start_node
 from dicom_node.settings import Settings
+from dicom_node.web.app import HttpServer, start_http
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
-from dicom_node.queue import celery_config
+from dicom_node.broker.app import celery_config
 from dicom_node.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from dicom_node.schema import (
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     DeliveryState,

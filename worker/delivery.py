@@ -19,8 +19,8 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from dicom_node.db import transaction
-from dicom_node.schema import Delivery, DeliveryState, RoiAnnotation, Study, TriageResult
+from dicom_node.archive.db import transaction
+from dicom_node.archive.schema import Delivery, DeliveryState, RoiAnnotation, Study, TriageResult
 from dicom_node.settings import DestinationSettings
 from worker.claims import backoff_s, claim_delivery
 from worker.destinations import DeliveryPayload

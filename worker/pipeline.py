@@ -26,9 +26,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dicom_node.db import transaction
-from dicom_node.jobs import DELIVER_TASK, DELIVERY_QUEUE, mark_deliveries_enqueued, publish
-from dicom_node.schema import AnnotationState, RoiAnnotation, TriageResult
+from dicom_node.archive.db import transaction
+from dicom_node.archive.schema import AnnotationState, RoiAnnotation, TriageResult
+from dicom_node.broker.wake import DELIVER_TASK, DELIVERY_QUEUE, mark_deliveries_enqueued, publish
 from worker.claims import (
     backoff_s,
     claim_annotation,

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import make_engine, make_session_factory
-from dicom_node.jobs import SendTask
+from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.broker.wake import SendTask
+from dicom_node.dicom.storage import FileStore
 from dicom_node.node import make_store
 from dicom_node.settings import Settings, load_settings
-from dicom_node.storage import FileStore
 from worker.destinations import Destination
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def get_runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from dicom_node.queue import TaskSender, make_celery
+            from dicom_node.broker.app import TaskSender, make_celery
 
             settings = load_settings()
             _runtime = WorkerRuntime.from_settings(

@@ -16,9 +16,9 @@ import pydicom
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.db import transaction, writer_lock
-from dicom_node.ingest import SR_SOP_CLASSES
-from dicom_node.schema import Instance, Series, Study, StudyState
+from dicom_node.archive.db import transaction, writer_lock
+from dicom_node.archive.schema import Instance, Series, Study, StudyState
+from dicom_node.dicom.ingest import SR_SOP_CLASSES
 from worker.errors import PermanentError, TransientError
 from worker.runtime import WorkerRuntime
 
@@ -59,8 +59,8 @@ def stored_image_paths(
 
 def retrieve_series(rt: WorkerRuntime, study_uid: str, series_uid: str) -> None:
     """WADO-RS from the configured source into storage, through the durable ingest path."""
-    from dicom_node.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
-    from dicom_node.ingest import StoreContext, StoreOutcome, store_instance
+    from dicom_node.dicom.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
+    from dicom_node.dicom.ingest import StoreContext, StoreOutcome, store_instance
 
     settings = rt.settings
     endpoint = DicomwebEndpoint(

@@ -52,7 +52,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from dicom_node.vertebrae import vertebra_code
+from dicom_node.dicom.vertebrae import vertebra_code
 from worker.sr_evidence import frame_of_reference, in_utf8, with_type2_attributes
 
 logger = logging.getLogger(__name__)

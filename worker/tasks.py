@@ -10,7 +10,7 @@ import logging
 
 from celery import Task, shared_task
 
-from dicom_node.jobs import DELIVER_TASK, TRIAGE_TASK
+from dicom_node.broker.wake import DELIVER_TASK, TRIAGE_TASK
 from worker.delivery import DeliveryOutcome, run_delivery
 from worker.pipeline import Outcome, run_triage
 from worker.runtime import get_runtime

@@ -15,7 +15,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage
 
-from dicom_node.scu import StorePeer, status_kind, store_files
+from dicom_node.dicom.scu import StorePeer, status_kind, store_files
 from dicom_node.settings import CStoreDestination
 from tests.delivery.conftest import ResultStudy, orthanc_instances
 from tests.services import Orthanc

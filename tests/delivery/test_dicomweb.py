@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage, CTImageStorage
 
-from dicom_node.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
+from dicom_node.dicom.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
 from dicom_node.settings import StowDestination
 from tests.delivery.conftest import ResultStudy, orthanc_instances, upload_to_orthanc
 from tests.services import Orthanc

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dicom_node.jobs import DELIVERY_QUEUE, TRIAGE_QUEUE
+from dicom_node.broker.wake import DELIVERY_QUEUE, TRIAGE_QUEUE
 from dicom_node.settings import Settings
 from tests.deploy.files import (
     COMPOSE,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.ingest import STORAGE_SOP_CLASSES
-from dicom_node.schema import AnnotationState, DeliveryState
-from dicom_node.scp import TRANSFER_SYNTAXES, VERIFICATION
+from dicom_node.archive.schema import AnnotationState, DeliveryState
+from dicom_node.dicom.ingest import STORAGE_SOP_CLASSES
+from dicom_node.dicom.scp import TRANSFER_SYNTAXES, VERIFICATION
+from dicom_node.dicom.vertebrae import VERTEBRA_CODES
 from dicom_node.settings import render_settings_markdown
-from dicom_node.vertebrae import VERTEBRA_CODES
 from model.synthetic.demo import DEMO_RECIPE
 from tests.deploy.files import DEPLOY, DOCS, REPO, SETTING_VARIABLES, parse_cli, setting_names_in
 from tests.sr.synthetic_ct import axial_series, new_study
@@ -116,7 +116,9 @@ def test_documented_metrics_exist() -> None:
     assert names, "the guide names no metric"
     for name in names:
         base = name.removeprefix("spine_triage_").removesuffix("_total")
-        assert f'f"{{PREFIX}}_{base}"' in source, f"{name} is not a metric of dicom_node.metrics"
+        assert f'f"{{PREFIX}}_{base}"' in source, (
+            f"{name} is not a metric of dicom_node.web.metrics"
+        )
 
 
 def test_relative_links_resolve() -> None:
@@ -143,7 +145,7 @@ def test_conformance_statement_lists_exactly_the_sop_classes_and_transfer_syntax
 
 
 def test_conformance_statement_lists_every_c_store_status_the_node_answers() -> None:
-    from dicom_node import ingest
+    from dicom_node.dicom import ingest
 
     text = CONFORMANCE.read_text()
     statuses = {value for name, value in vars(ingest).items() if name.startswith("STATUS_")}

@@ -16,9 +16,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.migrate import upgrade
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import Instance, Series
 from dicom_node.node import Node, start_node
-from dicom_node.schema import Instance, Series
 from dicom_node.settings import Settings
 from tests.deploy.files import DEPLOY, load_compose
 from tests.sr.synthetic_ct import axial_series, new_study

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from dicom_node.jobs import DELIVERY_QUEUE, TRIAGE_QUEUE
+from dicom_node.broker.wake import DELIVERY_QUEUE, TRIAGE_QUEUE
 from tests.deploy.files import SETTING_VARIABLES, SYSTEMD, parse_cli, systemd_unit
 
 UNITS = {

@@ -15,7 +15,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from sqlalchemy import func, select
 
-from dicom_node.schema import AnnotationState, Delivery, DeliveryState, TriageResult
+from dicom_node.archive.schema import AnnotationState, Delivery, DeliveryState, TriageResult
 from tests.services import MllpListener, Orthanc
 from tests.support import require_binary
 from tests.system import System, case_files

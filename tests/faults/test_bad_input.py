@@ -30,7 +30,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from sqlalchemy import func, select
 
-from dicom_node.schema import Instance, Series, Study
+from dicom_node.archive.schema import Instance, Series, Study
 from tests.faults.malformed import (
     MALFORMED,
     PATIENT_ID,

@@ -16,13 +16,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import make_engine, make_session_factory
-from dicom_node.http import start_http
-from dicom_node.ingest import StoreContext
-from dicom_node.migrate import upgrade
+from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import RoiAnnotation
+from dicom_node.dicom.ingest import StoreContext
 from dicom_node.node import make_store
-from dicom_node.schema import RoiAnnotation
 from dicom_node.settings import Settings
+from dicom_node.web.app import start_http
 from tests.faults.malformed import cut, encoded, part10, patient_slice, without_pixels
 from tests.support import free_port
 

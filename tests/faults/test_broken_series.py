@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pydicom
 
-from dicom_node.schema import AnnotationState
+from dicom_node.archive.schema import AnnotationState
 from tests.system import System, case_files
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.schema import AnnotationState, Delivery, DeliveryState, Instance
-from dicom_node.scu import StoreError, StorePeer, store_files
+from dicom_node.archive.schema import AnnotationState, Delivery, DeliveryState, Instance
+from dicom_node.dicom.scu import StoreError, StorePeer, store_files
 from tests.dicom_factory import write_ct_series
 from tests.faults.ledger import Ledger
 from tests.services import Orthanc
@@ -198,7 +198,7 @@ def test_broker_restarted_without_persistence(
 
 
 def _queued(system: System, annotations: list[int]) -> bool:
-    from dicom_node.schema import RoiAnnotation
+    from dicom_node.archive.schema import RoiAnnotation
 
     with system.node.sessions() as session:
         values = session.scalars(

@@ -9,8 +9,8 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_node.db import make_engine, make_session_factory
-from dicom_node.schema import AnnotationState, RoiAnnotation
+from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.archive.schema import AnnotationState, RoiAnnotation
 from worker.cli import build_parser, main
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from dicom_node import localqueue
+from dicom_node.broker import localqueue
 
 
 def test_a_message_appears_under_its_name_only_once_written(

@@ -6,9 +6,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from dicom_node.db import make_engine
-from dicom_node.migrate import current_revision, downgrade, head_revision, upgrade
-from dicom_node.schema import Base
+from dicom_node.archive.db import make_engine
+from dicom_node.archive.migrate import current_revision, downgrade, head_revision, upgrade
+from dicom_node.archive.schema import Base
 
 TABLES = {"study", "series", "instance", "roi_annotation", "triage_result", "delivery"}
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dicom_node.migrate import upgrade
+from dicom_node.archive.migrate import upgrade
 from dicom_node.node import Node, start_node
 from dicom_node.settings import Settings
 from tests.support import free_port

@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
-from dicom_node.schema import Instance, Series, Study, StudyState
+from dicom_node.archive.schema import Instance, Series, Study, StudyState
 from tests.dicom_factory import ct_slice, write_ct_series
 from tests.node.conftest import RunningNode
 from tests.support import dcmtk_env, require_dcmtk

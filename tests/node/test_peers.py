@@ -13,10 +13,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
-from dicom_node.db import make_engine, make_session_factory
-from dicom_node.migrate import upgrade
+from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import Instance
 from dicom_node.node import start_node
-from dicom_node.schema import Instance
 from dicom_node.settings import Settings
 from tests.dicom_factory import ct_slice, write_ct_series
 from tests.node.conftest import RecordingSender, RunningNode

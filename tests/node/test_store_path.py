@@ -18,10 +18,10 @@ from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlalchemy import create_engine
 
-from dicom_node.db import WriterLock, writer_lock
-from dicom_node.index import header_from_dataset
-from dicom_node.scp import file_meta_bytes
-from dicom_node.storage import FileStore, InvalidUidError, content_digest
+from dicom_node.archive.db import WriterLock, writer_lock
+from dicom_node.dicom.index import header_from_dataset
+from dicom_node.dicom.scp import file_meta_bytes
+from dicom_node.dicom.storage import FileStore, InvalidUidError, content_digest
 from tests.dicom_factory import ct_slice, write_ct_series
 from tests.node.test_ingest import NodeFactory, _instances, _storescu
 

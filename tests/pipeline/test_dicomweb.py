@@ -12,7 +12,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from sqlalchemy import func, select
 
-from dicom_node.schema import AnnotationState, Instance
+from dicom_node.archive.schema import AnnotationState, Instance
 from tests.dicom_factory import write_ct_series
 from tests.system import System, case_files
 

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.schema import AnnotationState, RoiAnnotation, TriageResult
+from dicom_node.archive.schema import AnnotationState, RoiAnnotation, TriageResult
 from tests.system import System, case_files
 
 SystemFactory = Callable[..., System]

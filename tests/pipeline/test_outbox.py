@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from dicom_node.db import transaction
-from dicom_node.migrate import upgrade
-from dicom_node.schema import (
+from dicom_node.archive.db import transaction
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     DeliveryState,

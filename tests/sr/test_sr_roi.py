@@ -14,8 +14,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from dicom_node.sr_roi import RoiSrError, SrRoi, extract_roi, is_roi_report
-from dicom_node.vertebrae import vertebra_code, vertebra_label
+from dicom_node.dicom.sr_roi import RoiSrError, SrRoi, extract_roi, is_roi_report
+from dicom_node.dicom.vertebrae import vertebra_code, vertebra_label
 from tests.sr.synthetic_ct import axial_series, new_study, sagittal_image
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
 
@@ -429,7 +429,7 @@ def test_conflicting_vertebrae_are_dropped_with_a_warning(
         planar_group(sagittal_region_3d(0.0, frame_uid), vertebra=codes.SCT.L1Vertebra, index=1),
         planar_group(sagittal_region_3d(3.0, frame_uid), vertebra=codes.SCT.L2Vertebra, index=2),
     ]
-    with caplog.at_level(logging.WARNING, logger="dicom_node.sr_roi"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.dicom.sr_roi"):
         roi = extract_roi(roi_report(ct, groups), Storage(ct))
     assert roi.vertebra is None
     assert "2 different vertebrae" in caplog.text

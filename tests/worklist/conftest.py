@@ -9,10 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import make_engine, make_session_factory
-from dicom_node.http import ApiState, create_app
-from dicom_node.migrate import upgrade
+from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.archive.migrate import upgrade
 from dicom_node.settings import Settings
+from dicom_node.web.app import ApiState, create_app
 
 
 @dataclass

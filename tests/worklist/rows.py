@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dicom_node.schema import (
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     DeliveryState,

@@ -8,10 +8,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from dicom_node.db import make_engine, make_session_factory, transaction
-from dicom_node.http import ApiState, create_app
-from dicom_node.metrics import count_instance_received
-from dicom_node.schema import AnnotationState, DeliveryState, StudyState
+from dicom_node.archive.db import make_engine, make_session_factory, transaction
+from dicom_node.archive.schema import AnnotationState, DeliveryState, StudyState
+from dicom_node.web.app import ApiState, create_app
+from dicom_node.web.metrics import count_instance_received
 from tests.worklist.conftest import WorklistService, make_settings
 from tests.worklist.rows import Seeder
 
@@ -117,8 +117,8 @@ def test_counter_fed_by_the_real_ingest_path(sqlite_service: WorklistService) ->
 
     from pydicom.uid import generate_uid
 
-    from dicom_node.ingest import StoreContext, store_instance
-    from dicom_node.storage import FileStore
+    from dicom_node.dicom.ingest import StoreContext, store_instance
+    from dicom_node.dicom.storage import FileStore
     from tests.dicom_factory import ct_slice
 
     context = StoreContext(

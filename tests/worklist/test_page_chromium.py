@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.db import make_engine, make_session_factory, transaction
-from dicom_node.http import HttpServer, start_http
-from dicom_node.migrate import upgrade
-from dicom_node.schema import AnnotationState, DeliveryState, StudyState
+from dicom_node.archive.db import make_engine, make_session_factory, transaction
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import AnnotationState, DeliveryState, StudyState
+from dicom_node.web.app import HttpServer, start_http
 from model.serving.preprocess import build_inputs, load_roi_volume
 from model.synthetic.cases import make_case
 from tests.support import free_port, require_binary

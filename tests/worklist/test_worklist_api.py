@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import event
 
-from dicom_node.db import transaction
-from dicom_node.schema import AnnotationState, DeliveryState, StudyState
+from dicom_node.archive.db import transaction
+from dicom_node.archive.schema import AnnotationState, DeliveryState, StudyState
 from tests.worklist.conftest import WorklistService
 from tests.worklist.rows import Seeder
 

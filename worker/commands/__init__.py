@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 def database_session(*, write: bool = False) -> Iterator[Session]:
     """A session on the configured database for one command (one transaction when ``write``);
     the engine is disposed of afterwards."""
-    from dicom_node.db import make_engine, make_session_factory, transaction
+    from dicom_node.archive.db import make_engine, make_session_factory, transaction
     from dicom_node.settings import load_settings
 
     engine = make_engine(load_settings().resolved_database_url)

@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node.schema import AnnotationState, RoiAnnotation
+    from dicom_node.archive.schema import AnnotationState, RoiAnnotation
 
     with database_session() as session:
         query = select(RoiAnnotation).order_by(RoiAnnotation.id.desc()).limit(args.limit)
@@ -80,9 +80,9 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from fastapi import HTTPException
 
-    from dicom_node.db import make_engine, make_session_factory
-    from dicom_node.http import ApiState, annotation_view
+    from dicom_node.archive.db import make_engine, make_session_factory
     from dicom_node.settings import load_settings
+    from dicom_node.web.app import ApiState, annotation_view
 
     settings = load_settings()
     engine = make_engine(settings.resolved_database_url)

@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from dicom_node.migrate import upgrade
+    from dicom_node.archive.migrate import upgrade
     from dicom_node.settings import load_settings
 
     settings = load_settings()
@@ -57,7 +57,7 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _downgrade(args: argparse.Namespace) -> int:
-    from dicom_node.migrate import downgrade
+    from dicom_node.archive.migrate import downgrade
     from dicom_node.settings import load_settings
 
     downgrade(load_settings().resolved_database_url, args.revision)
@@ -66,8 +66,8 @@ def _downgrade(args: argparse.Namespace) -> int:
 
 
 def _current(args: argparse.Namespace) -> int:
-    from dicom_node.db import make_engine
-    from dicom_node.migrate import current_revision, head_revision
+    from dicom_node.archive.db import make_engine
+    from dicom_node.archive.migrate import current_revision, head_revision
     from dicom_node.settings import load_settings
 
     engine = make_engine(load_settings().resolved_database_url)

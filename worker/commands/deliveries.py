@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node.schema import Delivery, DeliveryState
+    from dicom_node.archive.schema import Delivery, DeliveryState
 
     with database_session() as session:
         query = select(Delivery).order_by(Delivery.id.desc()).limit(args.limit)

@@ -63,9 +63,9 @@ def wait_for_signal() -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from dicom_node.migrate import SchemaOutOfDate
+    from dicom_node.archive.migrate import SchemaOutOfDate
+    from dicom_node.broker.app import TaskSender, make_celery
     from dicom_node.node import start_node
-    from dicom_node.queue import TaskSender, make_celery
 
     settings = settings_from_args(args)
     sender = TaskSender(make_celery(settings, "spine_triage_node"))
@@ -76,7 +76,7 @@ def run_node(args: argparse.Namespace) -> int:
         return 2
     http = None
     if not args.no_http:
-        from dicom_node.http import start_http
+        from dicom_node.web.app import start_http
 
         http = start_http(settings, node.sessions, sender, store_context=node.service.context)
     try:

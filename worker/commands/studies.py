@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from dicom_node.schema import Series, Study, StudyState
+    from dicom_node.archive.schema import Series, Study, StudyState
 
     with database_session() as session:
         query = select(Study).order_by(Study.last_received_at.desc()).limit(args.limit)

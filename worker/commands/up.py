@@ -53,11 +53,11 @@ def register(subparsers: Any) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from dicom_node.http import start_http
-    from dicom_node.migrate import upgrade
+    from dicom_node.archive.migrate import upgrade
+    from dicom_node.broker.app import TaskSender, make_celery
     from dicom_node.node import start_node
-    from dicom_node.queue import TaskSender, make_celery
     from dicom_node.settings import FolderDestination
+    from dicom_node.web.app import start_http
     from worker.runtime import default_checkpoint
 
     settings = settings_from_args(args)
@@ -121,8 +121,8 @@ def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) 
     """Synthetic studies by C-STORE to this node, then their ROIs by the REST API."""
     import requests
 
-    from dicom_node.http import api_token
-    from dicom_node.scu import StorePeer, store_files
+    from dicom_node.dicom.scu import StorePeer, store_files
+    from dicom_node.web.app import api_token
     from model.synthetic.cases import make_cohort
 
     folder = (settings.var_dir / "demo" / f"seed-{seed}").resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dicom_node.jobs import DELIVERY_QUEUE, TRIAGE_QUEUE
+from dicom_node.broker.wake import DELIVERY_QUEUE, TRIAGE_QUEUE
 
 
 def register(subparsers: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from dicom_node.scu import StoreError, StorePeer, make_client_ssl_context, store_file
+from dicom_node.dicom.scu import StoreError, StorePeer, make_client_ssl_context, store_file
 from dicom_node.settings import CStoreDestination
 from worker.destinations import DeliveryPayload
 from worker.errors import PermanentError, TransientError

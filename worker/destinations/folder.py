@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from dicom_node.dicom.storage import InvalidUidError, validate_uid
 from dicom_node.settings import FolderDestination
-from dicom_node.storage import InvalidUidError, validate_uid
 from worker.destinations import DeliveryPayload
 from worker.errors import PermanentError, TransientError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from dicom_node.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
+from dicom_node.dicom.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
 from dicom_node.settings import StowDestination
 from worker.destinations import DeliveryPayload
 from worker.errors import PermanentError, TransientError

@@ -41,14 +41,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.index import (
+from dicom_node.dicom.index import (
     InstanceHeader,
     KnownIds,
     RecordOutcome,
     header_from_dataset,
     record_instance,
 )
-from dicom_node.storage import (
+from dicom_node.dicom.storage import (
     FileStore,
     InvalidUidError,
     PendingFile,

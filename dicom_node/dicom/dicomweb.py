@@ -31,7 +31,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.scu import status_kind
+from dicom_node.dicom.scu import status_kind
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from sqlalchemy import Connection, Integer, Table, bindparam, func, select, upda
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from dicom_node.schema import Instance, Series, Study, StudyState
-from dicom_node.storage import StoredFile, validate_uid
+from dicom_node.archive.schema import Instance, Series, Study, StudyState
+from dicom_node.dicom.storage import StoredFile, validate_uid
 
 
 @dataclass(frozen=True)

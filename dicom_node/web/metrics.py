@@ -37,7 +37,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.schema import (
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     RoiAnnotation,

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from dicom_node.ingest import store_instance
+from dicom_node.dicom.ingest import store_instance
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def register_stow(app: FastAPI, require_token: Callable[..., None]) -> None:
         response_class=JSONResponse,
     )
     async def stow(request: Request) -> JSONResponse:
-        from dicom_node.http import ApiState
+        from dicom_node.web.app import ApiState
 
         api: ApiState = request.app.state.api
         if api.store_context is None:

@@ -2,7 +2,7 @@
 
 Embedded mode uses kombu's filesystem transport under ``VAR_DIR/broker`` (no server);
 production uses Redis. Either way a message carries ids only and the database stays the
-source of truth (see :mod:`dicom_node.jobs`).
+source of truth (see :mod:`dicom_node.broker.wake`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 from celery import Celery
 
-from dicom_node import localqueue
-from dicom_node.jobs import DELIVER_TASK, DELIVERY_QUEUE, TRIAGE_QUEUE, TRIAGE_TASK
+from dicom_node.broker import localqueue
+from dicom_node.broker.wake import DELIVER_TASK, DELIVERY_QUEUE, TRIAGE_QUEUE, TRIAGE_TASK
 from dicom_node.settings import Settings
 
 

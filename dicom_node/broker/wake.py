@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.schema import (
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     DeliveryState,

@@ -9,7 +9,7 @@ The C-STORE handler is a plain function with its dependencies passed in (pynetdi
   or the database is unavailable (``0xC001``); nothing is left behind; the sender retries.
 
 Pixel data are never decoded on the receive path: ``event.encoded_dataset()`` goes to disk
-through :func:`dicom_node.ingest.store_instance`, the path STOW-RS shares.
+through :func:`dicom_node.dicom.ingest.store_instance`, the path STOW-RS shares.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.ingest import (
+from dicom_node.dicom.ingest import (
     SR_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SUCCESS,

@@ -23,7 +23,7 @@ Geometry rules:
   polyline is read as closed). POINT, MULTIPOINT, CIRCLE, ELLIPSE, ELLIPSOID and segmentation
   references are refused with a message.
 - The regions, in patient coordinates, become ``slices_x_mm`` and ``polygon_yz_mm`` by the
-  rules of :mod:`dicom_node.roi_geometry`: every polygon in a sagittal plane, slice positions
+  rules of :mod:`dicom_node.dicom.sr_geometry`: every polygon in a sagittal plane, slice positions
   the polygons' mean x, several regions combined into one polygon, coordinates rounded.
 
 The CT series the ROI refers to is the referenced image's series (SCOORD) or, for SCOORD3D,
@@ -48,7 +48,7 @@ from pydicom.uid import (
     EnhancedSRStorage,
 )
 
-from dicom_node.roi_geometry import (
+from dicom_node.dicom.sr_geometry import (
     RoiSrError,
     as_points,
     combined_polygon,
@@ -58,7 +58,7 @@ from dicom_node.roi_geometry import (
     require_area,
     sagittal_x,
 )
-from dicom_node.vertebrae import vertebra_label
+from dicom_node.dicom.vertebrae import vertebra_label
 
 __all__ = ["SR_CLASSES", "ImageResolver", "RoiSrError", "SrRoi", "extract_roi", "is_roi_report"]
 

@@ -1,6 +1,6 @@
 """The geometry rules of an ROI read from an SR: planar regions to slices and one polygon.
 
-:mod:`dicom_node.sr_roi` finds the regions of a TID 1500 report and maps them to patient
+:mod:`dicom_node.dicom.sr_roi` finds the regions of a TID 1500 report and maps them to patient
 coordinates (LPS, mm); this module checks each region and reduces them all to the ROI of
 ``METHOD.md``: the lateral positions x of the sagittal slices and one polygon of (y, z) points.
 A region is a sequence of (x, y, z) points plus ``where``, the place in the report that the

@@ -1,6 +1,6 @@
 """The triage worklist over HTTP: ``GET /worklist`` (JSON), one study's detail, the preview
 pictures, and the node's web page. The reading order and filters are those of
-:mod:`dicom_node.worklist_query`; this is the clinical worklist, with patient names and IDs,
+:mod:`dicom_node.web.worklist_query`; this is the clinical worklist, with patient names and IDs,
 which never go to the logs.
 """
 
@@ -15,10 +15,10 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 
-from dicom_node.schema import (
+from dicom_node.archive.schema import (
     TriageResult,
 )
-from dicom_node.worklist_query import (
+from dicom_node.web.worklist_query import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     WorklistFilter,

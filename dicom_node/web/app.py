@@ -26,19 +26,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.annotations import RoiIn, create_annotation
-from dicom_node.db import transaction
-from dicom_node.ingest import StoreContext
-from dicom_node.jobs import TRIAGE_QUEUE, TRIAGE_TASK, SendTask, mark_enqueued, publish
-from dicom_node.metrics import register_metrics
-from dicom_node.schema import (
+from dicom_node.archive.db import transaction
+from dicom_node.archive.schema import (
     Delivery,
     RoiAnnotation,
     Study,
     StudyState,
     TriageResult,
 )
+from dicom_node.broker.wake import TRIAGE_QUEUE, TRIAGE_TASK, SendTask, mark_enqueued, publish
+from dicom_node.dicom.ingest import StoreContext
 from dicom_node.settings import Settings
-from dicom_node.worklist import register_worklist
+from dicom_node.web.metrics import register_metrics
+from dicom_node.web.worklist import register_worklist
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def create_app(state: ApiState) -> FastAPI:
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "ok" if healthy else "unavailable", **checks}
 
-    from dicom_node.stow import register_stow
+    from dicom_node.web.stow import register_stow
 
     register_stow(app, require_token)
     register_worklist(app)

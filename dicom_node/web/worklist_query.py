@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.schema import (
+from dicom_node.archive.schema import (
     AnnotationState,
     Delivery,
     RoiAnnotation,
