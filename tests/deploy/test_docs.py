@@ -14,10 +14,10 @@ from dicom_node.archive.schema import AnnotationState, DeliveryState
 from dicom_node.dicom.ingest import STORAGE_SOP_CLASSES
 from dicom_node.dicom.scp import TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.dicom.vertebrae import VERTEBRA_CODES
-from dicom_node.settings import render_settings_markdown
 from model.synthetic.demo import DEMO_RECIPE
 from tests.deploy.files import DEPLOY, DOCS, REPO, SETTING_VARIABLES, parse_cli, setting_names_in
 from tests.sr.synthetic_ct import axial_series, new_study
+from worker.commands.settings_reference import render_settings_markdown
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
 
 GUIDE = DOCS / "operator-guide.md"
@@ -32,8 +32,8 @@ DEVICE_UID = "1.2.826.0.1.3680043.8.498.4711"
 
 def test_settings_reference_is_generated_from_the_settings_model() -> None:
     assert (DOCS / "settings.md").read_text() == render_settings_markdown(), (
-        "docs/settings.md is stale; regenerate it with: python -c 'from dicom_node.settings "
-        'import render_settings_markdown as r; print(r(), end="")\' > docs/settings.md'
+        "docs/settings.md is stale; regenerate it with: "
+        "spine-triage config settings-doc > docs/settings.md"
     )
 
 
@@ -111,7 +111,7 @@ def test_the_guide_shows_the_failure_commands_and_every_state() -> None:
 
 
 def test_documented_metrics_exist() -> None:
-    source = (REPO / "dicom_node" / "metrics.py").read_text()
+    source = (REPO / "dicom_node" / "web" / "metrics.py").read_text()
     names = set(re.findall(r"\bspine_triage_[a-z_]+", GUIDE.read_text()))
     assert names, "the guide names no metric"
     for name in names:

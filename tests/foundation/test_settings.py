@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dicom_node.settings import Settings, render_env_example
+from dicom_node.settings import Settings
+from worker.commands.settings_reference import render_env_example
 
 ROOT = Path(__file__).resolve().parents[2]
 

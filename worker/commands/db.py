@@ -82,14 +82,14 @@ def _current(args: argparse.Namespace) -> int:
 
 
 def _env_example(args: argparse.Namespace) -> int:
-    from dicom_node.settings import render_env_example
+    from worker.commands.settings_reference import render_env_example
 
     print(render_env_example())
     return 0
 
 
 def _settings_doc(args: argparse.Namespace) -> int:
-    from dicom_node.settings import render_settings_markdown
+    from worker.commands.settings_reference import render_settings_markdown
 
     print(render_settings_markdown(), end="")
     return 0
