@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from pynetdicom import AE, evt
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.dicom.pynetdicom_private import quiet_standard_handlers
 
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
@@ -37,7 +38,7 @@ def main() -> int:
     if args.handler == "write" and args.folder is None:
         parser.error("'write' needs --folder")
 
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    quiet_standard_handlers()
     numbers = itertools.count()
 
     def on_open(event: evt.Event) -> None:

@@ -36,7 +36,7 @@ SEED = 2024
 
 def prepare_study(data: Path, encoding: str) -> tuple[list[Path], Any]:
     """The benchmark study in one encoding (same phantom, same ROI for every encoding)."""
-    from model.serving.roi import RoiAnnotation
+    from model.serving.roi import Roi
     from model.synthetic.cases import make_case
 
     case_dir = data / encoding
@@ -55,11 +55,11 @@ def prepare_study(data: Path, encoding: str) -> tuple[list[Path], Any]:
             transfer_syntax=encoding,
             feet_first=False,
         )
-    roi = RoiAnnotation.from_json(json.loads(roi_path.read_text()))
+    roi = Roi.from_json(json.loads(roi_path.read_text()))
     if len(roi.slices_x_mm) != ROI_SLICES:  # the benchmark classifies five slice positions
         centre = sum(roi.slices_x_mm) / len(roi.slices_x_mm)
         positions = tuple(centre + 3.0 * (i - 2) for i in range(ROI_SLICES))
-        roi = RoiAnnotation.from_json({**roi.to_json(), "slices_x_mm": list(positions)})
+        roi = Roi.from_json({**roi.to_json(), "slices_x_mm": list(positions)})
     return sorted((case_dir / "BENCH" / "ct").glob("*.dcm")), roi
 
 

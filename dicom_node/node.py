@@ -20,12 +20,12 @@ from pydicom import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.annotations import annotation_from_sr
 from dicom_node.archive.db import make_engine, make_session_factory, writer_lock
 from dicom_node.archive.migrate import require_current_schema
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.ingest import SrReceived, StoreContext
 from dicom_node.dicom.scp import DicomService
+from dicom_node.dicom.sr_roi import annotation_from_sr
 from dicom_node.dicom.storage import FileStore
 from dicom_node.scheduler import Scheduler
 from dicom_node.settings import Settings

@@ -16,31 +16,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
-from dicom_node.archive.schema import Delivery, RoiAnnotation
-from dicom_node.broker.wake import (
-    DELIVER_TASK,
-    DELIVERY_QUEUE,
-    TRIAGE_QUEUE,
-    TRIAGE_TASK,
-    SendTask,
-    SweepReport,
-    complete_quiet_studies,
-    due_delivery_ids,
-    mark_deliveries_enqueued,
-    mark_enqueued,
-    publish,
-    ready_annotation_ids,
-)
+from dicom_node.broker.wake import DELIVERY, TRIAGE, SendTask, send_marked
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    studies_completed: tuple[str, ...]
+    triage_enqueued: tuple[int, ...]
+    deliveries_enqueued: tuple[int, ...]
 
 
 class Scheduler:
@@ -68,7 +62,7 @@ class Scheduler:
         """One pass; ``sweep`` also re-sends stale and expired work."""
         now = self.clock()
         with transaction(self.sessions) as session:
-            completed = complete_quiet_studies(
+            completed = lifecycle.complete_quiet_studies(
                 session, quiet_period_s=self.settings.quiet_period_s, now=now
             )
         for study_uid in completed:
@@ -77,35 +71,19 @@ class Scheduler:
             )
 
         with transaction(self.sessions) as session:
-            ready = ready_annotation_ids(
+            ready = lifecycle.ready_annotation_ids(
                 session,
                 now=now,
                 stale_after_s=self.stale_after_s if sweep else None,
                 include_unreceived=bool(self.settings.dicomweb_source_url),
             )
-            mark_enqueued(session, ready, now)
-        sent = publish(self.send, TRIAGE_TASK, ready, TRIAGE_QUEUE)
-        unsent = sorted(set(ready) - set(sent))
-        if unsent:
-            with transaction(self.sessions) as session:
-                session.execute(
-                    update(RoiAnnotation)
-                    .where(RoiAnnotation.id.in_(unsent))
-                    .values(enqueued_at=None)
-                )
+            lifecycle.mark_annotations_enqueued(session, ready, now)
+        sent = send_marked(self.sessions, self.send, TRIAGE, ready)
 
         with transaction(self.sessions) as session:
-            due = due_delivery_ids(session, now=now, stale_after_s=self.stale_after_s)
-            mark_deliveries_enqueued(session, due, now)
-        delivered_msgs = publish(self.send, DELIVER_TASK, due, DELIVERY_QUEUE)
-        unsent_deliveries = sorted(set(due) - set(delivered_msgs))
-        if unsent_deliveries:
-            with transaction(self.sessions) as session:
-                session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(unsent_deliveries))
-                    .values(enqueued_at=None)
-                )
+            due = lifecycle.due_delivery_ids(session, now=now, stale_after_s=self.stale_after_s)
+            lifecycle.mark_deliveries_enqueued(session, due, now)
+        delivered_msgs = send_marked(self.sessions, self.send, DELIVERY, due)
         if sent or delivered_msgs:
             log.info(
                 "woke workers: %d triage job(s), %d delivery(ies)", len(sent), len(delivered_msgs)

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
-from dicom_node.archive.schema import Delivery, DeliveryState, RoiAnnotation, Study, TriageResult
-from dicom_node.settings import DestinationSettings
-from worker.claims import backoff_s, claim_delivery
+from dicom_node.archive.schema import Delivery, RoiAnnotation, Study, TriageResult
 from worker.destinations import DeliveryPayload
 from worker.errors import PermanentError, TransientError
 
@@ -47,35 +44,6 @@ class DeliveryResult:
     delivery_id: int
     reason: str | None = None
     retry_at: datetime | None = None
-
-
-def create_deliveries(
-    session: Session, result_id: int, destinations: Sequence[DestinationSettings], *, now: datetime
-) -> list[int]:
-    """One pending delivery per destination (existing ones are kept); returns the new ids."""
-    created: list[int] = []
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    for destination in destinations:
-        statement = (
-            insert(Delivery)
-            .values(
-                result_id=result_id,
-                destination=destination.name,
-                kind=destination.kind,
-                state=DeliveryState.PENDING,
-                attempts=0,
-                max_attempts=destination.max_attempts,
-                next_attempt_at=now,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["result_id", "destination"])
-            .returning(Delivery.id)
-        )
-        delivery_id = session.scalar(statement)
-        if delivery_id is not None:
-            created.append(delivery_id)
-    return created
 
 
 def load_payload(
@@ -118,100 +86,55 @@ def run_delivery(rt: WorkerRuntime, delivery_id: int) -> DeliveryResult:
     """Attempt one delivery: claim → send → record the outcome."""
     now = datetime.now(UTC)
     with transaction(rt.sessions) as session:
-        claim = claim_delivery(session, delivery_id, now=now, lease_s=DELIVERY_LEASE_S)
+        claim = lifecycle.claim_delivery(session, delivery_id, now=now, lease_s=DELIVERY_LEASE_S)
         if claim is None:
             return DeliveryResult(DeliveryOutcome.SKIPPED, delivery_id)
-        delivery = session.get(Delivery, delivery_id)
-        assert delivery is not None
-        name, max_attempts = delivery.destination, delivery.max_attempts
         payload = load_payload(session, rt, delivery_id, claim.attempt)
 
+    name = claim.destination
     destination = rt.destinations.get(name)
     try:
         if destination is None:
             raise PermanentError(f"destination {name!r} is no longer configured")
         destination.send(payload)
     except PermanentError as exc:
-        return _record_failure(rt, delivery_id, str(exc), final=True)
+        return _record_failure(rt, claim, str(exc), final=True)
     except TransientError as exc:
-        final = claim.attempt >= max_attempts
-        return _record_failure(rt, delivery_id, str(exc), final=final, attempt=claim.attempt)
+        return _record_failure(rt, claim, str(exc), final=claim.is_last_attempt)
     except Exception as exc:  # an unforeseen failure counts as transient, with its traceback
         log.exception("delivery %d to %s: unexpected error", delivery_id, name)
-        final = claim.attempt >= max_attempts
         reason = f"internal error: {type(exc).__name__}: {exc}"
-        return _record_failure(rt, delivery_id, reason, final=final, attempt=claim.attempt)
+        return _record_failure(rt, claim, reason, final=claim.is_last_attempt)
 
     with transaction(rt.sessions) as session:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery_id)
-            .values(
-                state=DeliveryState.DELIVERED,
-                delivered_at=datetime.now(UTC),
-                claimed_until=None,
-                last_error=None,
-            )
-        )
+        lifecycle.delivery_sent(session, delivery_id, now=datetime.now(UTC))
     log.info("delivery %d to %s done (attempt %d)", delivery_id, name, claim.attempt)
     return DeliveryResult(DeliveryOutcome.DELIVERED, delivery_id)
 
 
 def _record_failure(
-    rt: WorkerRuntime, delivery_id: int, reason: str, *, final: bool, attempt: int = 0
+    rt: WorkerRuntime, claim: lifecycle.DeliveryClaim, reason: str, *, final: bool
 ) -> DeliveryResult:
-    now = datetime.now(UTC)
+    delivery_id = claim.delivery_id
     if final:
-        values: dict[str, object] = {
-            "state": DeliveryState.FAILED,
-            "claimed_until": None,
-            "last_error": reason[:2000],
-        }
-        outcome, retry_at = DeliveryOutcome.FAILED, None
+        retry_at = None
         log.error("delivery %d failed for good: %s", delivery_id, reason)
     else:
-        delay = backoff_s(
-            attempt, base_s=rt.settings.delivery_backoff_s, max_s=rt.settings.delivery_backoff_max_s
+        delay = lifecycle.backoff_s(
+            claim.attempt,
+            base_s=rt.settings.delivery_backoff_s,
+            max_s=rt.settings.delivery_backoff_max_s,
         )
-        retry_at = now + timedelta(seconds=delay)
-        values = {
-            "state": DeliveryState.PENDING,
-            "claimed_until": None,
-            "enqueued_at": None,
-            "next_attempt_at": retry_at,
-            "last_error": reason[:2000],
-        }
-        outcome = DeliveryOutcome.RETRY
+        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
         log.warning(
             "delivery %d: attempt %d failed (%s); next in %.0f s",
             delivery_id,
-            attempt,
+            claim.attempt,
             reason,
             delay,
         )
     with transaction(rt.sessions) as session:
-        session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
-    return DeliveryResult(outcome, delivery_id, reason=reason, retry_at=retry_at)
-
-
-def retry_failed(
-    session: Session, *, delivery_ids: Sequence[int] | None, now: datetime
-) -> list[int]:
-    """Put failed deliveries back in the queue with a fresh set of attempts."""
-    query = select(Delivery.id).where(Delivery.state == DeliveryState.FAILED)
-    if delivery_ids:
-        query = query.where(Delivery.id.in_(list(delivery_ids)))
-    ids = list(session.scalars(query))
-    if ids:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(ids))
-            .values(
-                state=DeliveryState.PENDING,
-                attempts=0,
-                next_attempt_at=now,
-                enqueued_at=None,
-                claimed_until=None,
-            )
-        )
-    return ids
+        lifecycle.delivery_attempt_failed(session, delivery_id, reason=reason, retry_at=retry_at)
+    if retry_at is None:
+        return DeliveryResult(DeliveryOutcome.FAILED, delivery_id, reason=reason)
+    return DeliveryResult(DeliveryOutcome.RETRY, delivery_id, reason=reason, retry_at=retry_at)

@@ -17,40 +17,24 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-import pydicom
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
-from dicom_node.archive.schema import AnnotationState, RoiAnnotation, TriageResult
-from dicom_node.broker.wake import DELIVER_TASK, DELIVERY_QUEUE, mark_deliveries_enqueued, publish
-from worker.claims import (
-    backoff_s,
-    claim_annotation,
-    fail_annotation,
-    release_for_retry,
-    still_holds,
-)
-from worker.delivery import create_deliveries
+from dicom_node.archive.schema import RoiAnnotation, TriageResult
+from dicom_node.broker.wake import DELIVERY, send_marked
+from model.io.volume import SeriesError, Volume
+from model.serving.inference import Classification
+from model.serving.prediction import Prediction
+from model.serving.roi import Roi
 from worker.errors import PermanentError, TransientError
+from worker.preview import render_preview_png, sagittal_context
 from worker.runtime import WorkerRuntime
-from worker.series import (
-    SeriesNotReceived,
-    check_series_selection,
-    retrieve_series,
-    stored_image_paths,
-)
+from worker.series import Series, open_series
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
-
-if TYPE_CHECKING:
-    from model.io.volume import Volume
-    from model.serving.inference import Prediction
-    from model.serving.roi import RoiAnnotation as ModelRoi
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +57,38 @@ class TriageOutcome:
 
 @dataclass(frozen=True)
 class Job:
-    """A claimed annotation and the files of its series, as plain values."""
+    """A claimed annotation: its ROI, and the key its result's identity derives from."""
 
     annotation_id: int
     attempt: int
     annotation_key: str
-    roi_json: dict[str, object]
-    study_instance_uid: str
-    series_files: tuple[Path, ...]
+    roi: Roi
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a job wrote to storage: the SR and the preview of what the model saw."""
+
+    sr_path: str
+    sr_series_instance_uid: str
+    sr_sop_instance_uid: str
+    preview_path: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    result_id: int
+    delivery_ids: tuple[int, ...]
 
 
 def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
     """Run one triage job to its end state (or to a retry)."""
-    now = datetime.now(UTC)
     with transaction(rt.sessions) as session:
-        claim = claim_annotation(
+        claim = lifecycle.claim_annotation(
             session,
             annotation_id,
             worker_id=rt.worker_id,
-            now=now,
+            now=datetime.now(UTC),
             lease_s=rt.settings.job_lease_s,
             allow_unreceived=bool(rt.settings.dicomweb_source_url),
         )
@@ -102,19 +99,16 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
     timings: dict[str, float] = {}
     try:
         with _timed(timings, "load_s"):
-            job = load_job(rt, annotation_id, claim.attempt)
-            roi = to_model_roi(job)
-            volume = load_volume(rt, job, roi)
+            job = load_job(rt, claim)
+            series = open_series(rt, job.roi.study_instance_uid, job.roi.series_instance_uid)
+            volume = load_volume(rt, series, job.roi)
         with _timed(timings, "inference_s"):
-            inputs, prediction = classify(rt, volume, roi)
+            classification = classify(rt, volume, job.roi)
         with _timed(timings, "report_s"):
-            sr_path, sr_series_uid, sr_uid = write_report(rt, job, volume, prediction)
-            preview_path = write_preview(rt, job, volume, roi, inputs, prediction, sr_uid)
+            report = write_report(rt, job, series, volume, classification)
         with _timed(timings, "record_s"):
-            result_id, delivery_ids = record_result(
-                rt, job, prediction, sr_path, sr_series_uid, sr_uid, preview_path, timings
-            )
-        wake_deliveries(rt, delivery_ids)
+            recorded = record_result(rt, job, classification.prediction, report, timings)
+        send_marked(rt.sessions, rt.send, DELIVERY, recorded.delivery_ids)
     except PermanentError as exc:
         return _fail(rt, annotation_id, str(exc))
     except (TransientError, OperationalError) as exc:
@@ -125,168 +119,99 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
     log.info(
         "annotation %d done: probability %.3f (%s), result %d, %.2f s",
         annotation_id,
-        prediction.patient_probability,
-        prediction.priority,
-        result_id,
+        classification.prediction.patient_probability,
+        classification.prediction.priority,
+        recorded.result_id,
         sum(timings.values()),
     )
-    return TriageOutcome(Outcome.DONE, annotation_id, result_id=result_id)
+    return TriageOutcome(Outcome.DONE, annotation_id, result_id=recorded.result_id)
 
 
 # --- the steps -----------------------------------------------------------------------------
 
 
-def load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
-    """The annotation and the stored files of the series it names (retrieved from the
-    PACS by WADO-RS first when the node never received it and a source is configured)."""
-    try:
-        return _load_job(rt, annotation_id, attempt)
-    except SeriesNotReceived as missing:
-        if not rt.settings.dicomweb_source_url:
-            raise
-        retrieve_series(rt, missing.study_instance_uid, missing.series_instance_uid)
-        return _load_job(rt, annotation_id, attempt)
-
-
-def _load_job(rt: WorkerRuntime, annotation_id: int, attempt: int) -> Job:
+def load_job(rt: WorkerRuntime, claim: lifecycle.Claim) -> Job:
+    """The claimed annotation's ROI (validated when it was stored)."""
     with rt.sessions() as session:
-        annotation = session.get(RoiAnnotation, annotation_id)
+        annotation = session.get(RoiAnnotation, claim.annotation_id)
         if annotation is None:
-            raise PermanentError(f"annotation {annotation_id} no longer exists")
-        paths = stored_image_paths(
-            session, annotation.study_instance_uid, annotation.series_instance_uid
-        )
+            raise PermanentError(f"annotation {claim.annotation_id} no longer exists")
         key = f"{annotation.study_instance_uid}:{annotation.id}:{annotation.created_at.isoformat()}"
-        job = Job(
+        return Job(
             annotation_id=annotation.id,
-            attempt=attempt,
+            attempt=claim.attempt,
             annotation_key=key,
-            roi_json=annotation.roi_json(),
-            study_instance_uid=annotation.study_instance_uid,
-            series_files=tuple(rt.store.absolute(path) for path in paths),
+            roi=annotation.roi(),
         )
-    if not job.series_files:
-        raise PermanentError(f"series {job.roi_json['series_instance_uid']} holds no image")
-    check_series_selection(job.series_files[0], rt.settings.series_selection)
-    return job
 
 
-def to_model_roi(job: Job) -> ModelRoi:
-    from model.serving.roi import RoiAnnotation as ModelRoi
-    from model.serving.roi import RoiError
-
-    try:
-        return ModelRoi.from_json(job.roi_json)
-    except RoiError as exc:
-        raise PermanentError(f"invalid ROI: {exc}") from exc
-
-
-def load_volume(rt: WorkerRuntime, job: Job, roi: ModelRoi) -> Volume:
+def load_volume(rt: WorkerRuntime, series: Series, roi: Roi) -> Volume:
     """Decode only the slices the ROI needs; geometry problems fail the job."""
-    from model.io.volume import SeriesError
-
     try:
-        return rt.classifier.load_volume(list(job.series_files), roi)
+        return rt.classifier.load_volume(series.geometry, roi)
     except SeriesError as exc:
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
     except FileNotFoundError as exc:
         raise TransientError(f"stored file missing: {exc.filename}") from exc
 
 
-def classify(rt: WorkerRuntime, volume: Volume, roi: ModelRoi) -> tuple[np.ndarray, Prediction]:
+def classify(rt: WorkerRuntime, volume: Volume, roi: Roi) -> Classification:
     """The network inputs (METHOD.md) and the model's answer for them."""
-    from model.io.volume import SeriesError
-    from model.serving.inference import prediction_from_probabilities
-    from model.serving.preprocess import build_inputs
-
-    classifier = rt.classifier
     try:
-        inputs = build_inputs(volume, roi, classifier.preprocess)
+        return rt.classifier.classify(volume, roi)
     except SeriesError as exc:  # e.g. the ROI lies partly outside the volume
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
-    probabilities = classifier.predict_inputs(inputs)
-    prediction = prediction_from_probabilities(
-        roi.slices_x_mm, probabilities.tolist(), classifier.threshold
-    )
-    return inputs, prediction
-
-
-def write_preview(
-    rt: WorkerRuntime,
-    job: Job,
-    volume: Volume,
-    roi: ModelRoi,
-    inputs: np.ndarray,
-    prediction: Prediction,
-    sr_uid: str,
-) -> str:
-    """A PNG of what the model saw (for the worklist page), stored beside the SR."""
-    from worker.preview import render_preview_png, sagittal_context
-
-    context, box = sagittal_context(volume, roi, margin_mm=8.0)
-    png = render_preview_png(
-        inputs,
-        prediction.x_mm,
-        prediction.slice_probabilities,
-        context=context,
-        box_px=box,
-        threshold=prediction.threshold,
-    )
-    relative = f"{job.study_instance_uid}/previews/{sr_uid}.png"
-    rt.store.write_file(relative, png)
-    return relative
 
 
 def write_report(
-    rt: WorkerRuntime, job: Job, volume: Volume, prediction: Prediction
-) -> tuple[str, str, str]:
-    """Build the SR with highdicom and store it durably; returns (path, series UID, SOP UID)."""
+    rt: WorkerRuntime, job: Job, series: Series, volume: Volume, classification: Classification
+) -> Report:
+    """The SR (built with highdicom) and the preview PNG, both stored durably."""
     classifier = rt.classifier
-    used = set(volume.sop_instance_uids)
-    evidence = []
-    for path in job.series_files:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        if header.SOPInstanceUID in used:
-            evidence.append(header)
+    prediction = classification.prediction
     algorithm = AlgorithmInfo(
         name=classifier.name,
         version=classifier.version,
         device_uid=classifier.device_uid,
         demonstration=bool(classifier.meta.get("demonstration", False)),
     )
-    finding = TriageFinding(
-        polygon_yz_mm=tuple((float(y), float(z)) for y, z in job.roi_json["polygon_yz_mm"]),  # type: ignore[attr-defined]
-        slices_x_mm=prediction.x_mm,
-        slice_probabilities=prediction.slice_probabilities,
-        patient_probability=prediction.patient_probability,
-        label=prediction.label,
-        priority=prediction.priority,
-        threshold=prediction.threshold,
-        vertebra=job.roi_json.get("vertebra"),  # type: ignore[arg-type]
+    sr = build_triage_sr(
+        series.headers_of(volume.sop_instance_uids),
+        TriageFinding(roi=job.roi, prediction=prediction),
+        algorithm,
+        annotation_key=job.annotation_key,
     )
-    sr = build_triage_sr(evidence, finding, algorithm, annotation_key=job.annotation_key)
     stored = rt.store.write(
-        job.study_instance_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr)
+        job.roi.study_instance_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr)
     )
-    return stored.relative_path, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID)
+    context, box = sagittal_context(volume, job.roi, margin_mm=8.0)
+    png = render_preview_png(
+        classification.inputs,
+        prediction.x_mm,
+        prediction.slice_probabilities,
+        context=context,
+        box_px=box,
+        threshold=prediction.threshold,
+    )
+    preview_path = f"{job.roi.study_instance_uid}/previews/{sr.SOPInstanceUID}.png"
+    rt.store.write_file(preview_path, png)
+    return Report(
+        sr_path=stored.relative_path,
+        sr_series_instance_uid=str(sr.SeriesInstanceUID),
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+        preview_path=preview_path,
+    )
 
 
 def record_result(
-    rt: WorkerRuntime,
-    job: Job,
-    prediction: Prediction,
-    sr_path: str,
-    sr_series_uid: str,
-    sr_uid: str,
-    preview_path: str | None,
-    timings: dict[str, float],
-) -> tuple[int, list[int]]:
+    rt: WorkerRuntime, job: Job, prediction: Prediction, report: Report, timings: dict[str, float]
+) -> Recorded:
     """Result row, one delivery per destination and the annotation done: one transaction."""
     classifier = rt.classifier
     now = datetime.now(UTC)
     try:
         with transaction(rt.sessions) as session:
-            if not still_holds(session, job.annotation_id, rt.worker_id):
+            if not lifecycle.holds_claim(session, job.annotation_id, rt.worker_id):
                 raise TransientError("claim lost to another worker (lease expired)")
             result_id = _existing_result(session, job.annotation_id, classifier.version)
             if result_id is None:
@@ -301,30 +226,24 @@ def record_result(
                     priority=prediction.priority,
                     threshold=prediction.threshold,
                     demonstration_model=bool(classifier.meta.get("demonstration", False)),
-                    sr_series_instance_uid=sr_series_uid,
-                    sr_sop_instance_uid=sr_uid,
-                    sr_path=sr_path,
-                    preview_path=preview_path,
+                    sr_series_instance_uid=report.sr_series_instance_uid,
+                    sr_sop_instance_uid=report.sr_sop_instance_uid,
+                    sr_path=report.sr_path,
+                    preview_path=report.preview_path,
                     timings={key: round(value, 4) for key, value in timings.items()},
                     created_at=now,
                 )
                 session.add(result)
                 session.flush()
                 result_id = result.id
-            delivery_ids = create_deliveries(
+            delivery_ids = lifecycle.create_deliveries(
                 session, result_id, list(rt.settings.destinations), now=now
             )
-            mark_deliveries_enqueued(session, delivery_ids, now)
-            annotation = session.get(RoiAnnotation, job.annotation_id)
-            assert annotation is not None
-            annotation.state = AnnotationState.DONE
-            annotation.claimed_by = None
-            annotation.claimed_until = None
-            annotation.failure_reason = None
-            annotation.updated_at = now
+            lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
+            lifecycle.complete_annotation(session, job.annotation_id, now=now)
     except IntegrityError as exc:  # a concurrent run recorded the same key first
         raise TransientError("result recorded concurrently") from exc
-    return result_id, delivery_ids
+    return Recorded(result_id, tuple(delivery_ids))
 
 
 def _existing_result(session: Session, annotation_id: int, model_version: str) -> int | None:
@@ -336,18 +255,12 @@ def _existing_result(session: Session, annotation_id: int, model_version: str) -
     )
 
 
-def wake_deliveries(rt: WorkerRuntime, delivery_ids: list[int]) -> None:
-    """Send the deliveries' messages now; the node's scheduler re-sends any that are lost."""
-    if rt.send is not None and delivery_ids:
-        publish(rt.send, DELIVER_TASK, delivery_ids, DELIVERY_QUEUE)
-
-
 # --- failures --------------------------------------------------------------------------------
 
 
 def _fail(rt: WorkerRuntime, annotation_id: int, reason: str) -> TriageOutcome:
     with transaction(rt.sessions) as session:
-        fail_annotation(
+        lifecycle.fail_annotation(
             session, annotation_id, worker_id=rt.worker_id, reason=reason, now=datetime.now(UTC)
         )
     log.warning("annotation %d failed: %s", annotation_id, reason)
@@ -359,10 +272,10 @@ def _retry_or_fail(
 ) -> TriageOutcome:
     if attempt >= rt.settings.job_max_attempts:
         return _fail(rt, annotation_id, f"gave up after {attempt} attempts: {reason}")
-    delay = backoff_s(attempt, base_s=rt.settings.delivery_backoff_s, max_s=300.0)
+    delay = lifecycle.backoff_s(attempt, base_s=rt.settings.delivery_backoff_s, max_s=300.0)
     try:
         with transaction(rt.sessions) as session:
-            release_for_retry(
+            lifecycle.release_annotation(
                 session,
                 annotation_id,
                 worker_id=rt.worker_id,

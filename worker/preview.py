@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
     from model.io.volume import Volume
-    from model.serving.roi import RoiAnnotation
+    from model.serving.roi import Roi
 
 __all__ = ["render_preview_png", "sagittal_context"]
 
@@ -211,7 +211,7 @@ def _sample_trilinear(volume: Volume, points: np.ndarray) -> np.ndarray:
 
 def sagittal_context(
     volume: Volume,
-    roi: RoiAnnotation,
+    roi: Roi,
     *,
     x_mm: float | None = None,
     margin_mm: float = 30.0,

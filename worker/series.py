@@ -1,7 +1,10 @@
-"""The series a triage job reads: its stored images, retrieved from the PACS by WADO-RS first
-when the node never received it, and checked against the site's series-selection rules.
+"""The series a triage job reads, as one value: its stored files and their headers, read once.
 
-A retrieved series goes through the node's durable ingest path, as a received one does.
+A job finds the series' stored images in the index (or retrieves them from the PACS by WADO-RS
+first, through the node's durable ingest path, when the node never received them), reads
+every file's header once, checks the site's selection rules on them and validates the
+geometry from them. The volume, the SR's evidence and the selection rules all use these
+headers: no file's header is read twice by a job.
 """
 
 from __future__ import annotations
@@ -9,16 +12,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pydicom
-from sqlalchemy import select, update
+from pydicom.dataset import Dataset
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction, writer_lock
-from dicom_node.archive.schema import Instance, Series, Study, StudyState
-from dicom_node.dicom.ingest import SR_SOP_CLASSES
+from dicom_node.archive.schema import Instance, Study
+from dicom_node.archive.schema import Series as SeriesRow
+from dicom_node.dicom.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
+from dicom_node.dicom.ingest import SR_SOP_CLASSES, StoreContext, StoreOutcome, store_instance
+from model.io.volume import SeriesError, SeriesGeometry, read_headers, read_series_geometry
 from worker.errors import PermanentError, TransientError
 from worker.runtime import WorkerRuntime
 
@@ -34,16 +42,67 @@ class SeriesNotReceived(PermanentError):
         self.series_instance_uid = series_instance_uid
 
 
+@dataclass(frozen=True)
+class Series:
+    """One image series on disk: its files, their headers (in the same order) and its
+    validated geometry."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    paths: tuple[Path, ...]
+    headers: tuple[Dataset, ...]
+    geometry: SeriesGeometry
+
+    def headers_of(self, sop_instance_uids: Sequence[str]) -> list[Dataset]:
+        """The headers of the named instances, in the series' order."""
+        wanted = set(sop_instance_uids)
+        return [header for header in self.headers if header.SOPInstanceUID in wanted]
+
+
+def open_series(rt: WorkerRuntime, study_instance_uid: str, series_instance_uid: str) -> Series:
+    """The stored series (retrieved by WADO-RS first when the node never received it and a
+    source is configured), its headers read once and checked against the selection rules."""
+    try:
+        paths = _stored_paths(rt, study_instance_uid, series_instance_uid)
+    except SeriesNotReceived:
+        if not rt.settings.dicomweb_source_url:
+            raise
+        retrieve_series(rt, study_instance_uid, series_instance_uid)
+        paths = _stored_paths(rt, study_instance_uid, series_instance_uid)
+    if not paths:
+        raise PermanentError(f"series {series_instance_uid} holds no image")
+    try:
+        headers = read_headers(paths)
+        check_series_selection(headers[0], rt.settings.series_selection)
+        geometry = read_series_geometry(paths, headers)
+    except SeriesError as exc:
+        raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+    return Series(
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        paths=tuple(paths),
+        headers=tuple(headers),
+        geometry=geometry,
+    )
+
+
+def _stored_paths(rt: WorkerRuntime, study_uid: str, series_uid: str) -> list[Path]:
+    with rt.sessions() as session:
+        return [
+            rt.store.absolute(path) for path in stored_image_paths(session, study_uid, series_uid)
+        ]
+
+
 def stored_image_paths(
     session: Session, study_instance_uid: str, series_instance_uid: str
 ) -> Sequence[str]:
     """The stored paths of the series' instances other than SRs (raises
     :class:`SeriesNotReceived` when the node holds no such series)."""
     series = session.scalar(
-        select(Series)
-        .join(Study, Series.study_id == Study.id)
+        select(SeriesRow)
+        .join(Study, SeriesRow.study_id == Study.id)
         .where(
-            Series.series_instance_uid == series_instance_uid,
+            SeriesRow.series_instance_uid == series_instance_uid,
             Study.study_instance_uid == study_instance_uid,
         )
     )
@@ -59,9 +118,6 @@ def stored_image_paths(
 
 def retrieve_series(rt: WorkerRuntime, study_uid: str, series_uid: str) -> None:
     """WADO-RS from the configured source into storage, through the durable ingest path."""
-    from dicom_node.dicom.dicomweb import DicomwebEndpoint, DicomwebError, DicomwebPeer
-    from dicom_node.dicom.ingest import StoreContext, StoreOutcome, store_instance
-
     settings = rt.settings
     endpoint = DicomwebEndpoint(
         url=settings.dicomweb_source_url,
@@ -88,20 +144,12 @@ def retrieve_series(rt: WorkerRuntime, study_uid: str, series_uid: str) -> None:
     if count == 0:
         raise PermanentError(f"series {series_uid} not found at the DICOMweb source")
     with transaction(rt.sessions) as session:  # retrieved whole: complete by construction
-        session.execute(
-            update(Study)
-            .where(Study.study_instance_uid == study_uid)
-            .values(state=StudyState.COMPLETE, completed_at=datetime.now(UTC))
-        )
+        lifecycle.complete_retrieved_study(session, study_uid, now=datetime.now(UTC))
     log.info("retrieved %d instance(s) of series %s by WADO-RS", count, series_uid)
 
 
-def check_series_selection(path: Path, rules: list[str]) -> None:
+def check_series_selection(header: Dataset, rules: list[str]) -> None:
     """The series must meet the site's selection rules (``KEY=REGEX``, case-insensitive)."""
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise PermanentError(f"stored image cannot be read: {type(exc).__name__}") from exc
     for rule in rules:
         keyword, _, pattern = rule.partition("=")
         value = header.get(keyword.strip())

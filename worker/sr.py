@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from io import BytesIO
-from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -53,6 +52,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from dicom_node.dicom.vertebrae import vertebra_code
+from model.serving.prediction import Prediction
+from model.serving.roi import Roi
 from worker.sr_evidence import frame_of_reference, in_utf8, with_type2_attributes
 
 logger = logging.getLogger(__name__)
@@ -119,40 +120,18 @@ class AlgorithmInfo:
 
 @dataclass(frozen=True)
 class TriageFinding:
-    """The model's result for one ROI, in patient coordinates (LPS, mm)."""
+    """One analysed ROI and the model's answer for it, as the model gave them."""
 
-    polygon_yz_mm: tuple[tuple[float, float], ...]
-    slices_x_mm: tuple[float, ...]
-    slice_probabilities: tuple[float, ...]
-    patient_probability: float
-    label: Literal["malignant", "benign"]
-    priority: Literal["HIGH", "ROUTINE"]
-    threshold: float
-    vertebra: str | None = None
+    roi: Roi
+    prediction: Prediction
 
     def __post_init__(self) -> None:
-        if not self.slices_x_mm or len(self.slices_x_mm) != len(self.slice_probabilities):
-            raise ValueError("one probability per slice position is required")
-        probabilities = (*self.slice_probabilities, self.patient_probability, self.threshold)
-        if not all(0.0 <= p <= 1.0 for p in probabilities):
-            raise ValueError("probabilities and threshold must lie in [0, 1]")
-        if not np.isclose(self.patient_probability, max(self.slice_probabilities), atol=1e-6):
-            raise ValueError(
-                "the patient probability must be the maximum of the slice probabilities"
-            )
-        malignant = self.patient_probability >= self.threshold
-        if self.label != ("malignant" if malignant else "benign"):
-            raise ValueError(f"label {self.label!r} contradicts probability and threshold")
-        if self.priority != ("HIGH" if malignant else "ROUTINE"):
-            raise ValueError(f"priority {self.priority!r} contradicts probability and threshold")
-        if len(_distinct_points(self.polygon_yz_mm)) < 3:
-            raise ValueError("the ROI polygon needs at least three distinct points")
+        if tuple(self.prediction.x_mm) != tuple(self.roi.slices_x_mm):
+            raise ValueError("the prediction's slice positions are not the ROI's")
 
     @property
     def central_slice_x_mm(self) -> float:
-        """The middle slice position (the lower middle one for an even count)."""
-        ordered = sorted(self.slices_x_mm)
-        return ordered[(len(ordered) - 1) // 2]
+        return self.roi.central_slice_x_mm
 
 
 def result_uids(annotation_key: str, model_version: str) -> tuple[str, str]:
@@ -189,12 +168,12 @@ def build_triage_sr(
         name=algorithm.reported_name,
         version=algorithm.version,
         parameters=[
-            f"threshold={finding.threshold:g}",
+            f"threshold={finding.prediction.threshold:g}",
             "patient probability = maximum of the slice probabilities",
         ],
         manufacturer=algorithm.manufacturer,
     )
-    finding_sites = _finding_sites(finding.vertebra)
+    finding_sites = _finding_sites(finding.roi.vertebra)
     groups = [
         _patient_group(finding, frame_of_reference_uid, algorithm_id, finding_sites, annotation_key)
     ]
@@ -208,7 +187,9 @@ def build_triage_sr(
             finding_sites,
             annotation_key,
         )
-        for x, probability in zip(finding.slices_x_mm, finding.slice_probabilities, strict=True)
+        for x, probability in zip(
+            finding.roi.slices_x_mm, finding.prediction.slice_probabilities, strict=True
+        )
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -253,7 +234,7 @@ def build_triage_sr(
         "built result SR sop_instance_uid=%s study=%s label=%s groups=%d",
         sop_uid,
         sr.StudyInstanceUID,
-        finding.label,
+        finding.prediction.label,
         len(groups),
     )
     return sr
@@ -296,13 +277,13 @@ def _patient_group(
     finding_sites: list[hd.sr.FindingSite] | None,
     annotation_key: str,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    pathology = codes.SCT.Malignant if finding.label == "malignant" else codes.SCT.Benign
+    pathology = codes.SCT.Malignant if finding.prediction.label == "malignant" else codes.SCT.Benign
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(annotation_key), identifier=ROI_TRACKING_IDENTIFIER
         ),
         referenced_region=_region_at(
-            finding.polygon_yz_mm, finding.central_slice_x_mm, frame_of_reference_uid
+            finding.roi.polygon_yz_mm, finding.central_slice_x_mm, frame_of_reference_uid
         ),
         finding_type=FINDING_COMPRESSION_FRACTURE,
         finding_sites=finding_sites,
@@ -310,7 +291,7 @@ def _patient_group(
         measurements=[
             hd.sr.Measurement(
                 name=codes.DCM.ProbabilityOfCancer,
-                value=finding.patient_probability,
+                value=finding.prediction.patient_probability,
                 unit=codes.UCUM.NoUnits,
                 derivation=codes.SCT.Maximum,
                 algorithm_id=algorithm_id,
@@ -336,7 +317,7 @@ def _slice_group(
             uid=tracking_uid(annotation_key, x_mm),
             identifier=f"{ROI_TRACKING_IDENTIFIER}, sagittal slice x={x_mm:g} mm",
         ),
-        referenced_region=_region_at(finding.polygon_yz_mm, x_mm, frame_of_reference_uid),
+        referenced_region=_region_at(finding.roi.polygon_yz_mm, x_mm, frame_of_reference_uid),
         finding_type=FINDING_COMPRESSION_FRACTURE,
         finding_sites=finding_sites,
         algorithm_id=algorithm_id,

@@ -11,7 +11,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,3 +119,13 @@ def writer_lock(engine: Engine) -> WriterLock | nullcontext[None]:
 
 def is_postgresql(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def insert_ignore(dialect: str, table: Table, key: str | list[str]) -> Any:
+    """``INSERT … ON CONFLICT (key) DO NOTHING`` for this dialect (values bound per call)."""
+    columns = [key] if isinstance(key, str) else key
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=columns)
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=columns)
+    raise RuntimeError(f"unsupported database {dialect}")  # pragma: no cover

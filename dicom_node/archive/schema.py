@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -28,6 +27,8 @@ from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from model.serving.roi import Roi
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -150,7 +151,8 @@ class Instance(Base):
 
 
 class RoiAnnotation(Base):
-    """A radiologist's ROI on the most abnormal vertebra: the unit of triage work."""
+    """An ROI to judge and where it came from (a reader's by REST, SR or CSV): the unit of
+    triage work, its state written only by :mod:`dicom_node.archive.lifecycle`."""
 
     __tablename__ = "roi_annotation"
 
@@ -177,17 +179,15 @@ class RoiAnnotation(Base):
 
     __table_args__ = (Index("ix_roi_annotation_state", "state", "claimed_until"),)
 
-    def roi_json(self) -> dict[str, Any]:
-        """The METHOD.md ROI JSON of this annotation."""
-        data: dict[str, Any] = {
-            "study_instance_uid": self.study_instance_uid,
-            "series_instance_uid": self.series_instance_uid,
-            "slices_x_mm": list(self.slices_x_mm),
-            "polygon_yz_mm": [list(point) for point in self.polygon_yz_mm],
-        }
-        if self.vertebra:
-            data["vertebra"] = self.vertebra
-        return data
+    def roi(self) -> Roi:
+        """The annotation's ROI (validated when it was stored)."""
+        return Roi(
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            slices_x_mm=tuple(self.slices_x_mm),
+            polygon_yz_mm=tuple((float(y), float(z)) for y, z in self.polygon_yz_mm),
+            vertebra=self.vertebra,
+        )
 
 
 class TriageResult(Base):

@@ -12,11 +12,12 @@ from datetime import datetime
 from typing import Any, cast
 
 from pydicom import Dataset
-from sqlalchemy import Connection, Integer, Table, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.archive.schema import Instance, Series, Study, StudyState
+from dicom_node.archive.db import insert_ignore
+from dicom_node.archive.lifecycle import instance_received, open_study
+from dicom_node.archive.schema import Instance, Series, Study
 from dicom_node.dicom.storage import StoredFile, validate_uid
 
 
@@ -125,15 +126,6 @@ _SERIES = cast(Table, Series.__table__)
 _INSTANCE = cast(Table, Instance.__table__)
 
 
-def _insert_ignore(dialect: str, table: Any, key: str) -> Any:
-    """``INSERT … ON CONFLICT (key) DO NOTHING`` for this dialect (values bound per call)."""
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
-    raise RuntimeError(f"unsupported database {dialect}")  # pragma: no cover
-
-
 class _Statements:
     """The index's statements, built once per dialect: only their parameters vary per call.
 
@@ -142,15 +134,14 @@ class _Statements:
     """
 
     def __init__(self, dialect: str) -> None:
-        self.insert_study = _insert_ignore(dialect, _STUDY, "study_instance_uid")
         self.study_id = select(_STUDY.c.id).where(
             _STUDY.c.study_instance_uid == bindparam("study_instance_uid")
         )
-        self.insert_series = _insert_ignore(dialect, _SERIES, "series_instance_uid")
+        self.insert_series = insert_ignore(dialect, _SERIES, "series_instance_uid")
         self.series_id = select(_SERIES.c.id).where(
             _SERIES.c.series_instance_uid == bindparam("series_instance_uid")
         )
-        self.insert_instance = _insert_ignore(dialect, _INSTANCE, "sop_instance_uid").returning(
+        self.insert_instance = insert_ignore(dialect, _INSTANCE, "sop_instance_uid").returning(
             _INSTANCE.c.id
         )
         self.existing_instance = (
@@ -163,15 +154,6 @@ class _Statements:
             update(_SERIES)
             .where(_SERIES.c.id == bindparam("series_id"))
             .values(instance_count=_SERIES.c.instance_count + 1)
-        )
-        self.touch_study = (
-            update(_STUDY)
-            .where(_STUDY.c.id == bindparam("study_id"))
-            .values(
-                last_received_at=bindparam("now", type_=_STUDY.c.last_received_at.type),
-                state=bindparam("state", type_=_STUDY.c.state.type),
-                instance_count=_STUDY.c.instance_count + bindparam("added", type_=Integer()),
-            )
         )
 
 
@@ -205,18 +187,7 @@ class KnownIds:
 def _study_id(
     connection: Connection, sql: _Statements, header: InstanceHeader, now: datetime
 ) -> int:
-    connection.execute(
-        sql.insert_study,
-        {
-            "study_instance_uid": header.study_instance_uid,
-            **header.study_fields(),
-            "state": StudyState.RECEIVING,
-            "instance_count": 0,
-            "first_received_at": now,
-            "last_received_at": now,
-            "completion_count": 0,
-        },
-    )
+    open_study(connection, header.study_instance_uid, header.study_fields(), now=now)
     study_id = connection.scalar(sql.study_id, {"study_instance_uid": header.study_instance_uid})
     assert study_id is not None
     return int(study_id)
@@ -292,16 +263,7 @@ def record_instance(
             connection.execute(sql.replace_instance.values(**current), {"instance_id": existing.id})
             outcome, previous = RecordOutcome.REPLACED, existing.path
 
-    # Any arrival (re)opens the study: completion is a quiet period after the last one.
-    connection.execute(
-        sql.touch_study,
-        {
-            "study_id": study_id,
-            "now": now,
-            "state": StudyState.RECEIVING,
-            "added": 1 if outcome is RecordOutcome.NEW else 0,
-        },
-    )
+    instance_received(connection, study_id, now=now, new=outcome is RecordOutcome.NEW)
     return RecordResult(
         outcome=outcome, study_id=study_id, series_id=series_id, previous_path=previous
     )

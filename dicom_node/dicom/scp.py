@@ -25,10 +25,14 @@ from typing import Any, cast
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.dicom.pynetdicom_private import (
+    quiet_standard_handlers,
+    register_server,
+    set_poll_interval,
+)
 from dicom_node.dicom.ingest import (
     SR_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
@@ -173,7 +177,7 @@ def handle_conn_open(event: evt.Event, poll_interval_s: float | None = None) -> 
         association_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         association_socket.socket.settimeout(event.assoc.network_timeout)
     if poll_interval_s is not None:
-        event.assoc.dul._run_loop_delay = poll_interval_s
+        set_poll_interval(event.assoc, poll_interval_s)
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -228,7 +232,7 @@ def make_ae(settings: Settings) -> AE:
         # pynetdicom's standard handlers describe every PDU and DIMSE message at INFO and
         # DEBUG: with its logger above INFO they would only build messages nobody reads,
         # a measurable part of the receive path's time.
-        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        quiet_standard_handlers()
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
@@ -269,7 +273,7 @@ class DicomService:
         assert isinstance(server, ReusePortServer)
         # Registered with the AE as AE.start_server does, so AE.shutdown() stops it and aborts
         # its associations.
-        self.ae._servers.append(server)
+        register_server(self.ae, server)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="dicom-listener", daemon=True

@@ -11,7 +11,8 @@ error messages name. It defines :class:`RoiSrError`, which both modules raise.
   ``SAGITTAL_TOLERANCE_MM``; the polygon's slice position is the mean x (``sagittal_x``). Each
   region adds its x to the slice positions (positions closer than ``SAME_SLICE_TOLERANCE_MM``
   count once, sorted: ``distinct_sorted``).
-- A polygon must have an area in the sagittal plane (``polygon_yz``).
+- A polygon must be one the ROI accepts: an area in the sagittal plane (``polygon_yz``, with
+  the ROI's own rule, :func:`model.serving.roi.validate_polygon`).
 - With several regions, the ROI's polygon is their common polygon when they all agree, else
   the bounding rectangle of all their (y, z) points (``combined_polygon``). The method only
   uses the smallest square around the polygon's bounding box, so the model input is the same
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from model.serving.roi import RoiError, validate_polygon
 
 SAGITTAL_TOLERANCE_MM = 1.0
 SAME_SLICE_TOLERANCE_MM = 0.01
@@ -75,11 +78,10 @@ def polygon_yz(points_xyz: Points3D, where: str) -> tuple[tuple[float, float], .
         (round(y, COORDINATE_DECIMALS), round(z, COORDINATE_DECIMALS))
         for _, y, z in _open_points(points_xyz)
     ]
-    yz = np.array(points)
-    doubled_area = np.dot(yz[:, 0], np.roll(yz[:, 1], 1)) - np.dot(yz[:, 1], np.roll(yz[:, 0], 1))
-    if abs(float(doubled_area)) < 1e-6:
-        raise RoiSrError(f"{where}: the ROI has no area in the sagittal plane")
-    return tuple(points)
+    try:
+        return validate_polygon(points)
+    except RoiError as error:
+        raise RoiSrError(f"{where}: the ROI has no area in the sagittal plane ({error})") from error
 
 
 def distinct_sorted(values: Sequence[float]) -> tuple[float, ...]:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -47,7 +49,11 @@ from pydicom.uid import (
     ComprehensiveSRStorage,
     EnhancedSRStorage,
 )
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from dicom_node.archive import lifecycle
+from dicom_node.archive.schema import Instance
 from dicom_node.dicom.sr_geometry import (
     RoiSrError,
     as_points,
@@ -59,8 +65,9 @@ from dicom_node.dicom.sr_geometry import (
     sagittal_x,
 )
 from dicom_node.dicom.vertebrae import vertebra_label
+from model.serving.roi import Roi, RoiError
 
-__all__ = ["SR_CLASSES", "ImageResolver", "RoiSrError", "SrRoi", "extract_roi", "is_roi_report"]
+__all__ = ["SR_CLASSES", "ImageResolver", "RoiReport", "RoiSrError", "extract_roi", "is_roi_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +83,16 @@ _READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, Run
 
 
 @dataclass(frozen=True)
-class SrRoi:
-    """An ROI read from an SR, in patient coordinates (LPS, mm)."""
+class RoiReport:
+    """A reader's ROI read from a TID 1500 SR: the ROI, who drew it, and the SR it came from."""
 
-    study_instance_uid: str
-    series_instance_uid: str
-    slices_x_mm: tuple[float, ...]
-    polygon_yz_mm: tuple[tuple[float, float], ...]
-    vertebra: str | None
+    roi: Roi
     annotator: str | None
     sr_sop_instance_uid: str
 
     def to_json(self) -> dict[str, Any]:
-        """The ROI JSON of METHOD.md (plus ``annotator``); absent optional values are left out."""
-        body: dict[str, Any] = {
-            "study_instance_uid": self.study_instance_uid,
-            "series_instance_uid": self.series_instance_uid,
-            "slices_x_mm": list(self.slices_x_mm),
-            "polygon_yz_mm": [[y, z] for y, z in self.polygon_yz_mm],
-        }
-        if self.vertebra is not None:
-            body["vertebra"] = self.vertebra
+        """The ROI JSON of METHOD.md (plus ``annotator`` when the SR names one)."""
+        body = self.roi.to_json()
         if self.annotator is not None:
             body["annotator"] = self.annotator
         return body
@@ -138,7 +134,7 @@ def is_roi_report(ds: pydicom.Dataset) -> bool:
     return bool(groups) and not is_result
 
 
-def extract_roi(ds: pydicom.Dataset, resolve_image: ImageResolver) -> SrRoi:
+def extract_roi(ds: pydicom.Dataset, resolve_image: ImageResolver) -> RoiReport:
     """The ROI held by a TID 1500 SR; raises :class:`RoiSrError` saying why when there is none.
 
     ``is_roi_report`` is the gate for incoming objects; this function reads the ROI of any
@@ -155,7 +151,7 @@ def extract_roi(ds: pydicom.Dataset, resolve_image: ImageResolver) -> SrRoi:
 
 def _roi_of_report(
     ds: pydicom.Dataset, report: hd.sr.MeasurementReport, resolve_image: ImageResolver
-) -> SrRoi:
+) -> RoiReport:
     groups = _roi_groups(report)
     if not groups:
         raise RoiSrError("the measurement report holds no planar ROI")
@@ -171,14 +167,18 @@ def _roi_of_report(
 
     slice_positions = [sagittal_x(region.points_xyz, region.where) for region in regions]
     polygons = [polygon_yz(region.points_xyz, region.where) for region in regions]
-    return SrRoi(
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=series_uid,
-        slices_x_mm=distinct_sorted(slice_positions),
-        polygon_yz_mm=combined_polygon(polygons),
-        vertebra=_vertebra(groups),
-        annotator=_annotator(report),
-        sr_sop_instance_uid=str(ds.SOPInstanceUID),
+    try:
+        roi = Roi(
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=series_uid,
+            slices_x_mm=distinct_sorted(slice_positions),
+            polygon_yz_mm=combined_polygon(polygons),
+            vertebra=_vertebra(groups),
+        )
+    except RoiError as error:
+        raise RoiSrError(f"the ROI is not usable: {error}") from error
+    return RoiReport(
+        roi=roi, annotator=_annotator(report), sr_sop_instance_uid=str(ds.SOPInstanceUID)
     )
 
 
@@ -386,3 +386,38 @@ def _annotator(report: hd.sr.MeasurementReport) -> str | None:
         if isinstance(attributes, hd.sr.PersonObserverIdentifyingAttributes) and attributes.name:
             return str(attributes.name)
     return None
+
+
+def annotation_from_sr(session: Session, ds: pydicom.Dataset, storage_root: Path) -> int | None:
+    """Turn a received TID 1500 ROI report into a pending annotation, if it is one.
+
+    Called by the C-STORE handler inside the indexing transaction. An SR that is not an ROI
+    report (or is malformed) is stored like any instance and only logged: the sender did
+    nothing wrong by sending it.
+    """
+    if not is_roi_report(ds):
+        return None
+
+    def resolve_image(sop_instance_uid: str) -> pydicom.Dataset | None:
+        path = session.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+        if path is None:
+            return None
+        return pydicom.dcmread(storage_root / path, stop_before_pixels=True)
+
+    try:
+        report = extract_roi(ds, resolve_image)
+    except RoiSrError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.warning("SR %s holds no usable ROI: %s", ds.get("SOPInstanceUID", "?"), reason)
+        return None
+    stored = lifecycle.create_annotation(
+        session,
+        report.roi,
+        source="sr",
+        source_key=f"sr:{report.sr_sop_instance_uid}",
+        annotator=report.annotator,
+        now=datetime.now(UTC),
+    )
+    return stored.id

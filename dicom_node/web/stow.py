@@ -10,7 +10,6 @@ Referenced SOP Sequence (0008,1199) for stored instances and the Failed SOP Sequ
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -20,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from dicom_node.dicom.ingest import store_instance
+from dicom_node.web.access import api_state, require_token
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _item(sop_class: str | None, sop_instance: str | None, failure: int | None) 
     return item
 
 
-def register_stow(app: FastAPI, require_token: Callable[..., None]) -> None:
+def register_stow(app: FastAPI) -> None:
     @app.post(
         "/dicomweb/studies",
         dependencies=[Depends(require_token)],
@@ -69,9 +69,7 @@ def register_stow(app: FastAPI, require_token: Callable[..., None]) -> None:
         response_class=JSONResponse,
     )
     async def stow(request: Request) -> JSONResponse:
-        from dicom_node.web.app import ApiState
-
-        api: ApiState = request.app.state.api
+        api = api_state(request)
         if api.store_context is None:
             raise HTTPException(503, "storage is not available on this service")
         try:

@@ -369,7 +369,11 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
         )
     ]
     detail["roi"] = (
-        {**annotation.roi_json(), "source": annotation.source, "annotator": annotation.annotator}
+        {
+            **annotation.roi().to_json(),
+            "source": annotation.source,
+            "annotator": annotation.annotator,
+        }
         if annotation
         else None
     )

@@ -255,14 +255,30 @@ def frame_headers_of(dataset: Dataset, path: Path) -> list[FrameHeader]:
     return [_single_frame(dataset, path)]
 
 
-def read_frame_headers(paths: Sequence[Path]) -> list[FrameHeader]:
-    """Frame headers of all files (unsorted); :class:`UnreadableSliceError` on a bad file."""
+def read_headers(paths: Sequence[Path]) -> list[Dataset]:
+    """The header (everything before the pixel data) of each file, in the order given;
+    :class:`UnreadableSliceError` on a file that is not readable DICOM."""
     if not paths:
         raise EmptySeriesError("no files given")
+    return [_read_header(Path(path)) for path in paths]
+
+
+def read_frame_headers(
+    paths: Sequence[Path], datasets: Sequence[Dataset] | None = None
+) -> list[FrameHeader]:
+    """Frame headers of all files (unsorted); :class:`UnreadableSliceError` on a bad file.
+
+    ``datasets``: the files' headers, already read (:func:`read_headers`), in ``paths``' order.
+    """
+    if not paths:
+        raise EmptySeriesError("no files given")
+    if datasets is None:
+        datasets = read_headers(paths)
+    if len(datasets) != len(paths):
+        raise ValueError("one header per file is required")
     frames: list[FrameHeader] = []
-    for path in paths:
-        path = Path(path)
-        frames.extend(frame_headers_of(_read_header(path), path))
+    for path, dataset in zip(paths, datasets, strict=True):
+        frames.extend(frame_headers_of(dataset, Path(path)))
     if not frames:
         raise EmptySeriesError("the files hold no image frames")
     return frames

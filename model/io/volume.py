@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from model.io.headers import (
     DuplicatePositionError,
@@ -35,6 +36,7 @@ from model.io.headers import (
     UnreadableSliceError,
     group_paths_by_series,
     read_frame_headers,
+    read_headers,
 )
 from model.io.pixels import FrameRequest, decode_frames
 
@@ -56,6 +58,7 @@ __all__ = [
     "group_paths_by_series",
     "load_series",
     "load_volume",
+    "read_headers",
     "read_series_geometry",
 ]
 
@@ -279,9 +282,12 @@ def validate_geometry(frames: Sequence[FrameHeader]) -> SeriesGeometry:
     )
 
 
-def read_series_geometry(paths: Sequence[Path]) -> SeriesGeometry:
-    """Read the headers of all files of one series and validate its geometry."""
-    return validate_geometry(read_frame_headers(paths))
+def read_series_geometry(
+    paths: Sequence[Path], datasets: Sequence[Dataset] | None = None
+) -> SeriesGeometry:
+    """The validated geometry of one series from the headers of all its files (read here,
+    or ``datasets``: the headers already read, in ``paths``' order)."""
+    return validate_geometry(read_frame_headers(paths, datasets))
 
 
 @dataclass(frozen=True)

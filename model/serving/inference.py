@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ import torch
 from model.io.volume import SeriesGeometry, Volume
 from model.serving.checkpoint import DEFAULT_THRESHOLD, CheckpointError, load_checkpoint
 from model.serving.network import build_resnet50
+from model.serving.prediction import Prediction, prediction_from_probabilities
 from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,11 @@ DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """The classifier's answer for one ROI."""
+class Classification:
+    """What the model saw for one ROI (the network inputs, n × 3 × size × size) and its answer."""
 
-    x_mm: tuple[float, ...]
-    slice_probabilities: tuple[float, ...]
-    patient_probability: float
-    label: Literal["malignant", "benign"]
-    priority: Literal["HIGH", "ROUTINE"]
-    threshold: float
+    inputs: np.ndarray
+    prediction: Prediction
 
 
 def choose_device(device: str | None = None) -> torch.device:
@@ -45,22 +42,6 @@ def choose_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def prediction_from_probabilities(
-    x_mm: Sequence[float], probabilities: Sequence[float], threshold: float
-) -> Prediction:
-    """Per-patient probability = max over slices; malignant / HIGH when ≥ threshold."""
-    patient = float(max(probabilities))
-    malignant = patient >= threshold
-    return Prediction(
-        x_mm=tuple(float(x) for x in x_mm),
-        slice_probabilities=tuple(float(p) for p in probabilities),
-        patient_probability=patient,
-        label="malignant" if malignant else "benign",
-        priority="HIGH" if malignant else "ROUTINE",
-        threshold=float(threshold),
-    )
 
 
 class Classifier:
@@ -154,18 +135,23 @@ class Classifier:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(probabilities).astype(np.float32)
 
-    def predict(self, volume: Volume, roi: RoiAnnotation) -> Prediction:
-        """Classify an ROI of a loaded volume."""
+    def classify(self, volume: Volume, roi: Roi) -> Classification:
+        """Classify an ROI of a loaded volume: the network inputs and the answer for them."""
         inputs = build_inputs(volume, roi, self.preprocess)
         probabilities = self.predict_inputs(inputs)
-        return prediction_from_probabilities(
+        prediction = prediction_from_probabilities(
             roi.slices_x_mm, probabilities.tolist(), self.threshold
         )
+        return Classification(inputs=inputs, prediction=prediction)
+
+    def predict(self, volume: Volume, roi: Roi) -> Prediction:
+        """Classify an ROI of a loaded volume."""
+        return self.classify(volume, roi).prediction
 
     def load_volume(
         self,
         series: Sequence[Path] | SeriesGeometry,
-        roi: RoiAnnotation,
+        roi: Roi,
         *,
         workers: int | None = None,
     ) -> Volume:
@@ -175,7 +161,7 @@ class Classifier:
         )
 
     def predict_files(
-        self, paths: Sequence[Path], roi: RoiAnnotation, *, workers: int | None = None
+        self, paths: Sequence[Path], roi: Roi, *, workers: int | None = None
     ) -> Prediction:
         """Files of one series on disk → prediction (decodes only what the ROI needs)."""
         return self.predict(self.load_volume(paths, roi, workers=workers), roi)

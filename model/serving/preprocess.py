@@ -35,7 +35,7 @@ from model.io.volume import (
     load_volume,
     read_series_geometry,
 )
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 
 __all__ = [
     "PREPROCESSING_METHOD",
@@ -121,7 +121,7 @@ class PreprocessParams:
 
 
 def roi_region(
-    roi: RoiAnnotation,
+    roi: Roi,
     *,
     lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
     margin_mm: float = 0.0,
@@ -139,7 +139,7 @@ def roi_region(
 
 def load_roi_volume(
     series: Sequence[Path] | SeriesGeometry,
-    roi: RoiAnnotation,
+    roi: Roi,
     *,
     lateral_reach_mm: float = DEFAULT_LATERAL_REACH_MM,
     margin_mm: float = 0.0,
@@ -175,7 +175,7 @@ def _grid_offsets(params: PreprocessParams, side: float) -> tuple[np.ndarray, np
 
 
 def sampling_points(
-    roi: RoiAnnotation, params: PreprocessParams, transform: np.ndarray | None = None
+    roi: Roi, params: PreprocessParams, transform: np.ndarray | None = None
 ) -> np.ndarray:
     """LPS positions (mm) sampled for an ROI: shape (slices, channels, samples, size, size, 3)."""
     box = roi.square_box_yz()
@@ -272,7 +272,7 @@ def _trilinear(voxels: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 def build_inputs(
     volume: Volume,
-    roi: RoiAnnotation,
+    roi: Roi,
     params: PreprocessParams | None = None,
     *,
     transform: np.ndarray | None = None,

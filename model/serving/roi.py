@@ -7,11 +7,12 @@ centred on it.
 
 The method uses 3–5 slices per patient; this class accepts 1 to :data:`MAX_SLICES` so that a
 site can annotate a small vertebra on fewer slices or a large one on a few more. Validation
-happens at construction: once a :class:`RoiAnnotation` exists, it is usable.
+happens at construction: once a :class:`Roi` exists, it is usable.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -21,12 +22,16 @@ from typing import Any
 MIN_SLICES = 1
 MAX_SLICES = 7
 MIN_POLYGON_POINTS = 3
+MAX_POLYGON_POINTS = 1024
+MAX_VERTEBRA_LENGTH = 16
 MAX_UID_LENGTH = 64
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _REQUIRED_KEYS = ("study_instance_uid", "series_instance_uid", "slices_x_mm", "polygon_yz_mm")
 _OPTIONAL_KEYS = ("vertebra",)
 # A polygon whose points span less than this (mm) in its thinner direction is degenerate.
 _MIN_EXTENT_MM = 1e-3
+# Slice positions closer than this (mm) are one position.
+_DISTINCT_SLICES_MM = 1e-3
 
 
 class RoiError(ValueError):
@@ -98,14 +103,79 @@ def _polygon_is_degenerate(points: Sequence[tuple[float, float]]) -> bool:
     return abs(twice_area) / 2.0 < _MIN_EXTENT_MM**2
 
 
+def validate_uid(value: object, field: str) -> str:
+    """A DICOM UID, or :class:`RoiError` naming ``field``."""
+    if not is_dicom_uid(value):
+        raise RoiError(f"{field}: not a valid DICOM UID: {value!r}")
+    return str(value)
+
+
+def validate_slices(slices: object) -> tuple[float, ...]:
+    """1 to :data:`MAX_SLICES` distinct, finite lateral positions (mm)."""
+    if isinstance(slices, str | bytes) or not isinstance(slices, Sequence):
+        raise RoiError("slices_x_mm: expected a list of numbers")
+    if not MIN_SLICES <= len(slices) <= MAX_SLICES:
+        raise RoiError(
+            f"slices_x_mm: expected at least {MIN_SLICES} and at most {MAX_SLICES} slice "
+            f"positions, got {len(slices)}"
+        )
+    values = tuple(_finite_float(v, f"slices_x_mm[{i}]") for i, v in enumerate(slices))
+    ordered = sorted(values)
+    if any(b - a < _DISTINCT_SLICES_MM for a, b in itertools.pairwise(ordered)):
+        raise RoiError(f"slices_x_mm: slice positions must be distinct, got {list(values)}")
+    return values
+
+
+def validate_polygon(polygon: object) -> tuple[tuple[float, float], ...]:
+    """At least three finite (y, z) points that enclose an area."""
+    if isinstance(polygon, str | bytes) or not isinstance(polygon, Sequence):
+        raise RoiError("polygon_yz_mm: expected a list of [y, z] points")
+    if len(polygon) < MIN_POLYGON_POINTS:
+        raise RoiError(
+            f"polygon_yz_mm: expected at least {MIN_POLYGON_POINTS} points, got {len(polygon)}"
+        )
+    if len(polygon) > MAX_POLYGON_POINTS:
+        raise RoiError(
+            f"polygon_yz_mm: expected at most {MAX_POLYGON_POINTS} points, got {len(polygon)}"
+        )
+    points: list[tuple[float, float]] = []
+    for i, point in enumerate(polygon):
+        if isinstance(point, str | bytes) or not isinstance(point, Sequence) or len(point) != 2:
+            raise RoiError(f"polygon_yz_mm[{i}]: expected a [y, z] pair, got {point!r}")
+        points.append(
+            (
+                _finite_float(point[0], f"polygon_yz_mm[{i}][0]"),
+                _finite_float(point[1], f"polygon_yz_mm[{i}][1]"),
+            )
+        )
+    if _polygon_is_degenerate(points):
+        raise RoiError(
+            "polygon_yz_mm: degenerate polygon (it needs at least three distinct points that "
+            "enclose an area; these enclose no area)"
+        )
+    return tuple(points)
+
+
+def validate_vertebra(vertebra: object) -> str | None:
+    """``None``, or a non-empty label of at most :data:`MAX_VERTEBRA_LENGTH` characters."""
+    if vertebra is None:
+        return None
+    if not isinstance(vertebra, str) or not vertebra.strip():
+        raise RoiError(f"vertebra: expected a non-empty string or null, got {vertebra!r}")
+    if len(vertebra.strip()) > MAX_VERTEBRA_LENGTH:
+        raise RoiError(f"vertebra: expected at most {MAX_VERTEBRA_LENGTH} characters")
+    return vertebra.strip()
+
+
 @dataclass(frozen=True)
-class RoiAnnotation:
-    """An ROI on the most abnormal vertebra (see ``METHOD.md``).
+class Roi:
+    """An ROI on a vertebra (see ``METHOD.md``): the one ROI type of the project.
 
     ``slices_x_mm`` are the lateral positions (LPS x, mm) of the sagittal slices to classify,
     1 to :data:`MAX_SLICES` of them, distinct. ``polygon_yz_mm`` is a polygon of at least three
     (y, z) points in the sagittal plane that encloses an area. ``vertebra`` is an optional label
-    such as ``"L1"``.
+    such as ``"L1"``. Every edge (REST, CSV, DICOM SR, the localiser, training manifests)
+    builds it, so the rules above are checked in one place: the validators of this module.
     """
 
     study_instance_uid: str
@@ -116,54 +186,13 @@ class RoiAnnotation:
 
     def __post_init__(self) -> None:
         for field in ("study_instance_uid", "series_instance_uid"):
-            value = getattr(self, field)
-            if not is_dicom_uid(value):
-                raise RoiError(f"{field}: not a valid DICOM UID: {value!r}")
-        self._validate_slices()
-        self._validate_polygon()
-        if self.vertebra is not None and (
-            not isinstance(self.vertebra, str) or not self.vertebra.strip()
-        ):
-            raise RoiError(f"vertebra: expected a non-empty string or null, got {self.vertebra!r}")
-
-    def _validate_slices(self) -> None:
-        slices = self.slices_x_mm
-        if isinstance(slices, str | bytes) or not isinstance(slices, Sequence):
-            raise RoiError("slices_x_mm: expected a list of numbers")
-        if not MIN_SLICES <= len(slices) <= MAX_SLICES:
-            raise RoiError(
-                f"slices_x_mm: expected {MIN_SLICES} to {MAX_SLICES} slice positions, "
-                f"got {len(slices)}"
-            )
-        values = tuple(_finite_float(v, f"slices_x_mm[{i}]") for i, v in enumerate(slices))
-        if len(set(values)) != len(values):
-            raise RoiError(f"slices_x_mm: slice positions must be distinct, got {list(values)}")
-        object.__setattr__(self, "slices_x_mm", values)
-
-    def _validate_polygon(self) -> None:
-        polygon = self.polygon_yz_mm
-        if isinstance(polygon, str | bytes) or not isinstance(polygon, Sequence):
-            raise RoiError("polygon_yz_mm: expected a list of [y, z] points")
-        if len(polygon) < MIN_POLYGON_POINTS:
-            raise RoiError(
-                f"polygon_yz_mm: expected at least {MIN_POLYGON_POINTS} points, got {len(polygon)}"
-            )
-        points: list[tuple[float, float]] = []
-        for i, point in enumerate(polygon):
-            if isinstance(point, str | bytes) or not isinstance(point, Sequence) or len(point) != 2:
-                raise RoiError(f"polygon_yz_mm[{i}]: expected a [y, z] pair, got {point!r}")
-            points.append(
-                (
-                    _finite_float(point[0], f"polygon_yz_mm[{i}][0]"),
-                    _finite_float(point[1], f"polygon_yz_mm[{i}][1]"),
-                )
-            )
-        if _polygon_is_degenerate(points):
-            raise RoiError("polygon_yz_mm: degenerate polygon (its points enclose no area)")
-        object.__setattr__(self, "polygon_yz_mm", tuple(points))
+            validate_uid(getattr(self, field), field)
+        object.__setattr__(self, "slices_x_mm", validate_slices(self.slices_x_mm))
+        object.__setattr__(self, "polygon_yz_mm", validate_polygon(self.polygon_yz_mm))
+        object.__setattr__(self, "vertebra", validate_vertebra(self.vertebra))
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RoiAnnotation:
+    def from_json(cls, data: Mapping[str, Any]) -> Roi:
         """Build from the JSON object of ``METHOD.md``; :class:`RoiError` on bad input."""
         if not isinstance(data, Mapping):
             raise RoiError(f"ROI: expected a JSON object, got {type(data).__name__}")
@@ -192,6 +221,12 @@ class RoiAnnotation:
         if self.vertebra is not None:
             data["vertebra"] = self.vertebra
         return data
+
+    @property
+    def central_slice_x_mm(self) -> float:
+        """The middle slice position (the lower middle one for an even count)."""
+        ordered = sorted(self.slices_x_mm)
+        return ordered[(len(ordered) - 1) // 2]
 
     def square_box_yz(self) -> SquareBox:
         """The smallest square containing the polygon's bounding box, centred on it."""

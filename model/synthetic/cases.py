@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from model.synthetic.design import design_phantom, design_roi
 from model.synthetic.phantom import Label
 from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
@@ -94,7 +94,7 @@ class SynthCase:
     patient_id: str
     label: Literal["benign", "malignant"]
     series_dir: Path
-    roi: RoiAnnotation
+    roi: Roi
     roi_path: Path
     features: Mapping[str, bool] = field(default_factory=dict)
 
@@ -133,7 +133,7 @@ def make_case(
     )
     xs, polygon = design_roi(phantom, rng)
     vertebra = phantom.vertebrae[phantom.abnormal_index].name
-    roi = RoiAnnotation(
+    roi = Roi(
         study_instance_uid=identity.study_instance_uid,
         series_instance_uid=identity.series_instance_uid,
         slices_x_mm=xs,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model.io.volume import SeriesError
 from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
-from model.serving.roi import RoiAnnotation, RoiError
+from model.serving.roi import Roi, RoiError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CohortRow:
     label: int  # 1 = malignant
     series_dir: Path
     roi_path: Path
-    roi: RoiAnnotation
+    roi: Roi
     series_files: tuple[Path, ...]
 
 
@@ -113,9 +113,9 @@ def files_of_series(folder: Path, series_instance_uid: str) -> tuple[list[Path],
     return chosen, others
 
 
-def _read_roi(path: Path) -> RoiAnnotation:
+def _read_roi(path: Path) -> Roi:
     with path.open(encoding="utf-8") as handle:
-        return RoiAnnotation.from_json(json.load(handle))
+        return Roi.from_json(json.load(handle))
 
 
 def _check_row(
@@ -136,7 +136,7 @@ def _check_row(
     label_text = (row.get("label") or "").strip().lower()
     if label_text not in LABEL_VALUES:
         problem(f"unknown label {row.get('label')!r} (expected 'benign' or 'malignant')")
-    roi: RoiAnnotation | None = None
+    roi: Roi | None = None
     roi_text = (row.get("roi") or "").strip()
     roi_path = base / roi_text
     if not roi_text:

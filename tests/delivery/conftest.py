@@ -13,10 +13,11 @@ from typing import Any
 import pydicom
 import pytest
 
+from tests.findings import make_finding
 from tests.services import Orthanc
 from tests.sr.synthetic_ct import axial_series, new_study
 from worker.destinations import DeliveryPayload
-from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
+from worker.sr import AlgorithmInfo, build_triage_sr, sr_to_bytes
 
 POLYGON = ((10.0, -80.0), (30.5, -80.0), (32.0, -62.25), (9.5, -60.0))
 SLICES_X_MM = (-3.0, 0.0, 3.0)
@@ -84,7 +85,7 @@ def make_result_study(folder: Path, probability: float = 0.91) -> ResultStudy:
     study_uid, frame_uid = new_study()
     ct = axial_series(study_uid, frame_uid, slices=3)
     malignant = probability >= 0.5
-    finding = TriageFinding(
+    finding = make_finding(
         polygon_yz_mm=POLYGON,
         slices_x_mm=SLICES_X_MM,
         slice_probabilities=slice_probabilities(probability),

@@ -16,9 +16,10 @@ from dicom_node.dicom.scp import TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.dicom.vertebrae import VERTEBRA_CODES
 from model.synthetic.demo import DEMO_RECIPE
 from tests.deploy.files import DEPLOY, DOCS, REPO, SETTING_VARIABLES, parse_cli, setting_names_in
+from tests.findings import make_finding
 from tests.sr.synthetic_ct import axial_series, new_study
 from worker.commands.settings_reference import render_settings_markdown
-from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
+from worker.sr import AlgorithmInfo, build_triage_sr, sr_to_bytes
 
 GUIDE = DOCS / "operator-guide.md"
 CONFORMANCE = DOCS / "conformance-statement.md"
@@ -158,7 +159,7 @@ def _result_sr_codes(label: str) -> set[tuple[str, str]]:
     study_uid, frame_uid = new_study()
     images = axial_series(study_uid, frame_uid)
     malignant = label == "malignant"
-    finding = TriageFinding(
+    finding = make_finding(
         polygon_yz_mm=((-5.0, -95.0), (5.0, -95.0), (5.0, -85.0), (-5.0, -85.0)),
         slices_x_mm=(-3.0, 0.0, 3.0),
         slice_probabilities=(0.4, 0.9 if malignant else 0.3, 0.2),

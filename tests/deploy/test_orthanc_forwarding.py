@@ -21,9 +21,10 @@ from dicom_node.archive.schema import Instance, Series
 from dicom_node.node import Node, start_node
 from dicom_node.settings import Settings
 from tests.deploy.files import DEPLOY, load_compose
+from tests.findings import make_finding
 from tests.sr.synthetic_ct import axial_series, new_study
 from tests.support import free_port
-from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
+from worker.sr import AlgorithmInfo, build_triage_sr, sr_to_bytes
 
 LUA = DEPLOY / "orthanc" / "forward-to-spine-triage.lua"
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.4711"
@@ -57,7 +58,7 @@ def _part10(dataset: pydicom.Dataset) -> bytes:
 
 
 def _result_sr(images: list[pydicom.Dataset], manufacturer: str, key: str) -> bytes:
-    finding = TriageFinding(
+    finding = make_finding(
         polygon_yz_mm=((-5.0, -95.0), (5.0, -95.0), (5.0, -85.0), (-5.0, -85.0)),
         slices_x_mm=(-3.0, 0.0, 3.0),
         slice_probabilities=(0.4, 0.9, 0.7),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
 
 Point = tuple[float, float, float]
@@ -88,10 +88,10 @@ def square_roi(
     center_yz: tuple[float, float],
     side: float,
     slices_x_mm: Sequence[float],
-) -> RoiAnnotation:
+) -> Roi:
     cy, cz = center_yz
     half = side / 2.0
-    return RoiAnnotation(
+    return Roi(
         study_instance_uid=identity.study_instance_uid,
         series_instance_uid=identity.series_instance_uid,
         slices_x_mm=tuple(slices_x_mm),

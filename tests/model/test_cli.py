@@ -13,7 +13,7 @@ import pytest
 
 from model.io.volume import load_series
 from model.serving.preprocess import build_inputs
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from worker.cli import main
 
 
@@ -30,7 +30,7 @@ def test_synth_then_preprocess(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["preprocess", str(case_dir), "--roi", str(roi_path), "--out", str(npz)]) == 0
     with np.load(npz) as saved:
         inputs, x_mm = saved["inputs"], saved["x_mm"]
-    roi = RoiAnnotation.from_json(json.loads(roi_path.read_text()))
+    roi = Roi.from_json(json.loads(roi_path.read_text()))
     assert inputs.dtype == np.float32 and inputs.shape == (len(roi.slices_x_mm), 3, 64, 64)
     np.testing.assert_array_equal(x_mm, roi.slices_x_mm)
     expected = build_inputs(load_series(sorted((out / rows[0]["series_dir"]).glob("*"))), roi)

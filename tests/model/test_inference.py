@@ -10,12 +10,13 @@ import torch
 
 from model.io.volume import load_series
 from model.serving.checkpoint import CheckpointError, save_checkpoint
-from model.serving.inference import Classifier, prediction_from_probabilities
+from model.serving.inference import Classifier
 from model.serving.network import (
     PretrainedWeightsUnavailable,
     build_resnet50,
     imagenet_weights_path,
 )
+from model.serving.prediction import prediction_from_probabilities
 from model.serving.preprocess import PreprocessParams, build_inputs
 from model.synthetic.cases import make_case
 

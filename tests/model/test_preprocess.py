@@ -15,7 +15,7 @@ from model.serving.preprocess import (
     build_inputs,
     load_roi_volume,
 )
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from tests.model.series_factory import square_roi, write_blob_series, write_oriented_series
 
 # Box centred at (y, z) = (2, -3) mm, side 32 mm: cells of 0.5 mm.
@@ -37,7 +37,7 @@ _y, _z = cell_center(MARKER_ROW, MARKER_COLUMN)
 MARKER = (SLICE_X + 3.0, _y, _z)
 
 
-def _inputs(folder: Path, **layout: object) -> tuple[np.ndarray, RoiAnnotation]:
+def _inputs(folder: Path, **layout: object) -> tuple[np.ndarray, Roi]:
     paths, identity = write_blob_series(folder, [MARKER], **layout)  # type: ignore[arg-type]
     roi = square_roi(identity, center_yz=CENTER_YZ, side=SIDE, slices_x_mm=(SLICE_X, SLICE_X + 3))
     return build_inputs(load_roi_volume(paths, roi), roi), roi

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from model.serving.roi import MAX_SLICES, RoiAnnotation, RoiError
+from model.serving.roi import MAX_SLICES, Roi, RoiError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
@@ -27,22 +27,22 @@ def roi_json(**changes: Any) -> dict[str, Any]:
 
 
 def test_json_round_trip_gives_an_equal_roi() -> None:
-    roi = RoiAnnotation.from_json(roi_json())
-    again = RoiAnnotation.from_json(json.loads(json.dumps(roi.to_json())))
+    roi = Roi.from_json(roi_json())
+    again = Roi.from_json(json.loads(json.dumps(roi.to_json())))
     assert again == roi
     assert roi.slices_x_mm == (-3.0, 0.0, 3.0)
     assert roi.polygon_yz_mm[1] == (10.0, 10.0)
 
 
 def test_vertebra_is_optional() -> None:
-    roi = RoiAnnotation.from_json(roi_json(vertebra=...))
+    roi = Roi.from_json(roi_json(vertebra=...))
     assert roi.vertebra is None
     assert "vertebra" not in roi.to_json()
 
 
 def test_square_box_is_the_smallest_square_around_the_bounding_box() -> None:
     # Bounding box y -20..10 (30 mm wide), z 10..30 (20 mm high): side 30, centred.
-    box = RoiAnnotation.from_json(roi_json()).square_box_yz()
+    box = Roi.from_json(roi_json()).square_box_yz()
     assert (box.center_y, box.center_z, box.side) == (-5.0, 20.0, 30.0)
     assert box.y_range == (-20.0, 10.0)
     assert box.z_range == (5.0, 35.0)
@@ -50,7 +50,7 @@ def test_square_box_is_the_smallest_square_around_the_bounding_box() -> None:
 
 def test_square_box_of_a_tall_polygon_takes_its_height() -> None:
     polygon = [[0.0, 0.0], [8.0, 2.0], [4.0, 40.0]]
-    box = RoiAnnotation.from_json(roi_json(polygon_yz_mm=polygon)).square_box_yz()
+    box = Roi.from_json(roi_json(polygon_yz_mm=polygon)).square_box_yz()
     assert (box.center_y, box.center_z, box.side) == (4.0, 20.0, 40.0)
 
 
@@ -79,25 +79,25 @@ def test_square_box_of_a_tall_polygon_takes_its_height() -> None:
 )
 def test_invalid_roi_is_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(RoiError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        RoiAnnotation.from_json(roi_json(**changes))
+        Roi.from_json(roi_json(**changes))
 
 
 def test_constructor_validates_too() -> None:
     with pytest.raises(RoiError, match="slices_x_mm"):
-        RoiAnnotation(STUDY, SERIES, (), ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)))
-    roi = RoiAnnotation(STUDY, SERIES, [1, 2], [[0, 0], [1, 0], [0, 1]])  # type: ignore[arg-type]
+        Roi(STUDY, SERIES, (), ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)))
+    roi = Roi(STUDY, SERIES, [1, 2], [[0, 0], [1, 0], [0, 1]])  # type: ignore[arg-type]
     assert roi.slices_x_mm == (1.0, 2.0)
     assert roi.polygon_yz_mm == ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0))
 
 
 def test_up_to_seven_slices_are_accepted() -> None:
-    roi = RoiAnnotation.from_json(roi_json(slices_x_mm=[float(i) for i in range(MAX_SLICES)]))
+    roi = Roi.from_json(roi_json(slices_x_mm=[float(i) for i in range(MAX_SLICES)]))
     assert len(roi.slices_x_mm) == MAX_SLICES
-    single = RoiAnnotation.from_json(roi_json(slices_x_mm=[2.5]))
+    single = Roi.from_json(roi_json(slices_x_mm=[2.5]))
     assert single.slices_x_mm == (2.5,)
 
 
 def test_roi_is_frozen() -> None:
-    roi = RoiAnnotation.from_json(roi_json())
+    roi = Roi.from_json(roi_json())
     with pytest.raises(AttributeError):
         roi.vertebra = "L2"  # type: ignore[misc]

@@ -14,7 +14,7 @@ import pytest
 
 from model.io.volume import load_series
 from model.serving.preprocess import build_inputs, load_roi_volume
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from model.synthetic.cases import make_case, make_cohort
 from tests.support import require_binary
 
@@ -61,7 +61,7 @@ def test_case_has_series_roi_and_label(tmp_path: Path) -> None:
     case = make_case(tmp_path, patient_id="P1", label="benign", seed=4)
     files = sorted(case.series_dir.glob("*.dcm"))
     assert 40 <= len(files) <= 90
-    roi = RoiAnnotation.from_json(json.loads(case.roi_path.read_text()))
+    roi = Roi.from_json(json.loads(case.roi_path.read_text()))
     assert roi == case.roi
     assert 3 <= len(roi.slices_x_mm) <= 5
     label = json.loads((tmp_path / "P1" / "label.json").read_text())

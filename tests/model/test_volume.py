@@ -25,11 +25,11 @@ from model.io.volume import (
     read_series_geometry,
 )
 from model.serving.preprocess import RoiOutsideVolumeError, load_roi_volume
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from tests.model.series_factory import square_roi, write_blob_series
 
 MARKER = (5.0, -4.0, 3.0)
-BlobSeries = tuple[list[Path], RoiAnnotation]
+BlobSeries = tuple[list[Path], Roi]
 
 
 @pytest.fixture(scope="module")
@@ -228,14 +228,14 @@ def test_geometry_of_whole_series_is_checked_even_for_an_roi(
 
 def test_roi_of_another_series_is_refused(blob_series: BlobSeries) -> None:
     paths, roi = blob_series
-    other = RoiAnnotation.from_json({**roi.to_json(), "series_instance_uid": "1.2.3"})
+    other = Roi.from_json({**roi.to_json(), "series_instance_uid": "1.2.3"})
     with pytest.raises(MixedSeriesError, match=r"ROI names series 1\.2\.3"):
         load_roi_volume(paths, other)
 
 
 def test_roi_entirely_outside_the_series_is_refused(blob_series: BlobSeries) -> None:
     paths, roi = blob_series
-    far = RoiAnnotation.from_json({**roi.to_json(), "slices_x_mm": [200.0]})
+    far = Roi.from_json({**roi.to_json(), "slices_x_mm": [200.0]})
     with pytest.raises(RoiOutsideVolumeError):
         load_roi_volume(paths, far)
 

@@ -210,3 +210,10 @@ def test_poll_interval_setting_reaches_each_association(node_factory: NodeFactor
         assert accepted.dul._run_loop_delay == pytest.approx(0.0003)
     finally:
         assoc.release()
+
+
+def test_the_pynetdicom_private_api_the_node_uses_is_there() -> None:
+    """Fails loudly when a pynetdicom upgrade removes or renames what the adapter reaches."""
+    from dicom_node.dicom import pynetdicom_private
+
+    pynetdicom_private.check_private_api()

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from dicom_node.archive.db import transaction
+from dicom_node.archive.lifecycle import create_deliveries
 from dicom_node.archive.migrate import upgrade
 from dicom_node.archive.schema import (
     AnnotationState,
@@ -21,7 +22,7 @@ from dicom_node.archive.schema import (
 from dicom_node.settings import Settings
 from tests.support import free_port
 from worker.cli import main
-from worker.delivery import DeliveryOutcome, create_deliveries, run_delivery
+from worker.delivery import DeliveryOutcome, run_delivery
 from worker.runtime import WorkerRuntime
 
 

@@ -14,6 +14,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 
+from tests.findings import make_finding
 from tests.sr.synthetic_ct import PATIENT_ID, PATIENT_NAME, axial_series, new_study
 from tests.support import require_binary, require_dcmtk
 from worker.sr import (
@@ -44,7 +45,7 @@ def malignant_finding(**changes: object) -> TriageFinding:
         "vertebra": "L1",
     }
     values.update(changes)
-    return TriageFinding(**values)  # type: ignore[arg-type]
+    return make_finding(**values)  # type: ignore[arg-type]
 
 
 def algorithm(**changes: object) -> AlgorithmInfo:

@@ -14,10 +14,12 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from dicom_node.dicom.sr_roi import RoiSrError, SrRoi, extract_roi, is_roi_report
+from dicom_node.dicom.sr_roi import RoiReport, RoiSrError, extract_roi, is_roi_report
 from dicom_node.dicom.vertebrae import vertebra_code, vertebra_label
+from model.serving.roi import Roi
+from tests.findings import make_finding
 from tests.sr.synthetic_ct import axial_series, new_study, sagittal_image
-from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
+from worker.sr import AlgorithmInfo, build_triage_sr, sr_to_bytes
 
 RECTANGLE_YZ = ((12.0, -85.0), (34.0, -85.0), (34.0, -61.5), (12.0, -61.5))
 READER = "Reader^Rita"
@@ -125,12 +127,14 @@ def test_scoord3d_roi_is_taken_as_is(study: tuple[str, str, list[pydicom.Dataset
     assert is_roi_report(ds)
     roi = extract_roi(ds, storage)
 
-    assert roi == SrRoi(
-        study_instance_uid=study_uid,
-        series_instance_uid=ct[0].SeriesInstanceUID,
-        slices_x_mm=(2.5,),
-        polygon_yz_mm=RECTANGLE_YZ,
-        vertebra="T12",
+    assert roi == RoiReport(
+        roi=Roi(
+            study_instance_uid=study_uid,
+            series_instance_uid=ct[0].SeriesInstanceUID,
+            slices_x_mm=(2.5,),
+            polygon_yz_mm=RECTANGLE_YZ,
+            vertebra="T12",
+        ),
         annotator=READER,
         sr_sop_instance_uid=ds.SOPInstanceUID,
     )
@@ -182,7 +186,7 @@ def test_scoord_on_a_sagittal_image_is_mapped_through_its_geometry() -> None:
     )
 
     assert is_roi_report(ds)
-    roi = extract_roi(ds, Storage([image]))
+    roi = extract_roi(ds, Storage([image])).roi
 
     # Independent of highdicom: position + (column - 0.5)·column spacing·row cosine
     # + (row - 0.5)·row spacing·column cosine, with the image at y0 = -20, z0 = 40,
@@ -206,7 +210,7 @@ def test_several_slices_give_sorted_distinct_positions(
         planar_group(sagittal_region_3d(x, frame_uid), index=index)
         for index, x in enumerate((3.0, -3.0, 0.0, 3.0), start=1)
     ]
-    roi = extract_roi(roi_report(ct, groups), Storage(ct))
+    roi = extract_roi(roi_report(ct, groups), Storage(ct)).roi
     assert roi.slices_x_mm == (-3.0, 0.0, 3.0)
     assert roi.polygon_yz_mm == RECTANGLE_YZ
 
@@ -220,7 +224,7 @@ def test_different_polygons_on_several_slices_give_their_bounding_rectangle(
         planar_group(sagittal_region_3d(0.0, frame_uid), index=1),
         planar_group(region_3d(triangle, frame_uid), index=2),
     ]
-    roi = extract_roi(roi_report(ct, groups), Storage(ct))
+    roi = extract_roi(roi_report(ct, groups), Storage(ct)).roi
     assert roi.slices_x_mm == (-3.0, 0.0)
     assert roi.polygon_yz_mm == ((5.0, -90.0), (34.0, -90.0), (34.0, -61.5), (5.0, -61.5))
 
@@ -230,7 +234,8 @@ def test_an_oblique_polygon_within_tolerance_counts_as_sagittal(
 ) -> None:
     _, frame_uid, ct = study
     points = [(1.0 + 0.02 * (z + 85.0), y, z) for y, z in RECTANGLE_YZ]
-    roi = extract_roi(roi_report(ct, [planar_group(region_3d(points, frame_uid))]), Storage(ct))
+    report = extract_roi(roi_report(ct, [planar_group(region_3d(points, frame_uid))]), Storage(ct))
+    roi = report.roi
     assert roi.slices_x_mm == (pytest.approx(1.235),)
 
 
@@ -323,7 +328,7 @@ def test_ohif_style_measurement_with_a_closed_polyline_is_an_roi() -> None:
     ds = roi_report([image], [group], sr_class=hd.sr.ComprehensiveSR)
 
     assert is_roi_report(ds)
-    roi = extract_roi(ds, Storage([image]))
+    roi = extract_roi(ds, Storage([image])).roi
     assert roi.series_instance_uid == series_uid
     assert roi.slices_x_mm == (-4.0,)
     assert roi.polygon_yz_mm == ((-16.8, 39.0), (-8.8, 39.0), (-8.8, 29.0), (-16.8, 29.0))
@@ -397,7 +402,7 @@ def test_triage_result_sr_is_not_an_roi_report_but_its_roi_reads_back(
 ) -> None:
     """The node must not take this product's own SR, echoed by the PACS, as a new request."""
     study_uid, _, ct = study
-    finding = TriageFinding(
+    finding = make_finding(
         polygon_yz_mm=RECTANGLE_YZ,
         slices_x_mm=(-3.0, 0.0, 3.0),
         slice_probabilities=(0.2, 0.81, 0.5),
@@ -412,13 +417,14 @@ def test_triage_result_sr_is_not_an_roi_report_but_its_roi_reads_back(
     ds = pydicom.dcmread(BytesIO(sr_to_bytes(result)))
 
     assert not is_roi_report(ds)
-    roi = extract_roi(ds, Storage(ct))
+    report = extract_roi(ds, Storage(ct))
+    roi = report.roi
     assert roi.study_instance_uid == study_uid
     assert roi.series_instance_uid == ct[0].SeriesInstanceUID
-    assert roi.slices_x_mm == finding.slices_x_mm
+    assert roi.slices_x_mm == finding.roi.slices_x_mm
     assert roi.polygon_yz_mm == RECTANGLE_YZ
     assert roi.vertebra == "T11"
-    assert roi.annotator is None
+    assert report.annotator is None
 
 
 def test_conflicting_vertebrae_are_dropped_with_a_warning(
@@ -430,7 +436,7 @@ def test_conflicting_vertebrae_are_dropped_with_a_warning(
         planar_group(sagittal_region_3d(3.0, frame_uid), vertebra=codes.SCT.L2Vertebra, index=2),
     ]
     with caplog.at_level(logging.WARNING, logger="dicom_node.dicom.sr_roi"):
-        roi = extract_roi(roi_report(ct, groups), Storage(ct))
+        roi = extract_roi(roi_report(ct, groups), Storage(ct)).roi
     assert roi.vertebra is None
     assert "2 different vertebrae" in caplog.text
     assert READER not in caplog.text

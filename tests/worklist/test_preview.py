@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.io.volume import Volume
 from model.serving.preprocess import build_inputs, load_roi_volume
-from model.serving.roi import RoiAnnotation
+from model.serving.roi import Roi
 from model.synthetic.cases import make_case
 from worker.preview import BOX, FLAGGED, render_preview_png, sagittal_context
 
@@ -137,7 +137,7 @@ def _axial_volume(marker: tuple[float, float, float]) -> Volume:
 def test_sagittal_context_is_superior_up_anterior_left_with_the_box_in_pixels() -> None:
     # A marker anterior (small y) and superior (large z) of the box centre.
     volume = _axial_volume(marker=(0.0, -12.0, 12.0))
-    roi = RoiAnnotation(
+    roi = Roi(
         study_instance_uid=STUDY,
         series_instance_uid=SERIES,
         slices_x_mm=(-3.0, 0.0, 3.0),

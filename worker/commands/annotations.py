@@ -82,7 +82,8 @@ def _show(args: argparse.Namespace) -> int:
 
     from dicom_node.archive.db import make_engine, make_session_factory
     from dicom_node.settings import load_settings
-    from dicom_node.web.app import ApiState, annotation_view
+    from dicom_node.web.access import ApiState
+    from dicom_node.web.annotations import annotation_view
 
     settings = load_settings()
     engine = make_engine(settings.resolved_database_url)
@@ -100,7 +101,9 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from dicom_node.annotations import CsvImportError, import_rows, parse_csv
+    from datetime import UTC, datetime
+
+    from dicom_node.archive.roi_csv import CsvImportError, import_rows, parse_csv
 
     try:
         rows = parse_csv(args.csv.read_text(encoding="utf-8-sig"))
@@ -113,7 +116,7 @@ def _import(args: argparse.Namespace) -> int:
         print(f"{args.csv}: {exc.strerror}", file=sys.stderr)
         return 1
     with database_session(write=True) as session:
-        stored = import_rows(session, rows)
+        stored = import_rows(session, rows, now=datetime.now(UTC))
     new = sum(1 for item in stored if item.created)
     print(f"{len(stored)} row(s): {new} new annotation(s), {len(stored) - new} already known")
     return 0
@@ -122,7 +125,7 @@ def _import(args: argparse.Namespace) -> int:
 def _retry(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from worker.claims import retry_failed_annotations
+    from dicom_node.archive.lifecycle import retry_failed_annotations
 
     with database_session(write=True) as session:
         ids = retry_failed_annotations(session, args.ids or None, now=datetime.now(UTC))

@@ -56,10 +56,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from worker.delivery import retry_failed
+    from dicom_node.archive.lifecycle import retry_failed_deliveries
 
     with database_session(write=True) as session:
-        ids = retry_failed(session, delivery_ids=args.ids or None, now=datetime.now(UTC))
+        ids = retry_failed_deliveries(session, args.ids or None, now=datetime.now(UTC))
     if not ids:
         print("no failed delivery to re-send")
         return 1 if args.ids else 0

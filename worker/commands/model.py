@@ -154,10 +154,10 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
     from model.io.volume import SeriesError, group_paths_by_series
     from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
-    from model.serving.roi import RoiAnnotation, RoiError
+    from model.serving.roi import Roi, RoiError
 
     try:
-        roi = RoiAnnotation.from_json(json.loads(args.roi.read_text()))
+        roi = Roi.from_json(json.loads(args.roi.read_text()))
     except (OSError, json.JSONDecodeError, RoiError) as exc:
         print(f"preprocess: {args.roi}: {exc}", file=sys.stderr)
         return 2

@@ -122,7 +122,7 @@ def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) 
     import requests
 
     from dicom_node.dicom.scu import StorePeer, store_files
-    from dicom_node.web.app import api_token
+    from dicom_node.web.access import api_token
     from model.synthetic.cases import make_cohort
 
     folder = (settings.var_dir / "demo" / f"seed-{seed}").resolve()
