@@ -10,6 +10,7 @@ from celery.signals import worker_process_init
 
 from dicom_node.broker.app import celery_config
 from dicom_node.settings import Settings, load_settings
+from worker.runtime import reset_runtime
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,5 @@ def make_app(settings: Settings | None = None) -> Celery:
 @worker_process_init.connect
 def _fresh_runtime_per_process(**_: Any) -> None:
     """A forked pool process makes its own engine (and loads the model) on first use."""
-    from worker.runtime import reset_runtime
 
     reset_runtime()

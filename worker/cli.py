@@ -1,8 +1,9 @@
 """The ``spine-triage`` command line.
 
-Each subcommand lives in a module of :mod:`worker.commands` that exposes
-``register(subparsers)``; this module only assembles them, so importing it stays cheap
-(heavy imports such as torch happen inside the command that needs them).
+Each subcommand lives in a module of :mod:`worker.commands` (the table
+:data:`worker.commands.COMMANDS`). Only the module of the command being run is imported,
+with everything it needs; the others appear in the top-level help by their one-line summary.
+So ``spine-triage --help`` and ``spine-triage studies`` never import torch.
 """
 
 from __future__ import annotations
@@ -13,17 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = (
-    "worker.commands.node",
-    "worker.commands.worker",
-    "worker.commands.up",
-    "worker.commands.db",
-    "worker.commands.studies",
-    "worker.commands.annotations",
-    "worker.commands.deliveries",
-    "worker.commands.model",
-    "worker.commands.training",
-)
+from worker.commands import COMMANDS
 
 DESCRIPTION = """\
 spine-triage: a DICOM node and worker fleet that flags spine CT studies with a likely
@@ -47,7 +38,9 @@ run 'spine-triage COMMAND --help' for the details of a command.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full definition of the command ``argv`` names (of all commands
+    when ``argv`` is None) and a summary line for the others."""
     parser = argparse.ArgumentParser(
         prog="spine-triage",
         description=DESCRIPTION,
@@ -61,14 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging threshold (default: INFO; patient data is never logged at INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    if argv is None:
+        modules = list(dict.fromkeys(command.module for command in COMMANDS.values()))
+    else:
+        chosen = _command_of(argv)
+        modules = [COMMANDS[chosen].module] if chosen in COMMANDS else []
+    for module in modules:
+        importlib.import_module(module).register(subparsers)
+    for name, command in COMMANDS.items():
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=command.help, add_help=False)
+    ordered = {name: subparsers.choices[name] for name in COMMANDS}
+    subparsers.choices.clear()
+    subparsers.choices.update(ordered)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The first argument that is not an option (or the value of ``--log-level``)."""
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--log-level":
+            next(arguments, None)
+        elif not argument.startswith("-"):
+            return argument
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,11 +19,15 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.broker.app import TaskSender, make_celery
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.storage import FileStore
 from dicom_node.node import make_store
 from dicom_node.settings import Settings, load_settings
+from model.serving.inference import Classifier
+from model.synthetic.demo import demo_checkpoint_path, ensure_demo_checkpoint
 from worker.destinations import Destination
+from worker.destinations.factory import make_destination
 
 if TYPE_CHECKING:
     from model.serving.inference import Classifier
@@ -38,7 +42,6 @@ def default_checkpoint(
     ``progress`` shows progress bars for that first training)."""
     if settings.model_checkpoint is not None:
         return settings.model_checkpoint
-    from model.synthetic.demo import demo_checkpoint_path, ensure_demo_checkpoint
 
     cache = (settings.var_dir / "models").resolve()
     if not train_if_missing:
@@ -75,8 +78,6 @@ class WorkerRuntime:
             if self._classifier is None:
                 import torch
 
-                from model.serving.inference import Classifier
-
                 if self.settings.torch_threads:
                     torch.set_num_threads(self.settings.torch_threads)
                 device = (
@@ -95,8 +96,6 @@ class WorkerRuntime:
     def destinations(self) -> dict[str, Destination]:
         with self._lock:
             if self._destinations is None:
-                from worker.destinations.factory import make_destination
-
                 self._destinations = {
                     config.name: make_destination(config, node_ae_title=self.settings.ae_title)
                     for config in self.settings.destinations
@@ -116,8 +115,6 @@ def get_runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from dicom_node.broker.app import TaskSender, make_celery
-
             settings = load_settings()
             _runtime = WorkerRuntime.from_settings(
                 settings, send=TaskSender(make_celery(settings, "spine_triage_worker_sender"))

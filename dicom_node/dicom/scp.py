@@ -28,11 +28,6 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.dicom.pynetdicom_private import (
-    quiet_standard_handlers,
-    register_server,
-    set_poll_interval,
-)
 from dicom_node.dicom.ingest import (
     SR_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
@@ -41,6 +36,11 @@ from dicom_node.dicom.ingest import (
     SrReceived,
     StoreContext,
     store_instance,
+)
+from dicom_node.dicom.pynetdicom_private import (
+    quiet_standard_handlers,
+    register_server,
+    set_poll_interval,
 )
 from dicom_node.settings import Settings
 

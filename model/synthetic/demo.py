@@ -33,6 +33,7 @@ import torch
 
 from model.serving.checkpoint import CheckpointError, load_checkpoint
 from model.serving.preprocess import PreprocessParams
+from model.synthetic.cases import make_cohort
 from model.training.augment import AugmentParams
 from model.training.cohort import load_cohort
 from model.training.train import TrainConfig, main
@@ -106,7 +107,6 @@ def make_synthetic_cohort(
     out_dir: Path, *, patients: int, seed: int, malignant_fraction: float = 0.5
 ) -> Path:
     """Write a synthetic cohort (DICOM series, ROI JSON, manifest.csv); return the manifest."""
-    from model.synthetic.cases import make_cohort
 
     make_cohort(out_dir, patients=patients, seed=seed, malignant_fraction=malignant_fraction)
     return out_dir / "manifest.csv"

@@ -28,11 +28,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.serving.checkpoint import save_checkpoint
 from model.serving.network import PretrainedWeightsUnavailable, build_resnet50
 from model.training.augment import augment_batch
 from model.training.cohort import PatientInputs
 from model.training.config import EarlyStopping, TrainConfig, with_overrides  # noqa: F401
 from model.training.folds import carve_validation
+from model.training.metrics import auroc, confusion_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -365,8 +367,6 @@ def main(
     """Train on the whole cohort (validation carved out) and write model.pt + config.json."""
     from pydicom.uid import generate_uid
 
-    from model.serving.checkpoint import save_checkpoint
-
     labels = {p.patient_id: p.label for p in patients}
     train_ids, validation_ids = carve_validation(
         labels, list(labels), config.validation_fraction, config.seed
@@ -415,8 +415,6 @@ def validation_metrics(
 ) -> dict[str, float | int | None]:
     """Per-patient AUROC and accuracy at 0.5 on the validation patients (used for early
     stopping, so optimistic; the held-out estimate is what ``evaluate`` gives)."""
-    from model.training.metrics import auroc, confusion_matrix
-
     if not validation:
         return {"patients": 0, "auroc": None, "accuracy": None}
     probabilities = predict_patients(result.model, validation, device=result.device)

@@ -119,7 +119,9 @@ def test_an_annotation_is_ready_once_its_study_is_complete(
     assert stored.created
     assert _annotation(sessions, stored.id).state is AnnotationState.PENDING
 
-    def ready(at: datetime, *, stale_after_s: float | None = None, unreceived: bool = False) -> list[int]:
+    def ready(
+        at: datetime, *, stale_after_s: float | None = None, unreceived: bool = False
+    ) -> list[int]:
         with sessions() as session:
             return lifecycle.ready_annotation_ids(
                 session, now=at, stale_after_s=stale_after_s, include_unreceived=unreceived

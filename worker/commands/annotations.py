@@ -8,13 +8,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.commands import database_session
+from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.archive.lifecycle import retry_failed_annotations
+from dicom_node.archive.roi_csv import CsvImportError, import_rows, parse_csv
+from dicom_node.archive.schema import AnnotationState, RoiAnnotation
+from dicom_node.settings import load_settings
+from dicom_node.web.access import ApiState
+from dicom_node.web.annotations import annotation_view
+from worker.commands import COMMANDS, database_session
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "annotations",
-        help="list, show or import ROI annotations (the triage jobs)",
+        help=COMMANDS["annotations"].help,
         description=(
             "ROI annotations are the triage jobs: a radiologist's ROI on the most abnormal "
             "vertebra (sagittal polygon in mm plus 3-5 sagittal slice positions). A job runs "
@@ -56,8 +63,6 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node.archive.schema import AnnotationState, RoiAnnotation
-
     with database_session() as session:
         query = select(RoiAnnotation).order_by(RoiAnnotation.id.desc()).limit(args.limit)
         if args.state:
@@ -80,11 +85,6 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from fastapi import HTTPException
 
-    from dicom_node.archive.db import make_engine, make_session_factory
-    from dicom_node.settings import load_settings
-    from dicom_node.web.access import ApiState
-    from dicom_node.web.annotations import annotation_view
-
     settings = load_settings()
     engine = make_engine(settings.resolved_database_url)
     try:
@@ -102,8 +102,6 @@ def _show(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
-
-    from dicom_node.archive.roi_csv import CsvImportError, import_rows, parse_csv
 
     try:
         rows = parse_csv(args.csv.read_text(encoding="utf-8-sig"))
@@ -124,8 +122,6 @@ def _import(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
-
-    from dicom_node.archive.lifecycle import retry_failed_annotations
 
     with database_session(write=True) as session:
         ids = retry_failed_annotations(session, args.ids or None, now=datetime.now(UTC))

@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dicom_node.archive.db import make_engine
+from dicom_node.archive.migrate import current_revision, downgrade, head_revision, upgrade
+from dicom_node.settings import load_settings
+from worker.commands import COMMANDS
+from worker.commands.settings_reference import render_env_example, render_settings_markdown
+
 
 def register(subparsers: Any) -> None:
     db = subparsers.add_parser(
         "db",
-        help="create or upgrade the database schema (Alembic migrations)",
+        help=COMMANDS["db"].help,
         description=(
             "Manage the database schema. Tables are created and changed only through the "
             "migrations shipped with this release; run `db upgrade` after installing or "
@@ -29,7 +35,7 @@ def register(subparsers: Any) -> None:
 
     config = subparsers.add_parser(
         "config",
-        help="show settings; write .env.example",
+        help=COMMANDS["config"].help,
         description="Inspect the settings (environment variables with prefix SPINE_TRIAGE_).",
     )
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -46,8 +52,6 @@ def register(subparsers: Any) -> None:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from dicom_node.archive.migrate import upgrade
-    from dicom_node.settings import load_settings
 
     settings = load_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -57,8 +61,6 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _downgrade(args: argparse.Namespace) -> int:
-    from dicom_node.archive.migrate import downgrade
-    from dicom_node.settings import load_settings
 
     downgrade(load_settings().resolved_database_url, args.revision)
     print(f"database schema at {args.revision}")
@@ -66,9 +68,6 @@ def _downgrade(args: argparse.Namespace) -> int:
 
 
 def _current(args: argparse.Namespace) -> int:
-    from dicom_node.archive.db import make_engine
-    from dicom_node.archive.migrate import current_revision, head_revision
-    from dicom_node.settings import load_settings
 
     engine = make_engine(load_settings().resolved_database_url)
     try:
@@ -82,21 +81,18 @@ def _current(args: argparse.Namespace) -> int:
 
 
 def _env_example(args: argparse.Namespace) -> int:
-    from worker.commands.settings_reference import render_env_example
 
     print(render_env_example())
     return 0
 
 
 def _settings_doc(args: argparse.Namespace) -> int:
-    from worker.commands.settings_reference import render_settings_markdown
 
     print(render_settings_markdown(), end="")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from dicom_node.settings import load_settings
 
     settings = load_settings()
     for name, value in settings.model_dump().items():

@@ -6,13 +6,15 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.commands import database_session
+from dicom_node.archive.lifecycle import retry_failed_deliveries
+from dicom_node.archive.schema import Delivery, DeliveryState
+from worker.commands import COMMANDS, database_session
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "deliveries",
-        help="list result deliveries; re-send failed ones",
+        help=COMMANDS["deliveries"].help,
         description=(
             "Every result is delivered to each configured destination (SPINE_TRIAGE_"
             "DESTINATIONS): SR to the PACS by C-STORE or STOW-RS, priority flags by HL7, "
@@ -34,8 +36,6 @@ def register(subparsers: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node.archive.schema import Delivery, DeliveryState
-
     with database_session() as session:
         query = select(Delivery).order_by(Delivery.id.desc()).limit(args.limit)
         if args.state:
@@ -56,7 +56,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from dicom_node.archive.lifecycle import retry_failed_deliveries
 
     with database_session(write=True) as session:
         ids = retry_failed_deliveries(session, args.ids or None, now=datetime.now(UTC))

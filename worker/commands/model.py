@@ -9,6 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.io.volume import SeriesError, group_paths_by_series
+from model.serving.checkpoint import CheckpointError, load_checkpoint
+from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
+from model.serving.roi import Roi, RoiError
+from model.synthetic.cases import make_cohort
+from worker.commands import COMMANDS
+
 logger = logging.getLogger(__name__)
 
 SYNTH_DESCRIPTION = """\
@@ -48,7 +55,7 @@ series_instance_uid is used. ROI.json is the JSON the REST API accepts:
 def register(subparsers: Any) -> None:
     synth = subparsers.add_parser(
         "synth",
-        help="write synthetic spine CT studies with ROI and label",
+        help=COMMANDS["synth"].help,
         description=SYNTH_DESCRIPTION,
         epilog=SYNTH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,7 +101,7 @@ def register(subparsers: Any) -> None:
 
     preprocess = subparsers.add_parser(
         "preprocess",
-        help="save the network inputs of an ROI to an .npz file",
+        help=COMMANDS["preprocess"].help,
         description=PREPROCESS_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -113,7 +120,6 @@ def register(subparsers: Any) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from model.synthetic.cases import make_cohort
 
     if args.patients < 1:
         print("synth: --patients must be at least 1", file=sys.stderr)
@@ -152,10 +158,6 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_preprocess(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from model.io.volume import SeriesError, group_paths_by_series
-    from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
-    from model.serving.roi import Roi, RoiError
-
     try:
         roi = Roi.from_json(json.loads(args.roi.read_text()))
     except (OSError, json.JSONDecodeError, RoiError) as exc:
@@ -163,8 +165,6 @@ def run_preprocess(args: argparse.Namespace) -> int:
         return 2
     params = PreprocessParams()
     if args.checkpoint is not None:
-        from model.serving.checkpoint import CheckpointError, load_checkpoint
-
         try:
             params = PreprocessParams.from_json(
                 load_checkpoint(args.checkpoint)[1]["preprocessing"]

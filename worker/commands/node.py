@@ -8,13 +8,20 @@ import signal
 import threading
 from typing import Any
 
+from dicom_node.archive.migrate import SchemaOutOfDate
+from dicom_node.broker.app import TaskSender, make_celery
+from dicom_node.node import start_node
+from dicom_node.settings import load_settings
+from dicom_node.web.app import start_http
+from worker.commands import COMMANDS
+
 log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "node",
-        help="run the DICOM node: receive studies, detect completion, wake workers",
+        help=COMMANDS["node"].help,
         description=(
             "Run the node: a DICOM service accepting C-ECHO and C-STORE (CT, Enhanced CT, and "
             "SR for ROI annotations) that acknowledges an instance only once it is fsynced "
@@ -40,7 +47,6 @@ def add_node_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    from dicom_node.settings import load_settings
 
     overrides = {
         key: value
@@ -63,9 +69,6 @@ def wait_for_signal() -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from dicom_node.archive.migrate import SchemaOutOfDate
-    from dicom_node.broker.app import TaskSender, make_celery
-    from dicom_node.node import start_node
 
     settings = settings_from_args(args)
     sender = TaskSender(make_celery(settings, "spine_triage_node"))
@@ -76,8 +79,6 @@ def run_node(args: argparse.Namespace) -> int:
         return 2
     http = None
     if not args.no_http:
-        from dicom_node.web.app import start_http
-
         http = start_http(settings, node.sessions, sender, store_context=node.service.context)
     try:
         wait_for_signal()

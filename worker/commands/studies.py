@@ -6,13 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from worker.commands import database_session
+from dicom_node.archive.schema import Series, Study, StudyState
+from worker.commands import COMMANDS, database_session
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "studies",
-        help="list received studies with their state, instance counts and times",
+        help=COMMANDS["studies"].help,
         description=(
             "List the studies in the node's index, newest first. A study is 'receiving' while "
             "instances keep arriving and 'complete' once no instance arrived for the quiet "
@@ -27,8 +28,6 @@ def register(subparsers: Any) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
-
-    from dicom_node.archive.schema import Series, Study, StudyState
 
     with database_session() as session:
         query = select(Study).order_by(Study.last_received_at.desc()).limit(args.limit)

@@ -8,6 +8,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dicom_node.settings import load_settings
+from model.serving.preprocess import PreprocessParams
+from model.synthetic.demo import (
+    DEMO_INTENDED_USE,
+    DEMO_NAME,
+    DEMO_RECIPE,
+    ensure_demo_checkpoint,
+    make_synthetic_cohort,
+)
+from model.training.augment import AugmentParams
+from model.training.cohort import CohortError, load_cohort
+from model.training.evaluate import CrossValidationConfig, cross_validate
+from model.training.folds import SplitError
+from model.training.report import render_table
+from model.training.train import INTENDED_USE, TrainConfig, main, with_overrides
+from worker.commands import COMMANDS
+
 logger = logging.getLogger(__name__)
 
 COHORT_HELP = """\
@@ -125,7 +142,7 @@ def register(subparsers: Any) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     train = subparsers.add_parser(
         "train",
-        help="train a checkpoint on a labelled cohort (or synthetic phantoms)",
+        help=COMMANDS["train"].help,
         description="Train the classifier on a labelled cohort and write OUT/model.pt and\n"
         "OUT/config.json (every setting; also inside the checkpoint's meta).\n\n"
         + PROTOCOL_HELP
@@ -154,7 +171,7 @@ def register(subparsers: Any) -> None:
 
     evaluate = subparsers.add_parser(
         "evaluate",
-        help="patient-level k-fold cross-validation with the paper's table",
+        help=COMMANDS["evaluate"].help,
         description="Cross-validate the training protocol: patient-level, label-stratified\n"
         "k-fold; each patient is in exactly one test fold and every fold's model is trained\n"
         "from scratch. Writes to OUT: predictions.csv, report.md (per-slice and per-patient\n"
@@ -191,7 +208,7 @@ def register(subparsers: Any) -> None:
 
     demo = subparsers.add_parser(
         "demo-model",
-        help="train (once) and cache the demonstration model on synthetic phantoms",
+        help=COMMANDS["demo-model"].help,
         description="Make sure the demonstration checkpoint exists and print its path. It is\n"
         "trained on synthetic phantoms in a few minutes on a CPU the first time, then cached\n"
         "(a changed recipe trains a new one). Its meta says it is a demonstration model\n"
@@ -208,8 +225,6 @@ def register(subparsers: Any) -> None:
 
 
 def _training_config(args: argparse.Namespace, base: Any) -> Any:
-    from model.training.augment import AugmentParams
-    from model.training.train import with_overrides
 
     augment = base.augment
     factor = args.augmentation_factor
@@ -257,13 +272,9 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
     """Load the cohort (or make a synthetic one); CohortError lists every row problem."""
-    from model.serving.preprocess import PreprocessParams
-    from model.training.cohort import load_cohort
 
     progress = not args.no_progress
     if args.synthetic is not None:
-        from model.synthetic.demo import make_synthetic_cohort
-
         manifest = make_synthetic_cohort(workdir, patients=args.synthetic, seed=0)
         source = f"{args.synthetic} synthetic phantoms (seed 0)"
     else:
@@ -278,15 +289,9 @@ def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
 def _train(args: argparse.Namespace) -> int:
     import tempfile
 
-    from model.serving.preprocess import PreprocessParams
-    from model.training.cohort import CohortError
-    from model.training.train import INTENDED_USE, TrainConfig, main
-
     _set_threads(args)
     demonstration = args.synthetic is not None
     if demonstration:
-        from model.synthetic.demo import DEMO_INTENDED_USE, DEMO_NAME, DEMO_RECIPE
-
         base, name, intended_use = DEMO_RECIPE.train, DEMO_NAME, DEMO_INTENDED_USE
     else:
         base, name, intended_use = TrainConfig(), "spine-triage", INTENDED_USE
@@ -332,13 +337,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     import tempfile
-
-    from model.serving.preprocess import PreprocessParams
-    from model.training.cohort import CohortError
-    from model.training.evaluate import CrossValidationConfig, cross_validate
-    from model.training.folds import SplitError
-    from model.training.report import render_table
-    from model.training.train import TrainConfig
 
     _set_threads(args)
     try:
@@ -387,12 +385,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from model.synthetic.demo import ensure_demo_checkpoint
 
     cache_dir = args.cache_dir
     if cache_dir is None:
-        from dicom_node.settings import load_settings
-
         cache_dir = load_settings().var_dir / "models"
     path = ensure_demo_checkpoint(cache_dir, retrain=args.retrain, progress=not args.no_progress)
     print(path)

@@ -11,7 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dicom_node.archive.migrate import upgrade
+from dicom_node.broker.app import TaskSender, make_celery
+from dicom_node.dicom.scu import StorePeer, store_files
+from dicom_node.node import start_node
+from dicom_node.settings import FolderDestination
+from dicom_node.web.access import api_token
+from dicom_node.web.app import start_http
+from model.synthetic.cases import make_cohort
+from worker.commands import COMMANDS
 from worker.commands.node import add_node_options, settings_from_args, wait_for_signal
+from worker.runtime import default_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +45,7 @@ within a minute or two.
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "up",
-        help="run node + worker together (embedded mode); --demo feeds synthetic studies",
+        help=COMMANDS["up"].help,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,12 +63,6 @@ def register(subparsers: Any) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from dicom_node.archive.migrate import upgrade
-    from dicom_node.broker.app import TaskSender, make_celery
-    from dicom_node.node import start_node
-    from dicom_node.settings import FolderDestination
-    from dicom_node.web.app import start_http
-    from worker.runtime import default_checkpoint
 
     settings = settings_from_args(args)
     env = dict(os.environ)
@@ -120,10 +124,6 @@ def run_up(args: argparse.Namespace) -> int:
 def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) -> None:
     """Synthetic studies by C-STORE to this node, then their ROIs by the REST API."""
     import requests
-
-    from dicom_node.dicom.scu import StorePeer, store_files
-    from dicom_node.web.access import api_token
-    from model.synthetic.cases import make_cohort
 
     folder = (settings.var_dir / "demo" / f"seed-{seed}").resolve()
     print(f"demo: writing {studies} synthetic studies to {folder}", flush=True)

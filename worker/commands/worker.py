@@ -6,12 +6,16 @@ import argparse
 from typing import Any
 
 from dicom_node.broker.wake import DELIVERY_QUEUE, TRIAGE_QUEUE
+from dicom_node.settings import load_settings
+from worker.celery_app import make_app
+from worker.commands import COMMANDS
+from worker.runtime import default_checkpoint
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "worker",
-        help="run a worker: triage jobs (model inference, SR) and result deliveries",
+        help=COMMANDS["worker"].help,
         description=(
             "Run a Celery worker. It takes triage jobs (claim an ROI annotation in the "
             "database, load the CT series, run the classifier, write the Structured Report) "
@@ -40,9 +44,6 @@ def register(subparsers: Any) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from dicom_node.settings import load_settings
-    from worker.celery_app import make_app
-    from worker.runtime import default_checkpoint
 
     settings = load_settings()
     if TRIAGE_QUEUE in args.queues.split(","):
