@@ -1,4 +1,5 @@
-"""Small synthetic DICOM objects for node tests (made by code, never patient data)."""
+"""Small synthetic DICOM objects for node tests (made by code, never patient data), built
+with the project's own synthetic CT writer (:mod:`model.synthetic.dicom`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import generate_uid
+
+from model.synthetic.dicom import SeriesIdentity, ct_image
 
 
 def ct_slice(
@@ -28,49 +25,24 @@ def ct_slice(
 ) -> Dataset:
     """One axial CT Image Storage instance with valid headers and int16 pixel data."""
     rng = np.random.default_rng(seed + index)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Synthetic^Phantom"
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "for"])
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = "ACC0001"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.Modality = "CT"
-    ds.Manufacturer = "spine-triage synthetic"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = index + 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.PatientPosition = "HFS"
-    ds.ImagePositionPatient = [-16.0, -16.0, float(index) * 3.0]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [1.0, 1.0]
-    ds.SliceThickness = 3.0
-    ds.KVP = 120
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 1
-    ds.PixelData = rng.integers(0, 2000, size=(rows, columns), dtype=np.int16).tobytes()
-    return ds
+    identity = SeriesIdentity(
+        patient_id=patient_id,
+        patient_name="Synthetic^Phantom",
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=str(generate_uid(entropy_srcs=[study_uid, "for"])),
+        accession_number="ACC0001",
+    )
+    return ct_image(
+        identity,
+        rng.integers(0, 2000, size=(rows, columns), dtype=np.int16),
+        instance_number=index + 1,
+        position=(-16.0, -16.0, float(index) * 3.0),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        pixel_spacing=(1.0, 1.0),
+        slice_thickness=3.0,
+        sop_instance_uid=sop_uid or str(generate_uid()),
+    )
 
 
 def write_ct_series(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
@@ -156,6 +157,45 @@ def base_dataset(identity: SeriesIdentity, sop_class: str) -> Dataset:
     ds.PixelRepresentation = 1
     ds.WindowCenter = 400
     ds.WindowWidth = 1800
+    return ds
+
+
+def ct_image(
+    identity: SeriesIdentity,
+    stored: np.ndarray,
+    *,
+    instance_number: int,
+    position: Sequence[float],
+    orientation: Sequence[float],
+    pixel_spacing: tuple[float, float],
+    slice_thickness: float,
+    sop_instance_uid: str | None = None,
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    patient_position: str = "HFS",
+) -> Dataset:
+    """One CT Image Storage instance in memory: ``stored`` (rows, columns) int16 values with
+    the rescale of :data:`RESCALE_INTERCEPT`, explicit VR little endian; any orientation.
+
+    ``pixel_spacing`` is DICOM's (row spacing, column spacing).
+    """
+    sop_instance = sop_instance_uid or str(
+        generate_uid(entropy_srcs=[identity.series_instance_uid, str(instance_number)])
+    )
+    ds = base_dataset(identity, CTImageStorage)
+    ds.file_meta = file_meta_for(CTImageStorage, sop_instance)
+    ds.SOPInstanceUID = sop_instance
+    ds.ImageType = list(image_type)
+    ds.PatientPosition = patient_position
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = ds_values(*position)
+    ds.ImageOrientationPatient = ds_values(*orientation)
+    ds.SliceThickness = ds_values(slice_thickness)[0]
+    ds.PixelSpacing = ds_values(*pixel_spacing)
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.RescaleIntercept = RESCALE_INTERCEPT
+    ds.RescaleSlope = 1.0
+    ds.RescaleType = "HU"
+    ds.PixelData = np.ascontiguousarray(stored, dtype=np.int16).tobytes()
     return ds
 
 

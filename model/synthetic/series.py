@@ -11,19 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from model.synthetic.dicom import (
-    RESCALE_INTERCEPT,
     TRANSFER_SYNTAXES,
     HuFunction,
     SeriesIdentity,
     SeriesLayout,
     TransferSyntaxName,
-    base_dataset,
+    ct_image,
     ds_values,
     encode_pixels,
-    file_meta_for,
     stored_pixels,
 )
 from model.synthetic.enhanced import write_enhanced_ct
@@ -67,22 +65,18 @@ def write_ct_series(
     paths = []
     orientation = [*layout.row_direction.tolist(), *layout.column_direction.tolist()]
     for number, k in enumerate(order, start=1):
-        sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])
-        ds = base_dataset(identity, CTImageStorage)
-        ds.file_meta = file_meta_for(CTImageStorage, sop_instance)
-        ds.SOPInstanceUID = sop_instance
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PatientPosition = "FFS" if layout.feet_first else "HFS"
-        ds.InstanceNumber = number
-        ds.ImagePositionPatient = ds_values(corner[0], corner[1], zs[k])
-        ds.ImageOrientationPatient = orientation
+        ds = ct_image(
+            identity,
+            slices[k],
+            instance_number=number,
+            position=(corner[0], corner[1], zs[k]),
+            orientation=orientation,
+            pixel_spacing=(layout.pixel_spacing_mm, layout.pixel_spacing_mm),
+            slice_thickness=layout.slice_spacing_mm,
+            sop_instance_uid=str(generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])),
+            patient_position="FFS" if layout.feet_first else "HFS",
+        )
         ds.SliceLocation = ds_values(zs[k])[0]
-        ds.SliceThickness = ds_values(layout.slice_spacing_mm)[0]
-        ds.PixelSpacing = ds_values(layout.pixel_spacing_mm, layout.pixel_spacing_mm)
-        ds.Rows, ds.Columns = layout.rows, layout.columns
-        ds.RescaleIntercept = RESCALE_INTERCEPT
-        ds.RescaleSlope = 1.0
-        ds.RescaleType = "HU"
         encode_pixels(ds, slices[k], syntax)
         path = series_dir / f"CT{number:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from model.serving.roi import Roi
+from model.synthetic.dicom import ct_image, stored_pixels
 from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
 
 Point = tuple[float, float, float]
@@ -118,10 +119,6 @@ def write_oriented_series(
     patient_id: str = "OBLIQUE1",
 ) -> tuple[list[Path], SeriesIdentity]:
     """A series in any orientation (sagittal, coronal, oblique), written pixel by pixel."""
-    from pydicom.uid import CTImageStorage, generate_uid
-
-    from model.synthetic.dicom import RESCALE_INTERCEPT, base_dataset, ds_values, file_meta_for
-
     row = np.asarray(row_direction, dtype=np.float64)
     column = np.asarray(column_direction, dtype=np.float64)
     row /= np.linalg.norm(row)
@@ -141,21 +138,15 @@ def write_oriented_series(
         )
         points = corner + c * pixel_spacing_mm * row + r * pixel_spacing_mm * column
         hu = blob_hu(points[..., 0], points[..., 1], points[..., 2], markers)
-        ds = base_dataset(identity, CTImageStorage)
-        sop_instance = generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])
-        ds.file_meta = file_meta_for(CTImageStorage, sop_instance)
-        ds.SOPInstanceUID = sop_instance
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = ds_values(*corner)
-        ds.ImageOrientationPatient = ds_values(*row, *column)
-        ds.PixelSpacing = ds_values(pixel_spacing_mm, pixel_spacing_mm)
-        ds.SliceThickness = ds_values(slice_spacing_mm)[0]
-        ds.Rows = ds.Columns = size
-        ds.RescaleIntercept = RESCALE_INTERCEPT
-        ds.RescaleSlope = 1.0
-        stored = np.clip(np.rint(hu - RESCALE_INTERCEPT), -1024, 32767).astype(np.int16)
-        ds.PixelData = stored.tobytes()
+        ds = ct_image(
+            identity,
+            stored_pixels(hu),
+            instance_number=k + 1,
+            position=corner,
+            orientation=(*row, *column),
+            pixel_spacing=(pixel_spacing_mm, pixel_spacing_mm),
+            slice_thickness=slice_spacing_mm,
+        )
         path = series_dir / f"OB{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

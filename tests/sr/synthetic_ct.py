@@ -1,13 +1,12 @@
-"""Small synthetic CT images with valid CT Image Storage headers, made by code for SR tests."""
+"""Small synthetic CT images for SR tests, made with the project's synthetic CT writer."""
 
 from __future__ import annotations
 
-import datetime
-
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
+
+from model.synthetic import dicom as synthetic_dicom
 
 PATIENT_NAME = "Synthetic^Spine"
 PATIENT_ID = "SYN-0001"
@@ -35,69 +34,36 @@ def ct_image(
     pixel_spacing: tuple[float, float] = (0.8, 0.8),
     slice_thickness: float = 3.0,
 ) -> pydicom.Dataset:
-    """One CT Image Storage instance with a small int16 pixel matrix."""
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    sop_uid = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    today = datetime.date(2024, 3, 1).strftime("%Y%m%d")
-    ds.StudyDate = today
-    ds.SeriesDate = today
-    ds.ContentDate = today
-    ds.AcquisitionDate = today
-    ds.StudyTime = "101500"
-    ds.SeriesTime = "101500"
-    ds.ContentTime = "101530"
-    ds.AccessionNumber = "ACC0001"
-    ds.Modality = "CT"
-    ds.Manufacturer = "Synthetic Scanner Co"
-    ds.ManufacturerModelName = "Phantom 1"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CT spine"
-    ds.SeriesDescription = "Spine bone 3 mm"
-    ds.PatientName = PATIENT_NAME
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = "19600101"
-    ds.PatientSex = "F"
-    ds.PatientAge = "064Y"
-    ds.BodyPartExamined = "SPINE"
-    ds.SliceThickness = slice_thickness
-    ds.KVP = 120
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 2
-    ds.InstanceNumber = instance_number
-    ds.ImagePositionPatient = [float(v) for v in position]
-    ds.ImageOrientationPatient = [float(v) for v in orientation]
-    ds.FrameOfReferenceUID = frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.PixelSpacing = [float(v) for v in pixel_spacing]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
-    ds.WindowCenter = 400
-    ds.WindowWidth = 1800
-    ds.AcquisitionNumber = 1
+    """One CT Image Storage instance with a small int16 pixel matrix (a bright square)."""
+    identity = synthetic_dicom.SeriesIdentity(
+        patient_id=PATIENT_ID,
+        patient_name=PATIENT_NAME,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=frame_of_reference_uid,
+        accession_number="ACC0001",
+        series_description="Spine bone 3 mm",
+    )
     pixels = np.full((rows, columns), 1024, dtype=np.int16)
     pixels[rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 1024 + 700
-    ds.PixelData = pixels.tobytes()
+    ds = synthetic_dicom.ct_image(
+        identity,
+        pixels,
+        instance_number=instance_number,
+        position=position,
+        orientation=orientation,
+        pixel_spacing=pixel_spacing,
+        slice_thickness=slice_thickness,
+        sop_instance_uid=str(generate_uid()),
+    )
+    # what the SR tests read back: the scanner (acquisition equipment) and the patient module
+    ds.Manufacturer = "Synthetic Scanner Co"
+    ds.ManufacturerModelName = "Phantom 1"
+    ds.StudyDescription = "CT spine"
+    ds.PatientSex = "F"
+    ds.PatientAge = "064Y"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = "20240301"
+    ds.ContentTime = "101530"
     return ds
 
 
