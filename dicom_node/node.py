@@ -13,19 +13,22 @@ import multiprocessing
 import signal
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
-from sqlalchemy import Engine
+from pydicom import Dataset, dcmread
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.archive import lifecycle
 from dicom_node.archive.db import make_engine, make_session_factory, writer_lock
 from dicom_node.archive.migrate import require_current_schema
+from dicom_node.archive.schema import Instance
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.ingest import SrReceived, StoreContext
 from dicom_node.dicom.scp import DicomService
-from dicom_node.dicom.sr_roi import annotation_from_sr
+from dicom_node.dicom.sr_roi import RoiSrError, extract_roi, is_roi_report
 from dicom_node.dicom.storage import FileStore
 from dicom_node.scheduler import Scheduler
 from dicom_node.settings import Settings
@@ -42,11 +45,42 @@ def make_store(settings: Settings) -> FileStore:
 
 def _sr_hook(store: FileStore) -> SrReceived:
     """Turns a received ROI report (TID 1500 SR) into a pending annotation."""
-    return functools.partial(_annotation_from_sr, storage_root=store.root)
+    return functools.partial(annotation_from_sr, storage_root=store.root)
 
 
-def _annotation_from_sr(session: Session, ds: Dataset, *, storage_root: Path) -> None:
-    annotation_from_sr(session, ds, storage_root)
+def annotation_from_sr(session: Session, ds: Dataset, *, storage_root: Path) -> int | None:
+    """Turn a received TID 1500 ROI report into a pending annotation, if it is one.
+
+    Called by the C-STORE handler inside the indexing transaction. An SR that is not an ROI
+    report (or is malformed) is stored like any instance and only logged: the sender did
+    nothing wrong by sending it.
+    """
+    if not is_roi_report(ds):
+        return None
+
+    def resolve_image(sop_instance_uid: str) -> Dataset | None:
+        path = session.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+        if path is None:
+            return None
+        return dcmread(storage_root / path, stop_before_pixels=True)
+
+    try:
+        report = extract_roi(ds, resolve_image)
+    except RoiSrError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("SR %s holds no usable ROI: %s", ds.get("SOPInstanceUID", "?"), reason)
+        return None
+    stored = lifecycle.create_annotation(
+        session,
+        report.roi,
+        source="sr",
+        source_key=f"sr:{report.sr_sop_instance_uid}",
+        annotator=report.annotator,
+        now=datetime.now(UTC),
+    )
+    return stored.id
 
 
 @dataclass

@@ -70,7 +70,7 @@ STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_DATABASE_UNAVAILABLE = 0xC001
 
-SrReceived = Callable[[Session, Dataset], None]
+SrReceived = Callable[[Session, Dataset], object]
 """Called inside the indexing transaction when an SR arrives (ROI annotations)."""
 
 

@@ -36,8 +36,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -49,11 +47,7 @@ from pydicom.uid import (
     ComprehensiveSRStorage,
     EnhancedSRStorage,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from dicom_node.archive import lifecycle
-from dicom_node.archive.schema import Instance
 from dicom_node.dicom.sr_geometry import (
     RoiSrError,
     as_points,
@@ -386,38 +380,3 @@ def _annotator(report: hd.sr.MeasurementReport) -> str | None:
         if isinstance(attributes, hd.sr.PersonObserverIdentifyingAttributes) and attributes.name:
             return str(attributes.name)
     return None
-
-
-def annotation_from_sr(session: Session, ds: pydicom.Dataset, storage_root: Path) -> int | None:
-    """Turn a received TID 1500 ROI report into a pending annotation, if it is one.
-
-    Called by the C-STORE handler inside the indexing transaction. An SR that is not an ROI
-    report (or is malformed) is stored like any instance and only logged: the sender did
-    nothing wrong by sending it.
-    """
-    if not is_roi_report(ds):
-        return None
-
-    def resolve_image(sop_instance_uid: str) -> pydicom.Dataset | None:
-        path = session.scalar(
-            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
-        )
-        if path is None:
-            return None
-        return pydicom.dcmread(storage_root / path, stop_before_pixels=True)
-
-    try:
-        report = extract_roi(ds, resolve_image)
-    except RoiSrError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        logger.warning("SR %s holds no usable ROI: %s", ds.get("SOPInstanceUID", "?"), reason)
-        return None
-    stored = lifecycle.create_annotation(
-        session,
-        report.roi,
-        source="sr",
-        source_key=f"sr:{report.sr_sop_instance_uid}",
-        annotator=report.annotator,
-        now=datetime.now(UTC),
-    )
-    return stored.id
