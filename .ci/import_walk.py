@@ -22,8 +22,8 @@ def main(packages: list[str]) -> int:
             print(f"{name} was imported from the current folder ({origin}), not the install")
             return 1
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}."):
-            if info.name.startswith("migrations.versions."):
-                continue  # Alembic revision scripts are loaded by Alembic, not imported
+            if info.name == "migrations.env" or info.name.startswith("migrations.versions."):
+                continue  # Alembic's environment and revision scripts run inside Alembic
             count += 1
             try:
                 importlib.import_module(info.name)
