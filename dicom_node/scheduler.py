@@ -4,7 +4,9 @@ Every tick (``completion_check_interval_s``):
   1. studies quiet for the quiet period become complete;
   2. ready annotations never sent to a worker are sent (this is what makes "whichever
      arrives last, study or ROI, wakes the worker" true);
-  3. deliveries that are due are sent.
+  3. automatic jobs are created for the complete studies the site policy (``AUTO_ROI``) says
+     to analyse, and the ready ones are sent;
+  4. deliveries that are due are sent.
 Every ``sweeper_interval_s`` it also re-sends ready work whose message is older than
 ``4 × sweeper_interval_s`` (lost with a broker restart or a killed worker) and work whose
 worker's lease expired. Duplicate messages are harmless: a worker claims in the database.
@@ -24,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
-from dicom_node.broker.wake import DELIVERY, TRIAGE, SendTask, send_marked
+from dicom_node.broker.wake import AUTO_TRIAGE, DELIVERY, TRIAGE, SendTask, send_marked
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class SweepReport:
     studies_completed: tuple[str, ...]
     triage_enqueued: tuple[int, ...]
     deliveries_enqueued: tuple[int, ...]
+    auto_jobs_enqueued: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -79,19 +82,35 @@ class Scheduler:
             )
             lifecycle.mark_annotations_enqueued(session, ready, now)
         sent = send_marked(self.sessions, self.send, TRIAGE, ready)
+        with transaction(self.sessions) as session:
+            lifecycle.create_auto_jobs(
+                session,
+                policy=self.settings.auto_roi,
+                fallback_s=self.settings.auto_roi_fallback_s,
+                now=now,
+            )
+            auto_ready = lifecycle.ready_auto_job_ids(
+                session, now=now, stale_after_s=self.stale_after_s if sweep else None
+            )
+            lifecycle.mark_auto_jobs_enqueued(session, auto_ready, now)
+        auto_sent = send_marked(self.sessions, self.send, AUTO_TRIAGE, auto_ready)
 
         with transaction(self.sessions) as session:
             due = lifecycle.due_delivery_ids(session, now=now, stale_after_s=self.stale_after_s)
             lifecycle.mark_deliveries_enqueued(session, due, now)
         delivered_msgs = send_marked(self.sessions, self.send, DELIVERY, due)
-        if sent or delivered_msgs:
+        if sent or auto_sent or delivered_msgs:
             log.info(
-                "woke workers: %d triage job(s), %d delivery(ies)", len(sent), len(delivered_msgs)
+                "woke workers: %d triage job(s), %d automatic job(s), %d delivery(ies)",
+                len(sent),
+                len(auto_sent),
+                len(delivered_msgs),
             )
         return SweepReport(
             studies_completed=tuple(completed),
             triage_enqueued=tuple(sent),
             deliveries_enqueued=tuple(delivered_msgs),
+            auto_jobs_enqueued=tuple(auto_sent),
         )
 
     def run(self) -> None:

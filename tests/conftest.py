@@ -17,6 +17,10 @@ from tests.system import (  # noqa: F401 - fixtures of the whole-system tests
 if TYPE_CHECKING:
     from tests.services import ThrowawayPostgres
 
+# Automatic analysis of every complete study (the product's default) is switched on by the
+# tests that are about it; the others judge the readers' ROIs they post, and only those.
+os.environ.setdefault("SPINE_TRIAGE_AUTO_ROI", "off")
+
 POSTGRES_URL = os.environ.get(
     "SPINE_TRIAGE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432"
 )

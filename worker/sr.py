@@ -173,7 +173,7 @@ def build_triage_sr(
         ],
         manufacturer=algorithm.manufacturer,
     )
-    finding_sites = _finding_sites(finding.roi.vertebra)
+    finding_sites = finding_sites_of(finding.roi.vertebra)
     groups = [
         _patient_group(finding, frame_of_reference_uid, algorithm_id, finding_sites, annotation_key)
     ]
@@ -191,6 +191,28 @@ def build_triage_sr(
             finding.roi.slices_x_mm, finding.prediction.slice_probabilities, strict=True
         )
     )
+    sr = measurement_document(
+        source_images, groups, algorithm, series_uid, sop_uid, institution_name
+    )
+    logger.info(
+        "built result SR sop_instance_uid=%s study=%s label=%s groups=%d",
+        sop_uid,
+        sr.StudyInstanceUID,
+        finding.prediction.label,
+        len(groups),
+    )
+    return sr
+
+
+def measurement_document(
+    source_images: Sequence[pydicom.Dataset],
+    groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+    algorithm: AlgorithmInfo,
+    series_uid: str,
+    sop_uid: str,
+    institution_name: str | None,
+) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 document around ``groups``: the device observer is the algorithm."""
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=hd.sr.ObserverContext(
@@ -230,13 +252,6 @@ def build_triage_sr(
         contributing_equipment=[_algorithm_equipment(algorithm)],
     )
     _set_device_uid(sr, algorithm)
-    logger.info(
-        "built result SR sop_instance_uid=%s study=%s label=%s groups=%d",
-        sop_uid,
-        sr.StudyInstanceUID,
-        finding.prediction.label,
-        len(groups),
-    )
     return sr
 
 
@@ -247,7 +262,7 @@ def sr_to_bytes(sr: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _finding_sites(vertebra: str | None) -> list[hd.sr.FindingSite] | None:
+def finding_sites_of(vertebra: str | None) -> list[hd.sr.FindingSite] | None:
     if vertebra is None:
         return None
     code = vertebra_code(vertebra)
@@ -257,7 +272,7 @@ def _finding_sites(vertebra: str | None) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=code)]
 
 
-def _region_at(
+def region_at(
     polygon_yz_mm: Sequence[tuple[float, float]], x_mm: float, frame_of_reference_uid: str
 ) -> hd.sr.ImageRegion3D:
     points = [(x_mm, y, z) for y, z in polygon_yz_mm]
@@ -282,7 +297,7 @@ def _patient_group(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(annotation_key), identifier=ROI_TRACKING_IDENTIFIER
         ),
-        referenced_region=_region_at(
+        referenced_region=region_at(
             finding.roi.polygon_yz_mm, finding.central_slice_x_mm, frame_of_reference_uid
         ),
         finding_type=FINDING_COMPRESSION_FRACTURE,
@@ -317,7 +332,7 @@ def _slice_group(
             uid=tracking_uid(annotation_key, x_mm),
             identifier=f"{ROI_TRACKING_IDENTIFIER}, sagittal slice x={x_mm:g} mm",
         ),
-        referenced_region=_region_at(finding.roi.polygon_yz_mm, x_mm, frame_of_reference_uid),
+        referenced_region=region_at(finding.roi.polygon_yz_mm, x_mm, frame_of_reference_uid),
         finding_type=FINDING_COMPRESSION_FRACTURE,
         finding_sites=finding_sites,
         algorithm_id=algorithm_id,

@@ -1,4 +1,5 @@
-"""Every state of studies, annotations and deliveries, and every move between them.
+"""Every state of studies, annotations, automatic jobs and deliveries, and every move between
+them.
 
 This module alone writes a state column (and the leases and enqueue marks that go with the
 states); the node's ingest and scheduler, the REST API, the workers and the command line call
@@ -14,6 +15,16 @@ Annotations (the unit of triage work)::
        ▲                                   │  transient failure: released
        └───────────────────────────────────┘  lease expired: another worker takes it over
     PROCESSING ──permanent failure, or attempts exhausted──▶ FAILED ──retry by hand──▶ PENDING
+
+Automatic jobs (one per study; created by the site policy ``AUTO_ROI`` when a study is
+complete)::
+
+    PENDING ──claim (study complete)──▶ PROCESSING ──every body classified──▶ DONE
+    PROCESSING ──nothing analysable (no spine in view, …)──▶ UNANALYSABLE (reason kept)
+    PROCESSING ──transient failure──▶ PENDING; permanent failure or attempts exhausted──▶ FAILED
+
+  An automatic job's bodies become annotations (source ``auto``) in the transaction that
+  records its result: they are born DONE and are never claimed on their own.
 
 Deliveries (the outbox)::
 
@@ -46,13 +57,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicom_node.archive.db import insert_ignore
 from dicom_node.archive.schema import (
     AnnotationState,
+    AutoJob,
+    AutoJobState,
     Delivery,
     DeliveryState,
     RoiAnnotation,
     Study,
     StudyState,
 )
-from dicom_node.settings import DestinationSettings
+from dicom_node.settings import AutoRoiPolicy, DestinationSettings
 from model.serving.roi import Roi
 
 log = logging.getLogger(__name__)
@@ -451,6 +464,276 @@ def retry_failed_annotations(
             )
         )
     return ids
+
+
+# --- automatic jobs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoClaim:
+    job_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ProposedBody:
+    """A body the localiser proposed, as it becomes an annotation of the automatic job."""
+
+    roi: Roi
+    confidence: float
+
+
+def _reader_annotation_of_study() -> ColumnElement[bool]:
+    return (
+        select(RoiAnnotation.id)
+        .where(
+            RoiAnnotation.study_instance_uid == Study.study_instance_uid,
+            RoiAnnotation.auto_job_id.is_(None),
+        )
+        .exists()
+    )
+
+
+def create_auto_jobs(
+    session: Session,
+    *,
+    policy: AutoRoiPolicy,
+    fallback_s: float,
+    now: datetime,
+    limit: int = 500,
+) -> list[int]:
+    """Pending automatic jobs for the complete studies the site policy says to analyse:
+    ``always`` every complete study; ``fallback`` those complete for ``fallback_s`` without a
+    reader's ROI; ``off`` none. One job per study, ever: returns the ids of those created."""
+    if policy == "off":
+        return []
+    has_job = (
+        select(AutoJob.id).where(AutoJob.study_instance_uid == Study.study_instance_uid).exists()
+    )
+    query = select(Study.study_instance_uid).where(Study.state == StudyState.COMPLETE, ~has_job)
+    if policy == "fallback":
+        query = query.where(
+            Study.completed_at <= now - timedelta(seconds=fallback_s),
+            ~_reader_annotation_of_study(),
+        )
+    uids = list(session.scalars(query.order_by(Study.completed_at).limit(limit)))
+    if not uids:
+        return []
+    statement = insert_ignore(
+        session.get_bind().dialect.name,
+        cast(Table, AutoJob.__table__),
+        "study_instance_uid",
+    ).returning(AutoJob.id)
+    created = []
+    for uid in uids:
+        job_id = session.scalar(
+            statement,
+            {
+                "study_instance_uid": uid,
+                "state": AutoJobState.PENDING,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        if job_id is not None:
+            created.append(job_id)
+            log.info("automatic job %d created for study %s (%s)", job_id, uid, policy)
+    return created
+
+
+def _auto_job_ready(now: datetime) -> ColumnElement[bool]:
+    """Pending (or processing with an expired lease), and its study complete."""
+    claimable = or_(
+        AutoJob.state == AutoJobState.PENDING,
+        and_(AutoJob.state == AutoJobState.PROCESSING, AutoJob.claimed_until <= now),
+    )
+    complete = (
+        select(Study.id)
+        .where(
+            Study.study_instance_uid == AutoJob.study_instance_uid,
+            Study.state == StudyState.COMPLETE,
+        )
+        .exists()
+    )
+    return and_(claimable, complete)
+
+
+def ready_auto_job_ids(
+    session: Session, *, now: datetime, stale_after_s: float | None, limit: int = 500
+) -> list[int]:
+    """Automatic jobs a worker may claim now that need a (new) message."""
+    query = (
+        select(AutoJob.id)
+        .where(_auto_job_ready(now), _needs_message(AutoJob.enqueued_at, now, stale_after_s))
+        .order_by(AutoJob.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def mark_auto_jobs_enqueued(session: Session, ids: Sequence[int], now: datetime) -> None:
+    if ids:
+        session.execute(update(AutoJob).where(AutoJob.id.in_(list(ids))).values(enqueued_at=now))
+
+
+def clear_auto_job_marks(session: Session, ids: Sequence[int]) -> None:
+    """Their message could not be sent: the next tick sends one."""
+    if ids:
+        session.execute(update(AutoJob).where(AutoJob.id.in_(list(ids))).values(enqueued_at=None))
+
+
+def claim_auto_job(
+    session: Session, job_id: int, *, worker_id: str, now: datetime, lease_s: float
+) -> AutoClaim | None:
+    """Claim automatic job ``job_id``; None when it is not claimable now."""
+    query = _lock_rows(
+        session,
+        select(AutoJob.id, AutoJob.attempts).where(AutoJob.id == job_id, _auto_job_ready(now)),
+        of=AutoJob,
+    )
+    row = session.execute(query).one_or_none()
+    if row is None:
+        return None
+    attempt = row.attempts + 1
+    session.execute(
+        update(AutoJob)
+        .where(AutoJob.id == job_id)
+        .values(
+            state=AutoJobState.PROCESSING,
+            claimed_by=worker_id,
+            claimed_until=now + timedelta(seconds=lease_s),
+            attempts=attempt,
+            updated_at=now,
+        )
+    )
+    return AutoClaim(job_id, attempt)
+
+
+def holds_auto_job(session: Session, job_id: int, worker_id: str) -> bool:
+    owner = session.scalar(
+        select(AutoJob.claimed_by).where(
+            AutoJob.id == job_id, AutoJob.state == AutoJobState.PROCESSING
+        )
+    )
+    return owner == worker_id
+
+
+def _end_auto_job(
+    session: Session, job_id: int, now: datetime, worker_id: str | None, **values: Any
+) -> None:
+    conditions = [AutoJob.id == job_id]
+    if worker_id is not None:
+        conditions.append(AutoJob.claimed_by == worker_id)
+    session.execute(
+        update(AutoJob)
+        .where(*conditions)
+        .values(claimed_by=None, claimed_until=None, updated_at=now, **values)
+    )
+
+
+def propose_bodies(
+    session: Session,
+    job_id: int,
+    bodies: Sequence[ProposedBody],
+    *,
+    annotator: str,
+    now: datetime,
+) -> list[int]:
+    """The job's bodies as annotations (source ``auto``, born DONE: the job judged them);
+    returns their ids in the order given. Called again for the same job, returns the ones
+    stored the first time."""
+    existing = list(
+        session.scalars(
+            select(RoiAnnotation.id)
+            .where(RoiAnnotation.auto_job_id == job_id)
+            .order_by(RoiAnnotation.id)
+        )
+    )
+    if existing:
+        return existing
+    annotations = [
+        RoiAnnotation(
+            study_instance_uid=body.roi.study_instance_uid,
+            series_instance_uid=body.roi.series_instance_uid,
+            slices_x_mm=list(body.roi.slices_x_mm),
+            polygon_yz_mm=[list(point) for point in body.roi.polygon_yz_mm],
+            vertebra=body.roi.vertebra,
+            annotator=annotator,
+            source="auto",
+            state=AnnotationState.DONE,
+            attempts=0,
+            auto_job_id=job_id,
+            confidence=body.confidence,
+            created_at=now,
+            updated_at=now,
+        )
+        for body in bodies
+    ]
+    session.add_all(annotations)
+    session.flush()
+    return [annotation.id for annotation in annotations]
+
+
+def complete_auto_job(
+    session: Session, job_id: int, *, series_instance_uid: str, localiser: str, now: datetime
+) -> None:
+    """Every body classified and the result recorded (in the same transaction)."""
+    _end_auto_job(
+        session,
+        job_id,
+        now,
+        None,
+        state=AutoJobState.DONE,
+        series_instance_uid=series_instance_uid,
+        localiser=localiser,
+        failure_reason=None,
+    )
+
+
+def auto_job_unanalysable(
+    session: Session,
+    job_id: int,
+    *,
+    worker_id: str,
+    reason: str,
+    series_instance_uid: str | None,
+    localiser: str,
+    now: datetime,
+) -> None:
+    """Nothing could be analysed (said, never guessed): the study shows the reason."""
+    _end_auto_job(
+        session,
+        job_id,
+        now,
+        worker_id,
+        state=AutoJobState.UNANALYSABLE,
+        unanalysable_reason=reason[:2000],
+        series_instance_uid=series_instance_uid,
+        localiser=localiser,
+        failure_reason=None,
+    )
+
+
+def release_auto_job(
+    session: Session, job_id: int, *, worker_id: str, reason: str, now: datetime
+) -> None:
+    """Back to pending after a transient failure (the retry message wakes a worker)."""
+    _end_auto_job(
+        session,
+        job_id,
+        now,
+        worker_id,
+        state=AutoJobState.PENDING,
+        enqueued_at=now,
+        failure_reason=reason,
+    )
+
+
+def fail_auto_job(
+    session: Session, job_id: int, *, worker_id: str | None, reason: str, now: datetime
+) -> None:
+    _end_auto_job(session, job_id, now, worker_id, state=AutoJobState.FAILED, failure_reason=reason)
 
 
 # --- deliveries -----------------------------------------------------------------------------

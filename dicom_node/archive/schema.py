@@ -76,6 +76,14 @@ class AnnotationState(enum.StrEnum):
     FAILED = "failed"  # permanent failure; failure_reason says why
 
 
+class AutoJobState(enum.StrEnum):
+    PENDING = "pending"  # waiting for a worker
+    PROCESSING = "processing"  # claimed by a worker (lease in claimed_until)
+    DONE = "done"  # a result exists (every proposed body classified)
+    UNANALYSABLE = "unanalysable"  # nothing could be analysed; unanalysable_reason says why
+    FAILED = "failed"  # permanent failure; failure_reason says why
+
+
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"  # due at next_attempt_at
     SENDING = "sending"  # claimed by a worker (lease in claimed_until)
@@ -163,7 +171,7 @@ class RoiAnnotation(Base):
     polygon_yz_mm: Mapped[list[list[float]]] = mapped_column(JSON)
     vertebra: Mapped[str | None] = mapped_column(String(16))
     annotator: Mapped[str | None] = mapped_column(String(128))
-    source: Mapped[str] = mapped_column(String(16))  # rest | sr | csv
+    source: Mapped[str] = mapped_column(String(16))  # rest | sr | csv | auto
     # Identity of the source object (SR SOP Instance UID, client key): a re-sent SR is one ROI.
     source_key: Mapped[str | None] = mapped_column(String(128), unique=True)
     state: Mapped[AnnotationState] = mapped_column(_enum(AnnotationState, "annotation_state"))
@@ -174,6 +182,11 @@ class RoiAnnotation(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # A body proposed by the localiser (source "auto"): its automatic job and confidence.
+    auto_job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("auto_job.id", ondelete="CASCADE"), index=True
+    )
+    confidence: Mapped[float | None] = mapped_column(Float)
 
     results: Mapped[list[TriageResult]] = relationship(back_populates="annotation")
 
@@ -190,8 +203,37 @@ class RoiAnnotation(Base):
         )
 
 
+class AutoJob(Base):
+    """Automatic triage of one study (one job per study, ever): localise every vertebral body
+    of its CT series, classify them all. Its state is written only by
+    :mod:`dicom_node.archive.lifecycle`; the bodies become ``roi_annotation`` rows (source
+    ``auto``) when the job records its result."""
+
+    __tablename__ = "auto_job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # Written by the worker: the localiser (name and version) and the series it analysed.
+    localiser: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    state: Mapped[AutoJobState] = mapped_column(_enum(AutoJobState, "auto_job_state"))
+    unanalysable_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    enqueued_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_auto_job_state", "state", "claimed_until"),)
+
+
 class TriageResult(Base):
-    """The model's answer for one annotation and one model version (idempotence key)."""
+    """The model's answer for one annotation and one model version (idempotence key).
+
+    The result of an automatic job names the job, and its annotation is the most suspicious
+    body (the one the flag is raised on); ``bodies`` then holds every body's answer."""
 
     __tablename__ = "triage_result"
 
@@ -215,6 +257,12 @@ class TriageResult(Base):
     preview_path: Mapped[str | None] = mapped_column(String(512))
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    auto_job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("auto_job.id", ondelete="CASCADE"), index=True
+    )
+    # Automatic jobs: [{annotation_id, vertebra, probability, slice_x_mm, slice_probabilities,
+    # confidence}] for every body, most suspicious first.
+    bodies: Mapped[list[dict[str, object]] | None] = mapped_column(JSON)
 
     annotation: Mapped[RoiAnnotation] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")

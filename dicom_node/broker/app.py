@@ -13,7 +13,13 @@ from typing import Any
 from celery import Celery
 
 from dicom_node.broker import localqueue
-from dicom_node.broker.wake import DELIVER_TASK, DELIVERY_QUEUE, TRIAGE_QUEUE, TRIAGE_TASK
+from dicom_node.broker.wake import (
+    AUTO_TRIAGE_TASK,
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
+    TRIAGE_QUEUE,
+    TRIAGE_TASK,
+)
 from dicom_node.settings import Settings
 
 
@@ -31,6 +37,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": TRIAGE_QUEUE,
         "task_routes": {
             TRIAGE_TASK: {"queue": TRIAGE_QUEUE},
+            AUTO_TRIAGE_TASK: {"queue": TRIAGE_QUEUE},
             DELIVER_TASK: {"queue": DELIVERY_QUEUE},
         },
         "broker_connection_retry_on_startup": True,

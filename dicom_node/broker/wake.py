@@ -16,12 +16,17 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.db import transaction
-from dicom_node.archive.lifecycle import clear_annotation_marks, clear_delivery_marks
+from dicom_node.archive.lifecycle import (
+    clear_annotation_marks,
+    clear_auto_job_marks,
+    clear_delivery_marks,
+)
 
 log = logging.getLogger(__name__)
 
 # Celery task names: the node sends by name, so it never imports the worker.
 TRIAGE_TASK = "spine_triage.triage_annotation"
+AUTO_TRIAGE_TASK = "spine_triage.triage_study"  # an automatic job (every body of a study)
 DELIVER_TASK = "spine_triage.deliver"
 TRIAGE_QUEUE = "triage"
 DELIVERY_QUEUE = "delivery"
@@ -40,6 +45,7 @@ class Wakeup:
 
 
 TRIAGE = Wakeup(TRIAGE_TASK, TRIAGE_QUEUE, clear_annotation_marks)
+AUTO_TRIAGE = Wakeup(AUTO_TRIAGE_TASK, TRIAGE_QUEUE, clear_auto_job_marks)
 DELIVERY = Wakeup(DELIVER_TASK, DELIVERY_QUEUE, clear_delivery_marks)
 
 

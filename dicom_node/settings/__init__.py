@@ -3,10 +3,11 @@
 The defaults are the *embedded mode*: SQLite, storage and a local broker under ``./var/``,
 nothing to install but Python packages. Production sets a PostgreSQL URL and a Redis broker.
 
-One group per concern (:mod:`.archive`, :mod:`.dicom`, :mod:`.queue`, :mod:`.model`,
-:mod:`.delivery`, :mod:`.web`); :class:`Settings` is all of them, what a process loads. Every
-field carries a description: ``.env.example`` and ``docs/settings.md`` are rendered from them
-(``spine-triage config env-example`` / ``config settings-doc``), so they cannot drift.
+One group per concern (:mod:`.archive`, :mod:`.dicom`, :mod:`.queue`, :mod:`.triage`,
+:mod:`.model`, :mod:`.delivery`, :mod:`.web`); :class:`Settings` is all of them, what a
+process loads. Every field carries a description: ``.env.example`` and ``docs/settings.md``
+are rendered from them (``spine-triage config env-example`` / ``config settings-doc``), so
+they cannot drift.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from dicom_node.settings.delivery import (
 from dicom_node.settings.dicom import DicomSettings
 from dicom_node.settings.model import ModelSettings
 from dicom_node.settings.queue import QueueSettings
+from dicom_node.settings.triage import AutoRoiPolicy, TriageSettings
 from dicom_node.settings.web import WebSettings
 
 __all__ = [
     "DESTINATION_KINDS",
     "ENV_PREFIX",
     "ArchiveSettings",
+    "AutoRoiPolicy",
     "CStoreDestination",
     "CommaList",
     "DeliverySettings",
@@ -48,6 +51,7 @@ __all__ = [
     "Settings",
     "SettingsGroup",
     "StowDestination",
+    "TriageSettings",
     "WebSettings",
     "WebhookDestination",
     "load_settings",
@@ -55,7 +59,13 @@ __all__ = [
 
 
 class Settings(
-    WebSettings, DeliverySettings, ModelSettings, QueueSettings, DicomSettings, ArchiveSettings
+    WebSettings,
+    DeliverySettings,
+    ModelSettings,
+    TriageSettings,
+    QueueSettings,
+    DicomSettings,
+    ArchiveSettings,
 ):
     """All settings; see ``.env.example`` for the environment variable of each field."""
 
