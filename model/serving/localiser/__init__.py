@@ -1,0 +1,1 @@
+"""Vertebra localiser (work in progress)."""

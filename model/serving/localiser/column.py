@@ -1,0 +1,219 @@
+"""The vertebral body column in front of the canal, and its partition at the discs.
+
+The bodies lie in front of the canal: the centre line of the column runs half a body depth in
+front of the canal's front edge. Along that line the density is high in the bodies (cancellous
+bone inside a cortical shell) and lower in the discs, so the median HU of a small
+cross-section, plane by plane, is a profile whose minima are the discs (Burns, Yao & Summers
+2017 partition the column at the discs the same way). The column's pitch (one body plus one
+disc) comes from the profile's autocorrelation; minima closer than a good part of the pitch are
+not two discs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage, signal
+
+from model.serving.localiser.canal import CanalTrack
+from model.serving.localiser.grid import LpsGrid
+
+# Plausible body depth (mm, front to back) and pitch (mm, body + disc), neck to sacrum.
+BODY_DEPTH_MM = (16.0, 60.0)
+PITCH_MM = (15.0, 50.0)
+PITCH_PER_DEPTH = (0.65, 1.5)
+# HU above which a voxel in front of the canal counts as part of the column.
+COLUMN_HU = 60.0
+# How far beyond the canal's ends (mm) the column is followed.
+EXTENSION_MM = 30.0
+PROFILE_SMOOTHING_MM = 2.0
+# The profile is this percentile of a cross-section of the column: a disc is low across the
+# whole section, a lesion only in part of it.
+PROFILE_PERCENTILE = 75.0
+# A disc's minimum must be this deep below the bodies around it (share of body − disc HU).
+MIN_PROMINENCE_HU = 15.0
+# The bodies rise on both sides of a disc's centre within this distance (mm).
+DISC_REACH_MM = 6.5
+# Minima closer than this share of the pitch are not two discs.
+MIN_DISC_SPACING = 0.6
+# Costs of the disc chain (weights are contrasts relative to the strongest discs, 0…1).
+DISC_COST = 0.15
+SPACING_COST = 4.0
+MISSED_DISC_COST = 0.8
+
+
+@dataclass(frozen=True)
+class Column:
+    """The body column plane by plane (``z_indices`` of the grid) and its disc levels."""
+
+    z_indices: np.ndarray
+    x_mm: np.ndarray
+    y_mm: np.ndarray
+    depth_mm: float
+    profile_hu: np.ndarray
+    pitch_mm: float
+    discs: tuple[float, ...]  # z indices (fractional) of the disc minima, ascending
+    body_hu: float
+    disc_hu: float
+
+    def centre_at(self, z_index: float) -> tuple[float, float]:
+        return (
+            float(np.interp(z_index, self.z_indices, self.x_mm)),
+            float(np.interp(z_index, self.z_indices, self.y_mm)),
+        )
+
+
+def _body_depth(grid: LpsGrid, canal: CanalTrack) -> float:
+    """Median front-to-back depth (mm) of the dense run in front of the canal."""
+    sy = grid.spacing_mm[1]
+    depths = []
+    steps = int(BODY_DEPTH_MM[1] / sy) + 2
+    for i in np.flatnonzero(canal.observed):
+        z = int(canal.z_indices[i])
+        x = int(round(float(grid.x_index(canal.x_mm[i]))))
+        y = float(grid.y_index(canal.anterior_y_mm[i]))
+        if not 0 <= x < grid.shape[2]:
+            continue
+        ys = np.round(y - 0.5 - np.arange(steps)).astype(int)
+        ys = ys[(ys >= 0) & (ys < grid.shape[1])]
+        x0, x1 = max(x - 1, 0), min(x + 2, grid.shape[2])
+        line = grid.hu[z, ys, x0:x1].mean(axis=1)
+        dense = line > COLUMN_HU
+        if len(dense) < 3 or not dense[:3].any():
+            continue
+        start = int(np.argmax(dense))
+        run = np.flatnonzero(~dense[start:])
+        length = int(run[0]) if len(run) else len(dense) - start
+        depths.append((start + length) * sy)
+    if not depths:
+        return 30.0
+    return float(np.clip(np.median(depths), *BODY_DEPTH_MM))
+
+
+def follow_column(grid: LpsGrid, canal: CanalTrack) -> Column:
+    """The column in front of ``canal``: its centre line, density profile and discs."""
+    sx, sy, sz = grid.spacing_mm
+    depth = _body_depth(grid, canal)
+    extension = int(round(EXTENSION_MM / sz))
+    first = max(int(canal.z_indices[0]) - extension, 0)
+    last = min(int(canal.z_indices[-1]) + extension, grid.shape[0] - 1)
+    z_indices = np.arange(first, last + 1)
+    xs = np.interp(z_indices, canal.z_indices, canal.x_mm)
+    ys = np.interp(z_indices, canal.z_indices, canal.anterior_y_mm) - depth / 2.0
+    half_x = max(1, round(0.45 * depth / sx))
+    half_y = max(1, round(0.35 * depth / sy))
+    profile = np.full(len(z_indices), np.nan)
+    for i, z in enumerate(z_indices):
+        x = int(round(float(grid.x_index(xs[i]))))
+        y = int(round(float(grid.y_index(ys[i]))))
+        patch = grid.hu[
+            z,
+            max(y - half_y, 0) : max(y + half_y + 1, 0),
+            max(x - half_x, 0) : max(x + half_x + 1, 0),
+        ]
+        if patch.size:
+            profile[i] = float(np.percentile(patch, PROFILE_PERCENTILE))
+    valid = np.isfinite(profile)
+    if not valid.any():
+        profile[:] = -1000.0
+    else:
+        profile = np.interp(z_indices, z_indices[valid], profile[valid])
+    smooth = ndimage.gaussian_filter1d(profile, PROFILE_SMOOTHING_MM / sz, mode="nearest")
+    discs, pitch, body_hu, disc_hu = _discs(smooth, sz, depth)
+    return Column(
+        z_indices=z_indices,
+        x_mm=xs,
+        y_mm=ys,
+        depth_mm=depth,
+        profile_hu=smooth,
+        pitch_mm=pitch,
+        discs=tuple(float(z_indices[0] + d) for d in discs),
+        body_hu=body_hu,
+        disc_hu=disc_hu,
+    )
+
+
+def _local_contrast(profile: np.ndarray, index: int, reach: int) -> float:
+    """How far the profile rises within ``reach`` on *both* sides of ``index`` (HU)."""
+    left = profile[max(index - reach, 0) : index + 1]
+    right = profile[index : index + reach + 1]
+    return float(min(left.max(), right.max()) - profile[index])
+
+
+def _chain(positions: np.ndarray, weights: np.ndarray, pitch: float) -> tuple[float, list[int]]:
+    """The best chain of minima for one pitch (in samples): dynamic programming.
+
+    Each minimum taken adds its weight less :data:`DISC_COST`; each step between two taken
+    minima costs :data:`SPACING_COST` times its squared relative deviation from the pitch,
+    and a step of about two pitches (a disc missed) costs :data:`MISSED_DISC_COST` more.
+    """
+    count = len(positions)
+    value = np.empty(count)
+    previous = np.full(count, -1)
+    for i in range(count):
+        value[i] = weights[i] - DISC_COST
+        for j in range(i):
+            ratio = (positions[i] - positions[j]) / pitch
+            if MIN_DISC_SPACING <= ratio <= 1.5:
+                penalty = SPACING_COST * (ratio - 1.0) ** 2
+            elif 1.5 < ratio <= 2.4:
+                penalty = SPACING_COST * (ratio / 2.0 - 1.0) ** 2 + MISSED_DISC_COST
+            else:
+                continue
+            candidate = value[j] - penalty + weights[i] - DISC_COST
+            if candidate > value[i]:
+                value[i], previous[i] = candidate, j
+    if count == 0:
+        return 0.0, []
+    end = int(np.argmax(value))
+    chain = [end]
+    while previous[chain[-1]] >= 0:
+        chain.append(int(previous[chain[-1]]))
+    return float(value[end]), sorted(chain)
+
+
+def _discs(
+    profile: np.ndarray, spacing: float, depth_mm: float
+) -> tuple[list[float], float, float, float]:
+    """Disc levels (indices into ``profile``), the pitch (mm), typical body and disc HU.
+
+    Candidates are the profile's minima, weighted by how far the profile rises on *both*
+    sides within :data:`DISC_REACH_MM` (a disc is thin between two endplates; a lytic lesion
+    inside a body is taller). The discs are the chain of candidates that best fits a regular
+    pitch, pitch and chain chosen together.
+    """
+    high = float(np.percentile(profile, 75))
+    low = float(np.percentile(profile, 5))
+    reach = max(1, round(DISC_REACH_MM / spacing))
+    minima = np.array([int(m) for m in signal.argrelmin(profile, mode="clip")[0]], dtype=int)
+    minima = minima[(minima > 0) & (minima < len(profile) - 1)]
+    contrast = np.array([_local_contrast(profile, int(m), reach) for m in minima])
+    keep = contrast >= MIN_PROMINENCE_HU
+    minima, contrast = minima[keep], contrast[keep]
+    found: list[float] = []
+    pitch = 30.0
+    if len(minima):
+        weights = np.clip(contrast / float(np.percentile(contrast, 90)), 0.0, 1.0)
+        best: tuple[float, float, list[int]] | None = None
+        low_pitch = max(PITCH_MM[0], PITCH_PER_DEPTH[0] * depth_mm)
+        high_pitch = max(low_pitch, min(PITCH_MM[1], PITCH_PER_DEPTH[1] * depth_mm))
+        for pitch_mm in np.arange(low_pitch, high_pitch + 0.1, 1.0):
+            total, chain = _chain(minima.astype(float), weights, float(pitch_mm) / spacing)
+            if best is None or total > best[0]:
+                best = (total, float(pitch_mm), chain)
+        assert best is not None
+        _, pitch, chain = best
+        found = [float(minima[i]) for i in chain]
+        if len(found) >= 2:
+            pitch = float(np.median(np.diff(found))) * spacing
+    disc_hu = float(np.median([profile[int(m)] for m in found])) if found else low
+    # The field of view may end inside a disc: its edge then counts as a disc level.
+    threshold = (high + disc_hu) / 2.0
+    gap = MIN_DISC_SPACING * pitch / spacing
+    if profile[0] < threshold and (not found or found[0] >= gap):
+        found.insert(0, 0.0)
+    end = float(len(profile) - 1)
+    if profile[-1] < threshold and (not found or end - found[-1] >= gap):
+        found.append(end)
+    return found, pitch, high, disc_hu
