@@ -6,12 +6,17 @@ Reading order (``GET /worklist``):
 2. **waiting** — images still arriving, or an ROI waiting for (or being processed by) a
    worker; the longest waiting first;
 3. **routine** — the current result has priority ROUTINE; by descending probability;
-4. **failed** (the job failed; its reason is shown), then **awaiting_roi** (images complete,
-   no ROI yet); newest first.
+4. **failed** (the job failed; its reason is shown), **not_analysed** (automatic analysis
+   could not analyse the study: no spine in view, too few slices, …; the reason is shown),
+   then **awaiting_roi** (images complete, no ROI yet); newest first.
 
-A study's *current* annotation is its newest ROI; its current result the newest result of
-that annotation (a newer model version supersedes an older one). Studies an ROI names but
-whose images have not arrived are listed as waiting, without patient data.
+A study has up to two lines of work: its newest reader's ROI (REST, SR, CSV) with that
+annotation's newest result (a newer model version supersedes an older one), and its automatic
+job (every body the localiser found) with that job's newest result. Each gets a state as above;
+the study takes the earlier of the two in reading order (a flag from either flags the study),
+and says which one it shows (``source``: ``reader`` or ``automatic``); both are in the item.
+Studies an ROI names but whose images have not arrived are listed as waiting, without patient
+data.
 
 Filters: ``state`` (one or several, comma-separated), ``since`` / ``until`` (inclusive
 ``YYYY-MM-DD``) on the study date (DICOM Study Date; the date the node first received the
@@ -34,6 +39,8 @@ from sqlalchemy.orm import Session
 
 from dicom_node.archive.schema import (
     AnnotationState,
+    AutoJob,
+    AutoJobState,
     Delivery,
     RoiAnnotation,
     Study,
@@ -53,6 +60,7 @@ class WorklistState(enum.StrEnum):
     WAITING = "waiting"
     ROUTINE = "routine"
     FAILED = "failed"
+    NOT_ANALYSED = "not_analysed"
     AWAITING_ROI = "awaiting_roi"
 
 
@@ -107,6 +115,24 @@ class _ResultRow:
     demonstration_model: bool
     preview_path: str | None
     created_at: datetime
+    auto_job_id: int | None
+    bodies: list[dict[str, Any]] | None
+
+    @property
+    def flagged_vertebra(self) -> str | None:
+        """An automatic result's most suspicious body's level."""
+        return self.bodies[0].get("vertebra") if self.bodies else None
+
+
+@dataclass(frozen=True)
+class _AutoJobRow:
+    id: int
+    study_instance_uid: str
+    state: AutoJobState
+    unanalysable_reason: str | None
+    failure_reason: str | None
+    created_at: datetime
+    updated_at: datetime
 
 
 def _columns(model: type[Any], row: type[Any]) -> list[Any]:
@@ -132,8 +158,13 @@ def _dicom_date(value: str | None) -> date | None:
         return None
 
 
-# The newest annotation of each study, the newest result of each annotation.
-LATEST_ANNOTATIONS = select(func.max(RoiAnnotation.id)).group_by(RoiAnnotation.study_instance_uid)
+# The newest reader's annotation of each study, the newest result of each annotation (an
+# automatic job's result is the one of its most suspicious body's annotation).
+LATEST_ANNOTATIONS = (
+    select(func.max(RoiAnnotation.id))
+    .where(RoiAnnotation.auto_job_id.is_(None))
+    .group_by(RoiAnnotation.study_instance_uid)
+)
 LATEST_RESULTS = select(func.max(TriageResult.id)).group_by(TriageResult.annotation_id)
 
 
@@ -178,14 +209,122 @@ def classify(
     return WorklistState.WAITING, "queued for a worker"
 
 
-def _item(
-    uid: str,
-    study: _StudyRow | None,
-    annotation: _AnnotationRow | None,
-    result: _ResultRow | None,
-    deliveries: dict[str, int] | None,
-) -> dict[str, Any]:
-    state, activity = classify(study, annotation, result)
+def classify_automatic(job: _AutoJobRow, result: _ResultRow | None) -> tuple[WorklistState, str]:
+    """The state of a study's automatic job, and what it is waiting for / why it stopped."""
+    if job.state is AutoJobState.DONE and result is not None:
+        on = f" on {result.flagged_vertebra}" if result.flagged_vertebra else ""
+        if result.priority == "HIGH":
+            return WorklistState.FLAGGED, f"automatic: probability at or above the threshold{on}"
+        return WorklistState.ROUTINE, "automatic: every body below the threshold"
+    if job.state is AutoJobState.UNANALYSABLE:
+        return WorklistState.NOT_ANALYSED, f"could not analyse: {job.unanalysable_reason}"
+    if job.state is AutoJobState.FAILED:
+        return WorklistState.FAILED, job.failure_reason or "automatic analysis failed"
+    if job.state is AutoJobState.PROCESSING:
+        return WorklistState.WAITING, "automatic analysis in progress"
+    if job.failure_reason:
+        return WorklistState.WAITING, f"automatic analysis retrying after: {job.failure_reason}"
+    return WorklistState.WAITING, "queued for automatic analysis"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One study's rows and its state, before it becomes JSON (only the page's entries do)."""
+
+    uid: str
+    study: _StudyRow | None
+    annotation: _AnnotationRow | None
+    result: _ResultRow | None
+    job: _AutoJobRow | None = None
+    auto_result: _ResultRow | None = None
+
+    @property
+    def reader(self) -> tuple[WorklistState, str]:
+        return classify(self.study, self.annotation, self.result)
+
+    @property
+    def automatic(self) -> tuple[WorklistState, str] | None:
+        return classify_automatic(self.job, self.auto_result) if self.job else None
+
+    @property
+    def source(self) -> str:
+        """Which line of work the study's state comes from: ``reader`` or ``automatic``."""
+        automatic = self.automatic
+        if automatic is None:
+            return "reader"
+        if self.annotation is None:
+            return "automatic"
+        reader = self.reader
+        return "automatic" if GROUP_RANK[automatic[0]] < GROUP_RANK[reader[0]] else "reader"
+
+    @property
+    def state_and_activity(self) -> tuple[WorklistState, str]:
+        automatic = self.automatic
+        if self.source == "automatic" and automatic is not None:
+            return automatic
+        return self.reader
+
+    @property
+    def state(self) -> WorklistState:
+        return self.state_and_activity[0]
+
+    @property
+    def shown_result(self) -> _ResultRow | None:
+        """The result of the line of work shown (else the other's, when it has one)."""
+        if self.source == "automatic":
+            return self.auto_result or self.result
+        return self.result or self.auto_result
+
+    def sort_key(self) -> tuple[Any, ...]:
+        rank = GROUP_RANK[self.state]
+        study, annotation, result = self.study, self.annotation, self.shown_result
+        if result is not None and self.state in (WorklistState.FLAGGED, WorklistState.ROUTINE):
+            return (rank, -result.patient_probability, -result.created_at.timestamp(), self.uid)
+        if self.state is WorklistState.WAITING:  # the longest waiting first
+            since = annotation.created_at if annotation else _first_received(study)
+            return (rank, 0.0, since.timestamp() if since else 0.0, self.uid)
+        latest = (
+            annotation.updated_at
+            if annotation
+            else self.job.updated_at
+            if self.job
+            else study.last_received_at
+            if study
+            else None
+        )
+        return (rank, 0.0, -latest.timestamp() if latest else 0.0, self.uid)
+
+    def day(self, basis: str) -> date | None:
+        if basis == "study" and self.study is not None:
+            study_date = _dicom_date(self.study.study_date)
+            if study_date is not None:
+                return study_date
+        moment = _first_received(self.study) or (self.annotation and self.annotation.created_at)
+        return moment.astimezone(UTC).date() if moment else None
+
+
+def _line(state: tuple[WorklistState, str], result: _ResultRow | None) -> dict[str, Any]:
+    return {
+        "state": state[0].value,
+        "activity": state[1],
+        "probability": result.patient_probability if result else None,
+        "priority": result.priority if result else None,
+        "result_id": result.id if result else None,
+    }
+
+
+def _item(entry: _Entry, deliveries: dict[str, int] | None) -> dict[str, Any]:
+    uid, study, annotation = entry.uid, entry.study, entry.annotation
+    result = entry.shown_result
+    state, activity = entry.state_and_activity
+    source = entry.source
+    vertebra = (
+        result.flagged_vertebra
+        if result is not None and result.auto_job_id is not None
+        else annotation.vertebra
+        if annotation
+        else None
+    )
     study_date = _dicom_date(study.study_date) if study else None
     return {
         "study_instance_uid": uid,
@@ -198,6 +337,18 @@ def _item(
         "instances": study.instance_count if study else 0,
         "state": state.value,
         "activity": activity,
+        "source": source,
+        "reader": _line(entry.reader, entry.result) if annotation else None,
+        "automatic": (
+            {
+                **_line(entry.automatic, entry.auto_result),
+                "job_id": entry.job.id,
+                "vertebra": entry.auto_result.flagged_vertebra if entry.auto_result else None,
+                "unanalysable_reason": entry.job.unanalysable_reason,
+            }
+            if entry.job and entry.automatic
+            else None
+        ),
         "failure_reason": annotation.failure_reason if annotation else None,
         "probability": result.patient_probability if result else None,
         "label": result.label if result else None,
@@ -214,7 +365,7 @@ def _item(
         ),
         "annotation_id": annotation.id if annotation else None,
         "annotation_state": annotation.state.value if annotation else None,
-        "vertebra": annotation.vertebra if annotation else None,
+        "vertebra": vertebra,
         "result_id": result.id if result else None,
         "preview_url": (
             f"/results/{result.id}/preview.png" if result and result.preview_path else None
@@ -229,36 +380,6 @@ def _item(
         "updated_at": _iso(annotation.updated_at) if annotation else None,
         "detail_url": f"/worklist/{uid}",
     }
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One study's rows and its state, before it becomes JSON (only the page's entries do)."""
-
-    uid: str
-    study: _StudyRow | None
-    annotation: _AnnotationRow | None
-    result: _ResultRow | None
-    state: WorklistState
-
-    def sort_key(self) -> tuple[Any, ...]:
-        rank = GROUP_RANK[self.state]
-        study, annotation, result = self.study, self.annotation, self.result
-        if result is not None and self.state in (WorklistState.FLAGGED, WorklistState.ROUTINE):
-            return (rank, -result.patient_probability, -result.created_at.timestamp(), self.uid)
-        if self.state is WorklistState.WAITING:  # the longest waiting first
-            since = annotation.created_at if annotation else _first_received(study)
-            return (rank, 0.0, since.timestamp() if since else 0.0, self.uid)
-        latest = annotation.updated_at if annotation else study.last_received_at if study else None
-        return (rank, 0.0, -latest.timestamp() if latest else 0.0, self.uid)
-
-    def day(self, basis: str) -> date | None:
-        if basis == "study" and self.study is not None:
-            study_date = _dicom_date(self.study.study_date)
-            if study_date is not None:
-                return study_date
-        moment = _first_received(self.study) or (self.annotation and self.annotation.created_at)
-        return moment.astimezone(UTC).date() if moment else None
 
 
 def _first_received(study: _StudyRow | None) -> datetime | None:
@@ -285,16 +406,29 @@ def build_worklist(session: Session, selection: WorklistFilter) -> dict[str, Any
     result_query = select(*_columns(TriageResult, _ResultRow)).where(
         TriageResult.id.in_(LATEST_RESULTS)
     )
-    results = {
-        row.annotation_id: row
-        for row in (_ResultRow(*values) for values in session.execute(result_query))
+    results: dict[int, _ResultRow] = {}
+    auto_results: dict[int, _ResultRow] = {}
+    for values in session.execute(result_query):
+        row = _ResultRow(*values)
+        if row.auto_job_id is None:
+            results[row.annotation_id] = row
+        else:
+            previous = auto_results.get(row.auto_job_id)
+            if previous is None or previous.id < row.id:
+                auto_results[row.auto_job_id] = row
+    jobs = {
+        row.study_instance_uid: row
+        for row in (
+            _AutoJobRow(*values)
+            for values in session.execute(select(*_columns(AutoJob, _AutoJobRow)))
+        )
     }
     entries = []
-    for uid in studies.keys() | annotations.keys():
-        study, annotation = studies.get(uid), annotations.get(uid)
+    for uid in studies.keys() | annotations.keys() | jobs.keys():
+        study, annotation, job = studies.get(uid), annotations.get(uid), jobs.get(uid)
         result = results.get(annotation.id) if annotation else None
-        state, _ = classify(study, annotation, result)
-        entries.append(_Entry(uid, study, annotation, result, state))
+        auto_result = auto_results.get(job.id) if job else None
+        entries.append(_Entry(uid, study, annotation, result, job, auto_result))
     if selection.since or selection.until:
         entries = [entry for entry in entries if _in_dates(entry, selection)]
     counts = {state.value: 0 for state in WorklistState}
@@ -304,16 +438,10 @@ def build_worklist(session: Session, selection: WorklistFilter) -> dict[str, Any
         entries = [entry for entry in entries if entry.state in selection.states]
     entries.sort(key=_Entry.sort_key)
     deliveries = _delivery_counts(session, LATEST_RESULTS)
-    items = [
-        _item(
-            e.uid,
-            e.study,
-            e.annotation,
-            e.result,
-            deliveries.get(e.result.id) if e.result else None,
-        )
-        for e in entries[: selection.limit]
-    ]
+    items = []
+    for entry in entries[: selection.limit]:
+        shown = entry.shown_result
+        items.append(_item(entry, deliveries.get(shown.id) if shown else None))
     return {
         "generated_at": datetime.now(UTC).isoformat(),
         "total": len(entries),
@@ -332,16 +460,19 @@ def _in_dates(entry: _Entry, selection: WorklistFilter) -> bool:
 
 
 def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
-    """One study's worklist item with its per-slice probabilities, ROI and deliveries."""
+    """One study's worklist item with its per-slice probabilities, ROI, bodies (automatic
+    analysis) and deliveries."""
     study = _study_rows(session, [study_uid]).get(study_uid)
     annotations = session.scalars(
         select(RoiAnnotation)
         .where(RoiAnnotation.study_instance_uid == study_uid)
         .order_by(RoiAnnotation.id.desc())
     ).all()
-    if study is None and not annotations:
+    job = session.scalar(select(AutoJob).where(AutoJob.study_instance_uid == study_uid))
+    if study is None and not annotations and job is None:
         return None
-    annotation = annotations[0] if annotations else None
+    readers = [a for a in annotations if a.auto_job_id is None]
+    annotation = readers[0] if readers else None
     result = None
     if annotation is not None:
         result = session.scalar(
@@ -350,37 +481,48 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
             .order_by(TriageResult.id.desc())
             .limit(1)
         )
-    deliveries: Sequence[Delivery] = []
-    if result is not None:
-        query = select(Delivery).where(Delivery.result_id == result.id).order_by(Delivery.id)
-        deliveries = session.scalars(query).all()
-    summary = _delivery_counts(session, [result.id]).get(result.id) if result else None
-    detail = _item(
+    auto_result = None
+    if job is not None:
+        auto_result = session.scalar(
+            select(TriageResult)
+            .where(TriageResult.auto_job_id == job.id)
+            .order_by(TriageResult.id.desc())
+            .limit(1)
+        )
+    entry = _Entry(
         study_uid,
         study,
         _row_of(_AnnotationRow, annotation) if annotation else None,
         _row_of(_ResultRow, result) if result else None,
-        summary,
+        _row_of(_AutoJobRow, job) if job else None,
+        _row_of(_ResultRow, auto_result) if auto_result else None,
     )
+    shown = auto_result if entry.source == "automatic" and auto_result else result or auto_result
+    deliveries: Sequence[Delivery] = []
+    if shown is not None:
+        query = select(Delivery).where(Delivery.result_id == shown.id).order_by(Delivery.id)
+        deliveries = session.scalars(query).all()
+    summary = _delivery_counts(session, [shown.id]).get(shown.id) if shown else None
+    detail = _item(entry, summary)
     detail["slices"] = [
         {"x_mm": x, "probability": p}
-        for x, p in (
-            zip(result.slice_x_mm, result.slice_probabilities, strict=True) if result else []
-        )
+        for x, p in (zip(shown.slice_x_mm, shown.slice_probabilities, strict=True) if shown else [])
     ]
+    shown_annotation = shown.annotation if shown is not None else annotation
     detail["roi"] = (
         {
-            **annotation.roi().to_json(),
-            "source": annotation.source,
-            "annotator": annotation.annotator,
+            **shown_annotation.roi().to_json(),
+            "source": shown_annotation.source,
+            "annotator": shown_annotation.annotator,
         }
-        if annotation
+        if shown_annotation
         else None
     )
-    detail["timings"] = dict(result.timings) if result else {}
-    detail["sr_sop_instance_uid"] = result.sr_sop_instance_uid if result else None
+    detail["bodies"] = list(shown.bodies or []) if shown is not None else []
+    detail["timings"] = dict(shown.timings) if shown else {}
+    detail["sr_sop_instance_uid"] = shown.sr_sop_instance_uid if shown else None
     detail["delivery_list"] = [_plain(d, DELIVERY_FIELDS) for d in deliveries]
-    detail["annotations"] = [_plain(a, ANNOTATION_FIELDS) for a in annotations]
+    detail["annotations"] = [_plain(a, ANNOTATION_FIELDS) for a in readers]
     return detail
 
 

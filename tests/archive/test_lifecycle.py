@@ -1,5 +1,5 @@
 """The lifecycle rules on their own, on SQLite and PostgreSQL: every state and move of studies,
-annotations and deliveries, and the one definition of ready, claimable and due."""
+annotations, automatic jobs and deliveries, and the one definition of ready, claimable and due."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from dicom_node.archive.db import make_engine, make_session_factory, transaction
 from dicom_node.archive.migrate import upgrade
 from dicom_node.archive.schema import (
     AnnotationState,
+    AutoJob,
+    AutoJobState,
     Delivery,
     DeliveryState,
     RoiAnnotation,
@@ -262,6 +264,116 @@ def _delivery(sessions: sessionmaker[Session], delivery_id: int) -> Delivery:
         row = session.get(Delivery, delivery_id)
         assert row is not None
         return row
+
+
+def _jobs(sessions: sessionmaker[Session]) -> dict[str, AutoJob]:
+    with sessions() as session:
+        return {job.study_instance_uid: job for job in session.scalars(select(AutoJob))}
+
+
+def _create_jobs(sessions: sessionmaker[Session], policy: str, at: datetime) -> list[int]:
+    with transaction(sessions) as session:
+        return lifecycle.create_auto_jobs(
+            session,
+            policy=policy,
+            fallback_s=120.0,
+            now=at,  # type: ignore[arg-type]
+        )
+
+
+def test_policy_always_makes_one_automatic_job_per_complete_study_ever(
+    sessions: sessionmaker[Session],
+) -> None:
+    other = "1.2.826.0.1.3680043.8.498.102"
+    _receive(sessions, T0)
+    _receive(sessions, T0 + timedelta(seconds=25), other)
+    assert _create_jobs(sessions, "always", T0 + timedelta(seconds=10)) == []  # still receiving
+    _complete(sessions, T0 + timedelta(seconds=40))  # STUDY complete, ``other`` not yet
+    assert len(_create_jobs(sessions, "always", T0 + timedelta(seconds=40))) == 1
+    assert set(_jobs(sessions)) == {STUDY}
+    _complete(sessions, T0 + timedelta(seconds=60))
+    assert len(_create_jobs(sessions, "always", T0 + timedelta(seconds=60))) == 1
+    # A late instance reopens the study; completing again makes no second job.
+    _receive(sessions, T0 + timedelta(seconds=70))
+    _complete(sessions, T0 + timedelta(seconds=110))
+    assert _create_jobs(sessions, "always", T0 + timedelta(seconds=110)) == []
+    assert len(_jobs(sessions)) == 2
+    assert _create_jobs(sessions, "off", T0 + timedelta(seconds=110)) == []
+
+
+def test_policy_fallback_waits_for_a_reader_and_policy_off_never_analyses(
+    sessions: sessionmaker[Session],
+) -> None:
+    read = "1.2.826.0.1.3680043.8.498.103"
+    for study in (STUDY, read):
+        _receive(sessions, T0, study)
+    _complete(sessions, T0 + timedelta(seconds=30))
+    with transaction(sessions) as session:
+        lifecycle.create_annotation(session, _roi(read), source="rest", now=T0)
+    assert _create_jobs(sessions, "off", T0 + timedelta(hours=1)) == []
+    # Within the fallback period: nothing yet.
+    assert _create_jobs(sessions, "fallback", T0 + timedelta(seconds=100)) == []
+    # After it: only the study no reader annotated.
+    assert len(_create_jobs(sessions, "fallback", T0 + timedelta(seconds=151))) == 1
+    assert set(_jobs(sessions)) == {STUDY}
+
+
+def test_an_automatic_job_is_claimed_with_a_lease_and_ends_unanalysable_or_done(
+    sessions: sessionmaker[Session],
+) -> None:
+    _receive(sessions, T0)
+    _complete(sessions, T0 + timedelta(seconds=30))
+    (job_id,) = _create_jobs(sessions, "always", T0 + timedelta(seconds=30))
+    now = T0 + timedelta(seconds=31)
+    with transaction(sessions) as session:
+        assert lifecycle.ready_auto_job_ids(session, now=now, stale_after_s=None) == [job_id]
+        lifecycle.mark_auto_jobs_enqueued(session, [job_id], now)
+        assert lifecycle.ready_auto_job_ids(session, now=now, stale_after_s=None) == []
+        claim = lifecycle.claim_auto_job(session, job_id, worker_id="a", now=now, lease_s=LEASE_S)
+        assert claim is not None and claim.attempt == 1
+        assert (
+            lifecycle.claim_auto_job(session, job_id, worker_id="b", now=now, lease_s=LEASE_S)
+            is None
+        )
+    later = now + timedelta(seconds=LEASE_S + 1)
+    with transaction(sessions) as session:  # the lease expired: another worker takes it over
+        taken = lifecycle.claim_auto_job(session, job_id, worker_id="b", now=later, lease_s=LEASE_S)
+        assert taken is not None and taken.attempt == 2
+        assert not lifecycle.holds_auto_job(session, job_id, "a")
+        # The first worker's late verdict changes nothing; the holder's does.
+        for worker in ("a", "b"):
+            lifecycle.auto_job_unanalysable(
+                session,
+                job_id,
+                worker_id=worker,
+                reason=f"no spine in the field of view ({worker})",
+                series_instance_uid=SERIES,
+                localiser="localiser 1",
+                now=later,
+            )
+    job = _jobs(sessions)[STUDY]
+    assert job.state is AutoJobState.UNANALYSABLE
+    assert job.unanalysable_reason == "no spine in the field of view (b)"
+    assert job.claimed_by is None and job.series_instance_uid == SERIES
+
+
+def test_proposed_bodies_are_done_annotations_of_the_job_and_never_claimed(
+    sessions: sessionmaker[Session],
+) -> None:
+    _receive(sessions, T0)
+    _complete(sessions, T0 + timedelta(seconds=30))
+    (job_id,) = _create_jobs(sessions, "always", T0 + timedelta(seconds=30))
+    now = T0 + timedelta(seconds=31)
+    bodies = [lifecycle.ProposedBody(_roi(), 0.8), lifecycle.ProposedBody(_roi(), 0.6)]
+    with transaction(sessions) as session:
+        ids = lifecycle.propose_bodies(session, job_id, bodies, annotator="loc 1", now=now)
+        assert lifecycle.propose_bodies(session, job_id, bodies, annotator="loc 1", now=now) == ids
+        assert lifecycle.ready_annotation_ids(session, now=now, stale_after_s=None) == []
+    for annotation_id in ids:
+        annotation = _annotation(sessions, annotation_id)
+        assert annotation.state is AnnotationState.DONE and annotation.source == "auto"
+        assert annotation.auto_job_id == job_id and annotation.annotator == "loc 1"
+    assert _annotation(sessions, ids[0]).confidence == pytest.approx(0.8)
 
 
 def test_deliveries_are_due_claimed_retried_and_delivered(

@@ -70,6 +70,7 @@ def test_reading_order_flagged_by_probability_then_waiting_routine_failed_awaiti
         "waiting": 4,
         "routine": 2,
         "failed": 1,
+        "not_analysed": 0,
         "awaiting_roi": 1,
     }
     assert body["total"] == 10

@@ -9,6 +9,7 @@ const STATE_LABELS = {
   waiting: "waiting",
   routine: "routine",
   failed: "failed",
+  not_analysed: "could not analyse",
   awaiting_roi: "awaiting ROI",
 };
 
@@ -80,8 +81,12 @@ function renderRow(item) {
   if (item.study_instance_uid === page.detailUid) row.classList.add("selected");
   const state = element("td");
   state.append(element("span", STATE_LABELS[item.state] || item.state, `badge badge-${item.state}`));
-  if (item.state === "waiting" || item.state === "failed") {
+  if (["waiting", "failed", "not_analysed"].includes(item.state)) {
     state.append(element("span", item.activity, "activity"));
+  }
+  if (item.source === "automatic" && item.result_id) {
+    const where = item.vertebra ? ` · ${item.vertebra}` : "";
+    state.append(element("span", `automatic${where}`, "sub-line source-automatic"));
   }
   row.append(state);
   const probability = element("td", probabilityText(item.probability), "number");
@@ -219,6 +224,16 @@ function renderDetail(detail) {
   fact(facts, "Probability", detail.probability === null ? null :
     `${probabilityText(detail.probability)} (threshold ${detail.threshold}; ${detail.label}, priority ${detail.priority})`);
   fact(facts, "Vertebra", detail.vertebra);
+  fact(facts, "Source", detail.source === "automatic"
+    ? "automatic analysis (ROI placed by the localiser)" : "reader's ROI");
+  if (detail.reader && detail.automatic) {
+    fact(facts, "Reader's ROI", `${STATE_LABELS[detail.reader.state]} ${probabilityText(detail.reader.probability)}`);
+    fact(facts, "Automatic", `${STATE_LABELS[detail.automatic.state]} ${probabilityText(detail.automatic.probability)}`);
+  }
+  if (detail.bodies && detail.bodies.length) {
+    fact(facts, "Bodies", detail.bodies
+      .map((b, i) => `${b.vertebra || `#${i + 1}`} ${probabilityText(b.probability)}`).join(" · "));
+  }
   fact(facts, "Model", detail.model ?
     `${detail.model.name} ${detail.model.version}${detail.model.demonstration ? " (demonstration)" : ""}` : null);
   fact(facts, "Received", localTime(detail.received_at));
