@@ -98,24 +98,26 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
 
     timings: dict[str, float] = {}
     try:
-        with _timed(timings, "load_s"):
+        with timed(timings, "load_s"):
             job = load_job(rt, claim)
             series = open_series(rt, job.roi.study_instance_uid, job.roi.series_instance_uid)
             volume = load_volume(rt, series, job.roi)
-        with _timed(timings, "inference_s"):
+        with timed(timings, "inference_s"):
             classification = classify(rt, volume, job.roi)
-        with _timed(timings, "report_s"):
+        with timed(timings, "report_s"):
             report = write_report(rt, job, series, volume, classification)
-        with _timed(timings, "record_s"):
+        with timed(timings, "record_s"):
             recorded = record_result(rt, job, classification.prediction, report, timings)
         send_marked(rt.sessions, rt.send, DELIVERY, recorded.delivery_ids)
     except PermanentError as exc:
         return _fail(rt, annotation_id, str(exc))
     except (TransientError, OperationalError) as exc:
-        return _retry_or_fail(rt, annotation_id, claim.attempt, _describe(exc))
+        return _retry_or_fail(rt, annotation_id, claim.attempt, describe_error(exc))
     except Exception as exc:  # a bug or an unforeseen failure: logged, retried, then failed
         log.exception("annotation %d: unexpected error", annotation_id)
-        return _retry_or_fail(rt, annotation_id, claim.attempt, f"internal error: {_describe(exc)}")
+        return _retry_or_fail(
+            rt, annotation_id, claim.attempt, f"internal error: {describe_error(exc)}"
+        )
     log.info(
         "annotation %d done: probability %.3f (%s), result %d, %.2f s",
         annotation_id,
@@ -294,12 +296,14 @@ def _retry_or_fail(
     return TriageOutcome(Outcome.RETRY, annotation_id, reason=reason, retry_in_s=delay)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class _timed:
+class timed:
+    """Adds the seconds its block took to ``timings[key]``."""
+
     def __init__(self, timings: dict[str, float], key: str) -> None:
         self.timings, self.key = timings, key
 
