@@ -37,8 +37,10 @@ It is NOT for clinical use, and every result it produces says so.
 Without configured destinations, each Structured Report is also copied to var/results/.
 
 With --demo, synthetic spine CT studies are sent through the real path - C-STORE to this
-node, each ROI by the REST API - so the worklist fills with flagged and routine studies
-within a minute or two.
+node - and a reader's ROI is posted by the REST API for every other one; the others are
+analysed automatically (AUTO_ROI=always, the default: the localiser finds every vertebral
+body and the classifier judges them all), so the worklist fills with flagged and routine
+studies, from readers' ROIs and from automatic analysis, within a minute or two.
 """
 
 
@@ -122,7 +124,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) -> None:
-    """Synthetic studies by C-STORE to this node, then their ROIs by the REST API."""
+    """Synthetic studies by C-STORE to this node; a reader's ROI by the REST API for every
+    other one (for all of them when automatic analysis is off)."""
     import requests
 
     folder = (settings.var_dir / "demo" / f"seed-{seed}").resolve()
@@ -137,9 +140,16 @@ def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) 
     token = api_token(settings)
     with requests.Session() as client:
         client.headers["Authorization"] = f"Bearer {token}"
-        for case in cases:
+        for index, case in enumerate(cases):
             files = sorted(Path(case.series_dir).rglob("*.dcm"))
             store_files(files, peer)
+            if index % 2 == 1 and settings.auto_roi != "off":
+                print(
+                    f"demo: sent {case.patient_id} ({len(files)} images), no ROI: "
+                    "automatic analysis",
+                    flush=True,
+                )
+                continue
             answer = client.post(
                 f"{url.rstrip('/')}/annotations",
                 json=case.roi.to_json(),
