@@ -8,7 +8,9 @@ The node (``spine-triage node``) and the worker(s) (``spine-triage worker``) run
 processes, as in production; a real Orthanc is the PACS (C-STORE destination) and a real MLLP
 listener the RIS (HL7 destination). Synthetic 300-slice 512×512 studies (a few phantoms,
 copied under new UIDs) are sent back to back with DCMTK ``storescu``; each ROI is posted by
-REST before its study, so the job is ready the moment the study completes. Reported: p50 and
+REST before its study, so the job is ready the moment the study completes (with
+``--automatic`` no ROI is posted: the node's automatic analysis finds and judges every
+vertebral body once the study is complete, as with ``AUTO_ROI=always``). Reported: p50 and
 p95 of (flag time − last acknowledgment − quiet period), throughput in studies per hour, where
 the time goes (ingest, load, inference, report, delivery), and the peak resident memory of
 the node and of a worker.
@@ -133,6 +135,11 @@ def main() -> int:
         help="throughput mode: send every study first, then post all ROIs at once and time "
         "the workers alone (studies per hour from the first ROI to the last flag)",
     )
+    parser.add_argument(
+        "--automatic",
+        action="store_true",
+        help="post no ROI: every study is analysed automatically (AUTO_ROI=always)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -181,6 +188,7 @@ def main() -> int:
             "SPINE_TRIAGE_MIN_FREE_DISK_MB": "0",
             "SPINE_TRIAGE_MODEL_CHECKPOINT": str(checkpoint),
             "SPINE_TRIAGE_API_TOKEN": "bench-token",
+            "SPINE_TRIAGE_AUTO_ROI": "always" if args.automatic else "off",
             "SPINE_TRIAGE_DESTINATIONS": json.dumps(
                 [
                     {
@@ -222,7 +230,7 @@ def main() -> int:
         start = time.perf_counter()
         with httpx.Client(base_url=api, headers={"Authorization": "Bearer bench-token"}) as client:
             for files, roi in studies:
-                if not args.batch:
+                if not args.batch and not args.automatic:
                     client.post("/annotations", json=roi).raise_for_status()
                 begin = time.perf_counter()
                 subprocess.run(
@@ -241,7 +249,7 @@ def main() -> int:
                 )
                 acked[roi["study_instance_uid"]] = time.perf_counter()
                 ingest_s.append(acked[roi["study_instance_uid"]] - begin)
-            if args.batch:
+            if args.batch and not args.automatic:
                 time.sleep(args.quiet_period + 1.0)  # every study complete
                 start = time.perf_counter()
                 for _, roi in studies:
@@ -274,7 +282,9 @@ def main() -> int:
         "flagged": len(flagged),
         "workers": args.workers,
         "quiet_period_s": args.quiet_period,
-        "mode": "batch (ROIs after every study)"
+        "mode": "automatic (no ROI), studies back to back"
+        if args.automatic
+        else "batch (ROIs after every study)"
         if args.batch
         else "ROI first, studies back to back",
         "database": "postgresql" if args.database_url else "sqlite",
