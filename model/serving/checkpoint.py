@@ -6,6 +6,14 @@ sha256 of those bytes before anything is deserialised, then reads them with
 ``torch.load(weights_only=True)`` (no pickled code): any modified byte is refused. The meta
 must hold what serving needs — above all the preprocessing parameters, so that a checkpoint is
 never served with a preprocessing other than the one it was trained with.
+
+``meta["task"]`` says what the model was trained to tell apart (:data:`TASKS`):
+
+- ``reader-roi``: malignant vs benign fracture on a reader's ROI on the most abnormal
+  vertebra, the paper's protocol; what a checkpoint without ``task`` (an older one) is;
+- ``automatic``: malignant vs benign fracture or normal vertebral body, trained with ROIs on
+  normal bodies as well, so the maximum over every body a localiser proposes is meaningful;
+  valid on reader ROIs too.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from model.serving.roi import is_dicom_uid
 CHECKPOINT_FORMAT = "spine-triage-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.5
+TASK_READER_ROI = "reader-roi"
+TASK_AUTOMATIC = "automatic"
+TASKS = frozenset({TASK_READER_ROI, TASK_AUTOMATIC})
 REQUIRED_META_KEYS = (
     "name",
     "version",
@@ -49,6 +60,19 @@ def _canonical_json(meta: Mapping[str, Any]) -> bytes:
         return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"meta: not plain JSON data ({exc})") from exc
+
+
+def checkpoint_task(meta: Mapping[str, Any]) -> str:
+    """The task a checkpoint's meta says it was trained for; ``reader-roi`` when absent.
+
+    :class:`CheckpointError` for a value that is not one of :data:`TASKS`.
+    """
+    task = meta.get("task", TASK_READER_ROI)
+    if not isinstance(task, str) or task not in TASKS:
+        raise CheckpointError(
+            f"meta.task: unknown task {task!r} (expected one of {', '.join(sorted(TASKS))})"
+        )
+    return task
 
 
 def validate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,6 +99,7 @@ def validate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError("meta.training: expected a dict (training summary)")
     if not isinstance(meta["demonstration"], bool):
         raise CheckpointError("meta.demonstration: expected true or false")
+    checkpoint_task(meta)
     if not isinstance(meta["preprocessing"], Mapping):
         raise CheckpointError("meta.preprocessing: expected a dict")
     try:

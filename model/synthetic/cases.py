@@ -1,9 +1,16 @@
 """Synthetic spine CT cases: DICOM series, ROI JSON and label, reproducible by seed.
 
 Each case is a folder ``<out>/<patient_id>/`` holding ``ct/`` (the axial series),
-``roi.json`` (the ROI as the REST API accepts it) and ``label.json`` (the label and which
-Table 1 features the phantom shows). :func:`make_cohort` adds ``manifest.csv`` with columns
-``patient_id,label,series_dir,roi`` (paths relative to the manifest).
+``roi.json`` (the reader's ROI as the REST API accepts it) and ``label.json`` (the label and
+which Table 1 features the phantom shows). With ``normals=N`` a case also holds the ROIs an
+automatic localiser would propose (:mod:`model.synthetic.body_rois`): ``roi-body.json`` on the
+fractured body (the case's label) and ``roi-normal-1.json`` … ``roi-normal-N.json`` on normal
+bodies (fewer when the series holds fewer normal bodies). :func:`make_cohort` adds
+``manifest.csv`` (the columns of :mod:`model.training.cohort`; paths relative to the
+manifest), one row per ROI.
+
+The returned :class:`SynthCase` carries the phantom and the slice positions of the written
+series, so every body's truth (position, size, which one is fractured) can be read back.
 
 Two sizes: ``small`` (default; 160×160 pixels, 2.5–3 mm slices, about 50–85 slices, a few
 tenths of a second per case) for tests and training, and ``full`` (512×512, 1–3 mm slices)
@@ -24,14 +31,15 @@ from typing import Any, Literal
 import numpy as np
 
 from model.serving.roi import Roi
+from model.synthetic.body_rois import body_roi, normal_bodies
 from model.synthetic.design import design_phantom, design_roi
-from model.synthetic.phantom import Label
+from model.synthetic.phantom import Label, SpinePhantom
 from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("patient_id", "label", "series_dir", "roi")
+MANIFEST_COLUMNS = ("patient_id", "label", "series_dir", "roi", "roi_source")
 SERIES_FOLDER = "ct"
 _VERTEBRA_PITCH_MM = 30.0
 
@@ -88,27 +96,112 @@ class SynthOptions:
 
 
 @dataclass(frozen=True)
+class BodyRoi:
+    """A localiser-like ROI written beside a case: on the fractured body or a normal one."""
+
+    label: Literal["benign", "malignant", "normal"]
+    roi: Roi
+    path: Path
+    vertebra_index: int  # into ``SynthCase.phantom.vertebrae``
+
+
+@dataclass(frozen=True)
 class SynthCase:
-    """One synthetic patient on disk."""
+    """One synthetic patient on disk, with the phantom it was rendered from."""
 
     patient_id: str
     label: Literal["benign", "malignant"]
     series_dir: Path
-    roi: Roi
+    roi: Roi  # the reader's ROI on the fractured body (the paper's protocol)
     roi_path: Path
+    phantom: SpinePhantom
+    slice_z_mm: tuple[float, ...]  # the written series' slice positions, inferior first
     features: Mapping[str, bool] = field(default_factory=dict)
+    body_rois: tuple[BodyRoi, ...] = ()  # with ``normals``: the fractured body first
+
+    @property
+    def normal_rois(self) -> tuple[BodyRoi, ...]:
+        return tuple(b for b in self.body_rois if b.label == "normal")
 
 
-def _patient_rng(seed: int, patient_id: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(patient_id.encode())])
+def _patient_rng(seed: int, patient_id: str, stream: int = 0) -> np.random.Generator:
+    """The case's generator; stream 1 draws the body ROIs, so asking for them changes
+    nothing else of the case."""
+    key = [seed, zlib.crc32(patient_id.encode())]
+    return np.random.default_rng(key if stream == 0 else [*key, stream])
+
+
+def _write_roi(path: Path, roi: Roi) -> Path:
+    path.write_text(json.dumps(roi.to_json(), indent=2) + "\n")
+    return path
+
+
+def _body_rois(
+    case_dir: Path,
+    phantom: SpinePhantom,
+    roi: Roi,
+    slice_z_mm: tuple[float, ...],
+    normals: int,
+    rng: np.random.Generator,
+    label: Label,
+    slices: int,
+) -> tuple[BodyRoi, ...]:
+    """The fractured body's localiser ROI and up to ``normals`` on normal bodies."""
+
+    def make(index: int) -> Roi:
+        return body_roi(
+            phantom,
+            index,
+            rng,
+            study_instance_uid=roi.study_instance_uid,
+            series_instance_uid=roi.series_instance_uid,
+            slice_z_mm=slice_z_mm,
+            slices=slices,
+        )
+
+    fractured = make(phantom.abnormal_index)
+    written = [
+        BodyRoi(
+            label,
+            fractured,
+            _write_roi(case_dir / "roi-body.json", fractured),
+            phantom.abnormal_index,
+        )
+    ]
+    candidates = normal_bodies(phantom, slice_z_mm)
+    count = min(normals, len(candidates))
+    chosen = sorted(int(i) for i in rng.choice(candidates, size=count, replace=False))
+    for number, index in enumerate(chosen, start=1):
+        normal = make(index)
+        path = _write_roi(case_dir / f"roi-normal-{number}.json", normal)
+        written.append(BodyRoi("normal", normal, path, index))
+    if count < normals:
+        logger.debug(
+            "case %s: %d normal bodies in the series, %d asked for", case_dir.name, count, normals
+        )
+    return tuple(written)
 
 
 def make_case(
-    out_dir: Path, *, patient_id: str, label: str, seed: int, **options: Any
+    out_dir: Path,
+    *,
+    patient_id: str,
+    label: str,
+    seed: int,
+    normals: int = 0,
+    body_roi_slices: int = 5,
+    **options: Any,
 ) -> SynthCase:
-    """Write one synthetic case under ``out_dir/patient_id``; see :class:`SynthOptions`."""
+    """Write one synthetic case under ``out_dir/patient_id``; see :class:`SynthOptions`.
+
+    ``normals`` > 0 also writes the localiser-like ROIs (the fractured body's and up to
+    ``normals`` normal bodies'), each with ``body_roi_slices`` slices; the series and the
+    reader's ROI are the same as without them.
+    """
     if label not in ("benign", "malignant"):
         raise ValueError(f"label: expected 'benign' or 'malignant', got {label!r}")
+    if normals < 0:
+        raise ValueError(f"normals: expected 0 or more, got {normals}")
     if not patient_id or "/" in patient_id or patient_id.startswith("."):
         raise ValueError(f"patient_id: not usable as a folder name: {patient_id!r}")
     settings = SynthOptions.from_kwargs(options)
@@ -140,8 +233,20 @@ def make_case(
         polygon_yz_mm=polygon,
         vertebra=vertebra,
     )
-    roi_path = case_dir / "roi.json"
-    roi_path.write_text(json.dumps(roi.to_json(), indent=2) + "\n")
+    roi_path = _write_roi(case_dir / "roi.json", roi)
+    slice_z_mm = tuple(float(z) for z in sorted(layout.z_positions()))
+    bodies: tuple[BodyRoi, ...] = ()
+    if normals:
+        bodies = _body_rois(
+            case_dir,
+            phantom,
+            roi,
+            slice_z_mm,
+            normals,
+            _patient_rng(seed, patient_id, stream=1),
+            case_label,
+            body_roi_slices,
+        )
     (case_dir / "label.json").write_text(
         json.dumps(
             {
@@ -151,6 +256,10 @@ def make_case(
                 "features": phantom.features,
                 "seed": seed,
                 "synthetic": True,
+                "body_rois": [
+                    {"roi": b.path.name, "label": b.label, "vertebra": b.roi.vertebra}
+                    for b in bodies
+                ],
             },
             indent=2,
         )
@@ -163,7 +272,10 @@ def make_case(
         series_dir=series_dir,
         roi=roi,
         roi_path=roi_path,
+        phantom=phantom,
+        slice_z_mm=slice_z_mm,
         features=dict(phantom.features),
+        body_rois=bodies,
     )
 
 
@@ -173,9 +285,12 @@ def make_cohort(
     patients: int,
     seed: int,
     malignant_fraction: float = 0.5,
+    normals: int = 0,
     **options: Any,
 ) -> list[SynthCase]:
-    """Write ``patients`` cases and ``manifest.csv``; labels are shuffled, reproducibly."""
+    """Write ``patients`` cases and ``manifest.csv``; labels are shuffled, reproducibly.
+
+    ``normals`` and the other options go to :func:`make_case`."""
     if patients < 1:
         raise ValueError(f"patients: expected at least 1, got {patients}")
     if not 0.0 <= malignant_fraction <= 1.0:
@@ -188,7 +303,14 @@ def make_cohort(
     rng.shuffle(labels)
     width = max(4, len(str(patients)))
     cases = [
-        make_case(out_dir, patient_id=f"SYN{i + 1:0{width}d}", label=label, seed=seed, **options)
+        make_case(
+            out_dir,
+            patient_id=f"SYN{i + 1:0{width}d}",
+            label=label,
+            seed=seed,
+            normals=normals,
+            **options,
+        )
         for i, label in enumerate(labels)
     ]
     write_manifest(out_dir / MANIFEST_NAME, cases)
@@ -196,17 +318,21 @@ def make_cohort(
 
 
 def write_manifest(path: Path, cases: list[SynthCase]) -> None:
-    """``patient_id,label,series_dir,roi`` with paths relative to the manifest's folder."""
+    """One row per ROI (the reader's, then the body ROIs), paths relative to the manifest."""
     base = path.parent.resolve()
+
+    def relative(p: Path) -> str:
+        return p.resolve().relative_to(base).as_posix()
+
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(MANIFEST_COLUMNS)
         for case in cases:
+            series = relative(case.series_dir)
             writer.writerow(
-                [
-                    case.patient_id,
-                    case.label,
-                    case.series_dir.resolve().relative_to(base).as_posix(),
-                    case.roi_path.resolve().relative_to(base).as_posix(),
-                ]
+                [case.patient_id, case.label, series, relative(case.roi_path), "reader"]
             )
+            for body in case.body_rois:
+                writer.writerow(
+                    [case.patient_id, body.label, series, relative(body.path), "localiser"]
+                )

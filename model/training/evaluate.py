@@ -1,11 +1,13 @@
 """Patient-level, label-stratified k-fold cross-validation and its outputs.
 
-Each patient is in exactly one test fold; each fold's model is trained from scratch on the
-other folds, with validation patients (early stopping) carved from those training folds,
-never from the test fold. The out-of-fold predictions are pooled into one folder:
+Each patient, with all of its ROIs, is in exactly one test fold; each fold's model is trained
+from scratch on the other folds, with validation patients (early stopping) carved from those
+training folds, never from the test fold. The out-of-fold predictions are pooled into one folder:
 
-- ``predictions.csv``: patient, fold, slice x, slice probability, patient probability, label;
-- ``report.md``: the paper's table and the details (AUROC with bootstrap interval, confusion
+- ``predictions.csv``: patient, fold, slice x, slice probability, patient probability, label
+  (with body ROIs also the manifest row, the ROI's source, the all-ROIs patient probability);
+- ``report.md``: the paper's table (reader's ROIs), with normal bodies the normal vertebrae
+  and automatic-path figures, and the details (AUROC with bootstrap interval, confusion
   matrices, threshold for the target sensitivity, calibration, folds, settings);
 - ``roc.png`` and ``misclassified/<patient>.png`` (slice probabilities, as in the paper's
   Figure 3);
@@ -23,17 +25,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.training.cohort import PatientInputs
+from model.training.cohort import RoiInputs, patient_labels, rois_by_patient
 from model.training.folds import FoldSplit, make_cross_validation_splits
 from model.training.plots import plot_patient_slices, plot_roc, safe_file_stem
 from model.training.report import (
     EvaluationSummary,
     FoldSummary,
     SlicePrediction,
+    group_all_rois_by_patient,
     group_by_patient,
+    paper_slices,
     render_report,
     summarise,
     write_predictions_csv,
@@ -42,7 +47,7 @@ from model.training.train import (
     TrainConfig,
     cohort_description,
     fit,
-    predict_patients,
+    predict_rois,
     resolve_device,
 )
 
@@ -76,6 +81,18 @@ class CrossValidationResult:
     config_json: Path
 
 
+def _patient_images(
+    paper: Sequence[SlicePrediction],
+    patient_id: str,
+    images_of: dict[tuple[str, int], np.ndarray],
+) -> np.ndarray | None:
+    """The inputs of the patient's ROIs in the table, in the order of its slices there."""
+    rows = list(dict.fromkeys(s.row_number for s in paper if s.patient_id == patient_id))
+    if not all((patient_id, row) in images_of for row in rows):
+        return None
+    return np.concatenate([images_of[patient_id, row] for row in rows])
+
+
 def fold_training_config(config: TrainConfig, fold: int) -> TrainConfig:
     """Each fold trains with its own recorded seed: the run seed plus the fold number."""
     return replace(config, seed=config.seed + fold)
@@ -83,33 +100,36 @@ def fold_training_config(config: TrainConfig, fold: int) -> TrainConfig:
 
 def run_fold(
     split: FoldSplit,
-    patients: dict[str, PatientInputs],
+    patients: dict[str, list[RoiInputs]],
     config: TrainConfig,
     *,
     progress: bool,
 ) -> tuple[list[SlicePrediction], FoldSummary, str]:
-    """Train on the fold's training patients, predict its test patients."""
+    """Train on the fold's training patients' ROIs, predict every ROI of its test patients."""
     started = time.perf_counter()
     result = fit(
-        [patients[p] for p in split.train],
-        [patients[p] for p in split.validation],
+        [roi for p in split.train for roi in patients[p]],
+        [roi for p in split.validation for roi in patients[p]],
         fold_training_config(config, split.fold),
         progress=progress,
         description=f"fold {split.fold}",
         keep_progress_bar=False,
     )
-    test = [patients[p] for p in split.test]
-    probabilities = predict_patients(result.model, test, device=result.device)
+    test = [roi for p in split.test for roi in patients[p]]
+    probabilities = predict_rois(result.model, test, device=result.device)
     rows = [
         SlicePrediction(
-            patient_id=patient.patient_id,
+            patient_id=roi.patient_id,
             fold=split.fold,
             x_mm=float(x),
             probability=float(probability),
-            label=patient.label,
+            label=roi.label,
+            row_number=roi.row_number,
+            normal=roi.normal,
+            source=roi.source,
         )
-        for patient, slice_probabilities in zip(test, probabilities, strict=True)
-        for x, probability in zip(patient.x_mm, slice_probabilities, strict=True)
+        for roi, slice_probabilities in zip(test, probabilities, strict=True)
+        for x, probability in zip(roi.x_mm, slice_probabilities, strict=True)
     ]
     summary = FoldSummary(
         fold=split.fold,
@@ -129,7 +149,7 @@ def run_fold(
 
 
 def cross_validate(
-    patients: Sequence[PatientInputs],
+    patients: Sequence[RoiInputs],
     out_dir: Path,
     config: TrainConfig,
     cv: CrossValidationConfig,
@@ -139,12 +159,11 @@ def cross_validate(
     title: str = "Cross-validated evaluation",
     progress: bool = False,
 ) -> CrossValidationResult:
-    """Run the k folds and write every output into ``out_dir``."""
+    """Run the k folds and write every output into ``out_dir``; ``patients`` are the
+    cohort's ROIs (several per patient allowed), folds are made over patients."""
     started = time.perf_counter()
-    by_id = {p.patient_id: p for p in patients}
-    if len(by_id) != len(patients):
-        raise ValueError("patient ids must be unique")
-    labels = {p.patient_id: p.label for p in patients}
+    by_id = rois_by_patient(patients)
+    labels = patient_labels(patients)
     splits = make_cross_validation_splits(
         labels, cv.folds, validation_fraction=config.validation_fraction, seed=cv.fold_seed
     )
@@ -174,7 +193,7 @@ def cross_validate(
         source=source,
         title=title,
         cohort=cohort_description(patients),
-        inputs=by_id,
+        inputs=patients,
         seconds=time.perf_counter() - started,
     )
 
@@ -191,7 +210,7 @@ def write_outputs(
     source: str,
     title: str,
     cohort: dict[str, int],
-    inputs: dict[str, PatientInputs],
+    inputs: Sequence[RoiInputs],
     seconds: float,
 ) -> CrossValidationResult:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,13 +224,16 @@ def write_outputs(
     predictions_csv = out_dir / "predictions.csv"
     write_predictions_csv(predictions_csv, predictions)
     roc_png = out_dir / "roc.png"
-    plot_roc(roc_png, predictions, cv.threshold)
+    paper = paper_slices(predictions)
+    pooled = group_all_rois_by_patient(predictions) if summary.automatic is not None else None
+    plot_roc(roc_png, paper, cv.threshold, all_rois=pooled)
+    images_of = {(roi.patient_id, roi.row_number): roi.inputs for roi in inputs}
     plots: dict[str, Path] = {}
     misclassified = set(summary.misclassified)
     if misclassified:
         (out_dir / "misclassified").mkdir(exist_ok=True)
     used_stems: set[str] = set()
-    for patient in group_by_patient(predictions):
+    for patient in group_by_patient(paper):
         if patient.patient_id not in misclassified:
             continue
         stem = safe_file_stem(patient.patient_id)
@@ -219,7 +241,7 @@ def write_outputs(
             stem += "_"
         used_stems.add(stem)
         path = out_dir / "misclassified" / f"{stem}.png"
-        images = inputs[patient.patient_id].inputs if patient.patient_id in inputs else None
+        images = _patient_images(paper, patient.patient_id, images_of)
         plot_patient_slices(path, patient, threshold=cv.threshold, images=images)
         plots[patient.patient_id] = path
     settings = {

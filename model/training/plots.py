@@ -23,16 +23,33 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def plot_roc(path: Path, slices: Sequence[SlicePrediction], threshold: float = 0.5) -> None:
-    """Per-slice and per-patient ROC curves, with the operating point at ``threshold``."""
+def plot_roc(
+    path: Path,
+    slices: Sequence[SlicePrediction],
+    threshold: float = 0.5,
+    *,
+    all_rois: Sequence[PatientPrediction] | None = None,
+) -> None:
+    """Per-slice and per-patient ROC curves, with the operating point at ``threshold``;
+    ``all_rois`` adds the per-patient curve over all of each patient's ROIs."""
     patients = group_by_patient(slices)
     figure = Figure(figsize=(5.5, 5.0))
     axes = figure.add_subplot(1, 1, 1)
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance")
-    for name, labels, scores, colour in (
+    curves = [
         ("per slice", [s.label for s in slices], [s.probability for s in slices], "tab:blue"),
         ("per patient", [p.label for p in patients], [p.probability for p in patients], "tab:red"),
-    ):
+    ]
+    if all_rois:
+        curves.append(
+            (
+                "per patient, all ROIs",
+                [p.label for p in all_rois],
+                [p.probability for p in all_rois],
+                "tab:green",
+            )
+        )
+    for name, labels, scores, colour in curves:
         curve = roc_curve(labels, scores)
         if curve is None:
             continue

@@ -1,6 +1,6 @@
 """Training by the paper's protocol, laid out like torchvision's reference trainer.
 
-``load_data`` stacks the precomputed per-patient inputs into one slice set; ``train_one_epoch``
+``load_data`` stacks the precomputed inputs of every ROI into one slice set; ``train_one_epoch``
 runs one pass over the training slices repeated ``augmentation_factor`` times, each repeat
 with a fresh random affine; ``evaluate`` gives the loss and probabilities under
 ``torch.inference_mode()``; ``fit`` repeats them with early stopping on the lowest validation
@@ -10,6 +10,11 @@ Defaults are the paper's: 20× augmentation (translation, scaling, rotation), bi
 entropy on the logit, L2 regularisation (Adam's weight decay, i.e. a penalty added to the
 gradient), Adam with learning rate 1e-4 and betas (0.5, 0.999), batch 32, up to 100 epochs.
 CUDA with bf16 autocast when present, the CPU (float32) otherwise.
+
+The checkpoint's task (:mod:`model.serving.checkpoint`) follows from the cohort: ``automatic``
+when it holds ROIs on normal vertebral bodies (the model then learns malignant vs benign or
+normal), ``reader-roi`` otherwise. Splits are by patient, so all ROIs of a patient are on one
+side.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.serving.checkpoint import save_checkpoint
+from model.serving.checkpoint import TASK_AUTOMATIC, TASK_READER_ROI, save_checkpoint
 from model.serving.network import PretrainedWeightsUnavailable, build_resnet50
 from model.training.augment import augment_batch
-from model.training.cohort import PatientInputs
+from model.training.cohort import RoiInputs, has_normals, patient_labels, rois_by_patient
 from model.training.config import EarlyStopping, TrainConfig, with_overrides  # noqa: F401
 from model.training.folds import carve_validation
 from model.training.metrics import auroc, confusion_matrix
@@ -128,8 +133,8 @@ def build_model(init: str) -> tuple[nn.Module, str, str]:
     return build_resnet50("random"), "random", "random (as requested)."
 
 
-def load_data(patients: Sequence[PatientInputs], device: torch.device) -> SliceSet:
-    """Stack the patients' slices into one set, on ``device``."""
+def load_data(patients: Sequence[RoiInputs], device: torch.device) -> SliceSet:
+    """Stack the ROIs' slices into one set, on ``device``."""
     if not patients:
         return SliceSet(torch.zeros(0, 3, 1, 1, device=device), torch.zeros(0), ())
     inputs = torch.from_numpy(np.concatenate([p.inputs for p in patients]).astype(np.float32))
@@ -220,8 +225,8 @@ def evaluate(
 
 
 def fit(
-    train_patients: Sequence[PatientInputs],
-    validation_patients: Sequence[PatientInputs],
+    train_patients: Sequence[RoiInputs],
+    validation_patients: Sequence[RoiInputs],
     config: TrainConfig,
     *,
     progress: bool = False,
@@ -315,10 +320,10 @@ def fit(
     )
 
 
-def predict_patients(
-    model: nn.Module, patients: Sequence[PatientInputs], *, device: torch.device | str
+def predict_rois(
+    model: nn.Module, patients: Sequence[RoiInputs], *, device: torch.device | str
 ) -> list[np.ndarray]:
-    """Slice probabilities of each patient, in the patients' order."""
+    """Slice probabilities of each ROI, in the order given."""
     device = torch.device(device)
     data = load_data(patients, device)
     probabilities = evaluate(model, nn.BCEWithLogitsLoss(), data, device=device).probabilities
@@ -342,17 +347,26 @@ def default_version() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def cohort_description(patients: Sequence[PatientInputs]) -> dict[str, int]:
+def cohort_description(rois: Sequence[RoiInputs]) -> dict[str, int]:
+    """Patients by fracture label, ROIs (and those on normal bodies), slices."""
+    labels = patient_labels(rois)
     return {
-        "patients": len(patients),
-        "malignant": sum(p.label for p in patients),
-        "benign": sum(1 - p.label for p in patients),
-        "slices": sum(len(p.x_mm) for p in patients),
+        "patients": len(labels),
+        "malignant": sum(labels.values()),
+        "benign": len(labels) - sum(labels.values()),
+        "rois": len(rois),
+        "normal_rois": sum(r.normal for r in rois),
+        "slices": sum(len(r.x_mm) for r in rois),
     }
 
 
+def training_task(rois: Sequence[RoiInputs]) -> str:
+    """``automatic`` when the cohort holds ROIs on normal bodies, ``reader-roi`` otherwise."""
+    return TASK_AUTOMATIC if has_normals(rois) else TASK_READER_ROI
+
+
 def main(
-    patients: Sequence[PatientInputs],
+    patients: Sequence[RoiInputs],
     out_dir: Path,
     config: TrainConfig,
     *,
@@ -364,22 +378,21 @@ def main(
     source: str = "",
     progress: bool = False,
 ) -> TrainingRun:
-    """Train on the whole cohort (validation carved out) and write model.pt + config.json."""
+    """Train on the whole cohort (validation patients carved out), write model.pt and
+    config.json; ``patients`` are the cohort's ROIs, several per patient allowed."""
     from pydicom.uid import generate_uid
 
-    labels = {p.patient_id: p.label for p in patients}
+    labels = patient_labels(patients)
     train_ids, validation_ids = carve_validation(
         labels, list(labels), config.validation_fraction, config.seed
     )
-    by_id = {p.patient_id: p for p in patients}
-    result = fit(
-        [by_id[i] for i in train_ids],
-        [by_id[i] for i in validation_ids],
-        config,
-        progress=progress,
-    )
+    by_patient = rois_by_patient(patients)
+    train_rois = [r for i in train_ids for r in by_patient[i]]
+    validation_rois = [r for i in validation_ids for r in by_patient[i]]
+    result = fit(train_rois, validation_rois, config, progress=progress)
     version = version or default_version()
-    validation = validation_metrics(result, [by_id[i] for i in validation_ids])
+    validation = validation_metrics(result, validation_rois)
+    task = training_task(patients)
     training = {
         "config": config.to_json(),
         "cohort": cohort_description(patients),
@@ -397,6 +410,7 @@ def main(
         "device_uid": generate_uid(),
         "preprocessing": preprocessing,
         "threshold": 0.5,
+        "task": task,
         "training": training,
         "demonstration": demonstration,
         "intended_use": intended_use,
@@ -411,17 +425,36 @@ def main(
 
 
 def validation_metrics(
-    result: FitResult, validation: Sequence[PatientInputs]
+    result: FitResult, validation: Sequence[RoiInputs]
 ) -> dict[str, float | int | None]:
-    """Per-patient AUROC and accuracy at 0.5 on the validation patients (used for early
-    stopping, so optimistic; the held-out estimate is what ``evaluate`` gives)."""
+    """Per-patient AUROC and accuracy at 0.5 on the validation patients' reader ROIs (their
+    fracture ROIs when they have none); with normal bodies also the share of those scored
+    below 0.5. Used for early stopping, so optimistic; the held-out estimate is what
+    ``evaluate`` gives."""
     if not validation:
         return {"patients": 0, "auroc": None, "accuracy": None}
-    probabilities = predict_patients(result.model, validation, device=result.device)
-    labels = [p.label for p in validation]
-    patient_scores = [float(np.max(p)) for p in probabilities]
-    return {
-        "patients": len(validation),
-        "auroc": auroc(labels, patient_scores),
-        "accuracy": confusion_matrix(labels, patient_scores).accuracy,
+    probabilities = predict_rois(result.model, validation, device=result.device)
+    scores: dict[str, list[float]] = {}
+    fallback: dict[str, list[float]] = {}
+    normal_scores: list[float] = []
+    for roi, slices in zip(validation, probabilities, strict=True):
+        if roi.normal:
+            normal_scores.append(float(np.max(slices)))
+            continue
+        target = scores if roi.source == "reader" else fallback
+        target.setdefault(roi.patient_id, []).append(float(np.max(slices)))
+    for patient, values in fallback.items():
+        scores.setdefault(patient, values)
+    labels = patient_labels(validation)
+    patients = sorted(scores)
+    patient_labels_ = [labels[p] for p in patients]
+    patient_scores = [max(scores[p]) for p in patients]
+    metrics: dict[str, float | int | None] = {
+        "patients": len(patients),
+        "auroc": auroc(patient_labels_, patient_scores),
+        "accuracy": confusion_matrix(patient_labels_, patient_scores).accuracy,
     }
+    if normal_scores:
+        metrics["normal_rois"] = len(normal_scores)
+        metrics["normal_specificity"] = float(np.mean(np.asarray(normal_scores) < 0.5))
+    return metrics

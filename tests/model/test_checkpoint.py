@@ -13,9 +13,14 @@ import torch
 
 from model.serving.checkpoint import (
     CHECKPOINT_FORMAT,
+    TASK_AUTOMATIC,
+    TASK_READER_ROI,
+    TASKS,
     CheckpointError,
+    checkpoint_task,
     load_checkpoint,
     save_checkpoint,
+    validate_meta,
 )
 from model.serving.preprocess import PreprocessParams
 
@@ -114,6 +119,8 @@ def test_pickled_objects_are_refused_even_with_a_valid_seal(tmp_path: Path) -> N
         (meta(threshold=1.5), "threshold"),
         (meta(demonstration="yes"), "demonstration"),
         (meta(training=[1, 2]), "training"),
+        (meta(task="localiser"), "task"),
+        (meta(task=None), "task"),
     ],
 )
 def test_mismatched_meta_is_refused(tmp_path: Path, bad_meta: dict[str, Any], message: str) -> None:
@@ -139,3 +146,18 @@ def test_other_files_are_refused(tmp_path: Path) -> None:
 def test_meta_must_be_plain_json(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path / "m.pt", weights(), meta(training={"when": object()}))
+
+
+def test_task_is_reader_roi_when_absent_and_kept_when_given(tmp_path: Path) -> None:
+    assert TASKS == {TASK_READER_ROI, TASK_AUTOMATIC} == {"reader-roi", "automatic"}
+    older = tmp_path / "older.pt"
+    save_checkpoint(older, weights(), meta())  # a checkpoint made before tasks existed
+    _, loaded = load_checkpoint(older)
+    assert "task" not in loaded  # the meta is returned as written
+    assert checkpoint_task(loaded) == TASK_READER_ROI
+    automatic = tmp_path / "automatic.pt"
+    save_checkpoint(automatic, weights(), meta(task=TASK_AUTOMATIC))
+    assert checkpoint_task(load_checkpoint(automatic)[1]) == TASK_AUTOMATIC
+    assert checkpoint_task(validate_meta(meta(task=TASK_READER_ROI))) == TASK_READER_ROI
+    with pytest.raises(CheckpointError, match="unknown task 'segmentation'"):
+        checkpoint_task({"task": "segmentation"})

@@ -15,6 +15,13 @@ import pytest
 from model.io.volume import load_series
 from model.serving.preprocess import build_inputs, load_roi_volume
 from model.serving.roi import Roi
+from model.synthetic.body_rois import (
+    BODY_ROI_JITTER_MM,
+    bodies_in_series,
+    body_roi,
+    normal_bodies,
+    outline_box,
+)
 from model.synthetic.cases import make_case, make_cohort
 from tests.support import require_binary
 
@@ -98,7 +105,8 @@ def test_cohort_manifest_and_table1_features(tmp_path: Path) -> None:
     with (tmp_path / "manifest.csv").open() as stream:
         rows = list(csv.DictReader(stream))
     assert [r["patient_id"] for r in rows] == [c.patient_id for c in cases]
-    assert list(rows[0]) == ["patient_id", "label", "series_dir", "roi"]
+    assert list(rows[0]) == ["patient_id", "label", "series_dir", "roi", "roi_source"]
+    assert {r["roi_source"] for r in rows} == {"reader"}
     for row in rows:
         assert (tmp_path / row["series_dir"]).is_dir()
         assert (tmp_path / row["roi"]).is_file()
@@ -182,3 +190,133 @@ def test_unknown_options_and_labels_are_refused(tmp_path: Path) -> None:
         make_case(tmp_path, patient_id="X", label="benign", seed=1, colour="red")
     with pytest.raises(ValueError, match="label"):
         make_case(tmp_path, patient_id="X", label="unknown", seed=1)
+
+
+def _series_z(case) -> list[float]:  # type: ignore[no-untyped-def]
+    return sorted(
+        float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+        for p in case.series_dir.glob("*.dcm")
+    )
+
+
+def test_case_carries_the_phantom_and_slice_positions(tmp_path: Path) -> None:
+    case = make_case(tmp_path, patient_id="T1", label="malignant", seed=3, feet_first=True)
+    assert case.slice_z_mm == pytest.approx(_series_z(case), abs=1e-3)
+    phantom = case.phantom
+    fractured = phantom.vertebrae[phantom.abnormal_index]
+    assert phantom.label == "malignant" and case.roi.vertebra == fractured.name
+    assert min(case.slice_z_mm) < fractured.z_bottom < fractured.z_top < max(case.slice_z_mm)
+    assert case.body_rois == ()  # asked for no normals: the reader's ROI only
+
+
+def test_body_rois_do_not_change_the_case(tmp_path: Path) -> None:
+    plain = make_case(tmp_path / "a", patient_id="P1", label="benign", seed=8)
+    more = make_case(tmp_path / "b", patient_id="P1", label="benign", seed=8, normals=2)
+    assert plain.roi == more.roi and plain.phantom == more.phantom
+    for name in sorted(p.name for p in plain.series_dir.iterdir())[::10]:
+        assert (plain.series_dir / name).read_bytes() == (more.series_dir / name).read_bytes()
+    assert [b.label for b in more.body_rois] == ["benign", "normal", "normal"]
+    assert [b.path.name for b in more.body_rois] == [
+        "roi-body.json",
+        "roi-normal-1.json",
+        "roi-normal-2.json",
+    ]
+    for body in more.body_rois:
+        assert Roi.from_json(json.loads(body.path.read_text())) == body.roi
+    label = json.loads((tmp_path / "b" / "P1" / "label.json").read_text())
+    assert [b["label"] for b in label["body_rois"]] == ["benign", "normal", "normal"]
+
+
+def _mass_front_y(case) -> float:  # type: ignore[no-untyped-def]
+    """The most anterior y (LPS mm) of the phantom's anterior paravertebral masses."""
+    phantom = case.phantom
+    fronts = [
+        float(phantom.center_y_at(np.array(m.center[2])))
+        + (m.center[1] - phantom.spine_y)
+        - m.radii[1]
+        for m in phantom.masses
+        if m.center[1] < phantom.spine_y
+    ]
+    return min(fronts) if fronts else float("inf")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_body_rois_are_tight_on_the_body_and_leave_the_mass_out(tmp_path: Path, seed: int) -> None:
+    case = make_case(tmp_path, patient_id=f"B{seed}", label="malignant", seed=seed, normals=3)
+    phantom = case.phantom
+    files = sorted(case.series_dir.glob("*.dcm"))
+    inside = bodies_in_series(phantom, case.slice_z_mm)
+    assert phantom.abnormal_index in inside
+    for body in case.body_rois:
+        index = body.vertebra_index
+        assert index in inside
+        truth = outline_box(phantom, index)
+        ys = [y for y, _ in body.roi.polygon_yz_mm]
+        zs = [z for _, z in body.roi.polygon_yz_mm]
+        slack = BODY_ROI_JITTER_MM + 0.01
+        for got, want in ((min(ys), truth.y_min), (max(ys), truth.y_max)):
+            assert abs(got - want) <= slack
+        for got, want in ((min(zs), truth.z_min), (max(zs), truth.z_max)):
+            assert abs(got - want) <= slack
+        assert min(case.slice_z_mm) <= min(zs) and max(zs) <= max(case.slice_z_mm)
+        vertebra = phantom.vertebrae[index]
+        assert len(body.roi.slices_x_mm) == 5
+        for x in body.roi.slices_x_mm:  # the inner ~60 % of the lateral extent
+            assert abs(x - phantom.spine_x) <= 0.63 * vertebra.radius_x + BODY_ROI_JITTER_MM
+        spread = max(body.roi.slices_x_mm) - min(body.roi.slices_x_mm)
+        assert spread >= 2 * 0.57 * vertebra.radius_x
+        assert body.roi.vertebra == vertebra.name
+        build_inputs(load_roi_volume(files, body.roi), body.roi)  # inside the volume
+    fractured = case.body_rois[0]
+    assert fractured.label == "malignant" and fractured.vertebra_index == phantom.abnormal_index
+    mass_front = _mass_front_y(case)
+    if mass_front < float("inf"):
+        # the reader's box takes the mass in, the localiser's is on the body alone
+        assert min(y for y, _ in case.roi.polygon_yz_mm) <= mass_front + 1.5
+        assert min(y for y, _ in fractured.roi.polygon_yz_mm) > mass_front + 2.0
+    normals = [b.vertebra_index for b in case.normal_rois]
+    assert set(normals) <= set(normal_bodies(phantom, case.slice_z_mm))
+    assert not set(normals) & {phantom.abnormal_index + d for d in (-1, 0, 1)}
+    assert len(normals) == min(3, len(normal_bodies(phantom, case.slice_z_mm)))
+
+
+def test_normal_bodies_of_a_benign_case_are_uncompressed(tmp_path: Path) -> None:
+    for seed in range(4):
+        case = make_case(tmp_path / str(seed), patient_id="N", label="benign", seed=seed)
+        for index in normal_bodies(case.phantom, case.slice_z_mm):
+            vertebra = case.phantom.vertebrae[index]
+            assert index != case.phantom.abnormal_index
+            assert vertebra.wedge_fraction == vertebra.biconcave_fraction == 0.0
+
+
+def test_body_roi_refuses_a_body_outside_the_series(tmp_path: Path) -> None:
+    case = make_case(tmp_path, patient_id="O", label="benign", seed=2)
+    outside = [
+        i
+        for i in range(len(case.phantom.vertebrae))
+        if i not in bodies_in_series(case.phantom, case.slice_z_mm)
+    ]
+    assert outside  # the column reaches past the series at both ends
+    with pytest.raises(ValueError, match="not inside the series"):
+        body_roi(
+            case.phantom,
+            outside[0],
+            np.random.default_rng(0),
+            study_instance_uid=case.roi.study_instance_uid,
+            series_instance_uid=case.roi.series_instance_uid,
+            slice_z_mm=case.slice_z_mm,
+        )
+
+
+def test_cohort_with_normals_lists_every_roi(tmp_path: Path) -> None:
+    cases = make_cohort(tmp_path, patients=4, seed=5, normals=2)
+    with (tmp_path / "manifest.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == sum(1 + len(c.body_rois) for c in cases)
+    for case in cases:
+        mine = [r for r in rows if r["patient_id"] == case.patient_id]
+        assert [r["roi_source"] for r in mine][:2] == ["reader", "localiser"]
+        assert {r["label"] for r in mine} == {case.label, "normal"} or (
+            not case.normal_rois and {r["label"] for r in mine} == {case.label}
+        )
+        assert len({r["series_dir"] for r in mine}) == 1

@@ -22,3 +22,14 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-cohort")
     make_cohort(out, patients=6, seed=11)
     return out / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort_with_normals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic patients with localiser-like ROIs: on the fractured body and on up to
+    two normal bodies each; returns the manifest path."""
+    from model.synthetic.cases import make_cohort
+
+    out = tmp_path_factory.mktemp("tiny-cohort-normals")
+    make_cohort(out, patients=6, seed=11, normals=2, body_roi_slices=3)
+    return out / "manifest.csv"

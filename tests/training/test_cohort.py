@@ -12,13 +12,22 @@ import pytest
 
 from model.serving.preprocess import PreprocessParams
 from model.synthetic.cases import make_case
-from model.training.cohort import CohortError, load_cohort, read_manifest
+from model.training.cohort import (
+    CohortError,
+    load_cohort,
+    patient_labels,
+    read_manifest,
+    rois_by_patient,
+)
+from model.training.folds import make_cross_validation_splits
 
 
-def _write_manifest(path: Path, rows: list[list[str]]) -> None:
+def _write_manifest(
+    path: Path, rows: list[list[str]], header: tuple[str, ...] = ("patient_id", "label")
+) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["patient_id", "label", "series_dir", "roi"])
+        writer.writerow([*header, "series_dir", "roi"])
         writer.writerows(rows)
 
 
@@ -109,3 +118,63 @@ def test_empty_manifest_is_refused(tmp_path: Path) -> None:
     _write_manifest(manifest, [])
     with pytest.raises(CohortError, match="lists no patient"):
         read_manifest(manifest)
+
+
+def test_several_rows_per_patient_with_normal_bodies(tiny_cohort_with_normals: Path) -> None:
+    rois = load_cohort(tiny_cohort_with_normals)
+    rows = read_manifest(tiny_cohort_with_normals)
+    assert len(rois) == len(rows) > 6
+    by_patient = rois_by_patient(rois)
+    assert len(by_patient) == 6
+    labels = patient_labels(rois)
+    assert sorted(labels.values()) == [0, 0, 0, 1, 1, 1]
+    for patient, mine in by_patient.items():
+        reader = [r for r in mine if r.source == "reader"]
+        assert len(reader) == 1 and not reader[0].normal
+        assert {r.label for r in mine if not r.normal} == {labels[patient]}
+        assert all(r.label == 0 for r in mine if r.normal)
+        assert len({row.series_dir for row in rows if row.patient_id == patient}) == 1
+    normal = [r for r in rois if r.normal]
+    assert normal and all(r.source == "localiser" and r.label_name == "normal" for r in normal)
+    assert all(len(r.x_mm) == 3 for r in rois if r.source == "localiser")
+    # folds are made over patients: a patient's ROIs all follow it
+    for split in make_cross_validation_splits(labels, 3, validation_fraction=0.2, seed=0):
+        sides = (set(split.train), set(split.validation), set(split.test))
+        assert sum(len(s) for s in sides) == 6 and not set.intersection(*sides)
+
+
+def test_contradicting_labels_and_normal_only_patients_are_refused(tmp_path: Path) -> None:
+    case = make_case(tmp_path / "cases", patient_id="A", label="malignant", seed=3, normals=1)
+    rel = lambda p: p.relative_to(tmp_path).as_posix()  # noqa: E731
+    series = rel(case.series_dir)
+    body, normal = (rel(b.path) for b in case.body_rois)
+    rows = [
+        ["A", "malignant", "reader", series, rel(case.roi_path)],  # row 2: fine
+        ["A", "normal", "localiser", series, normal],  # 3: fine
+        ["A", "benign", "localiser", series, body],  # 4: contradicts row 2
+        ["B", "normal", "localiser", series, normal],  # 5: B has only normal rows
+        ["C", "benign", "robot", series, body],  # 6: unknown roi_source
+        ["A", "normal", "", series, normal],  # 7: the same ROI file again
+        ["D", "benign", "", series, body],  # 8: fine (empty source = reader)
+    ]
+    manifest = tmp_path / "manifest.csv"
+    _write_manifest(manifest, rows, header=("patient_id", "label", "roi_source"))
+    with pytest.raises(CohortError) as caught:
+        read_manifest(manifest)
+    problems = {p.row_number: p.message for p in caught.value.problems}
+    assert set(problems) == {4, 5, 6, 7}
+    assert "contradicts row 2" in problems[4] and "'malignant'" in problems[4]
+    assert "only 'normal' rows" in problems[5]
+    assert "unknown roi_source 'robot'" in problems[6]
+    assert "repeats row 3" in problems[7]
+    assert "row 4 (patient A)" in str(caught.value)
+
+    _write_manifest(
+        manifest, [rows[0], rows[1], rows[6]], header=("patient_id", "label", "roi_source")
+    )
+    accepted = read_manifest(manifest)
+    assert [(r.patient_id, r.label_name, r.source) for r in accepted] == [
+        ("A", "malignant", "reader"),
+        ("A", "normal", "localiser"),
+        ("D", "benign", "reader"),
+    ]

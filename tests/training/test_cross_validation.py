@@ -88,8 +88,11 @@ def test_train_writes_a_servable_checkpoint_with_its_config(
         "patients": 6,
         "malignant": 3,
         "benign": 3,
+        "rois": 6,
+        "normal_rois": 0,
         "slices": sum(len(r.roi.slices_x_mm) for r in read_manifest(tiny_cohort)),
     }
+    assert meta["task"] == "reader-roi"  # no normal bodies: the paper's task
     assert training["init_used"] == "random"
     assert training["train_patients"] + training["validation_patients"] == 6
     assert training["validation_patients"] >= 1
@@ -107,6 +110,64 @@ def test_train_writes_a_servable_checkpoint_with_its_config(
     assert np.allclose(prediction.slice_probabilities, direct, atol=1e-5)
 
 
+def test_normal_bodies_train_the_automatic_task(
+    tiny_cohort_with_normals: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    code = main(["train", str(tiny_cohort_with_normals), "--out", str(out), *QUICK])
+    assert code == 0
+    _, meta = load_checkpoint(out / "model.pt")
+    assert meta["task"] == "automatic"
+    rows = read_manifest(tiny_cohort_with_normals)
+    cohort = meta["training"]["cohort"]
+    assert (cohort["patients"], cohort["malignant"], cohort["benign"]) == (6, 3, 3)
+    assert cohort["rois"] == len(rows)
+    assert cohort["normal_rois"] == sum(r.normal for r in rows) > 0
+    assert meta["training"]["train_patients"] + meta["training"]["validation_patients"] == 6
+    assert "normal_specificity" in meta["training"]["validation_metrics"]
+
+
+def test_evaluate_with_normal_bodies_reports_the_normal_vertebrae(
+    tiny_cohort_with_normals: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cv"
+    arguments = ["evaluate", str(tiny_cohort_with_normals), "--folds", "2", "--bootstrap", "50"]
+    assert main([*arguments, "--out", str(out), *QUICK]) == 0
+    printed = capsys.readouterr().out
+    assert "| per patient | 6 |" in printed  # the paper's table: one reader ROI per patient
+    assert "| normal vertebrae (below threshold) |" in printed
+    report = (out / "report.md").read_text()
+    assert "## Normal vertebrae and the automatic path" in report
+    assert "| per patient | 6 |" in report
+    assert (
+        "| per slice | "
+        + str(
+            sum(
+                len(r.roi.slices_x_mm)
+                for r in read_manifest(tiny_cohort_with_normals)
+                if r.source == "reader"
+            )
+        )
+        + " |"
+        in report
+    )
+    assert "| normal vertebrae (below threshold) |" in report
+    assert "| fractured bodies, localiser ROIs | 6 |" in report
+    assert "| per patient, max over all ROIs | 6 |" in report
+
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    manifest = read_manifest(tiny_cohort_with_normals)
+    assert {int(r["manifest_row"]) for r in rows} == {m.row_number for m in manifest}
+    folds_of: dict[str, set[str]] = {}
+    for row in rows:
+        folds_of.setdefault(row["patient_id"], set()).add(row["fold"])
+        assert float(row["slice_probability"]) <= float(row["all_rois_patient_probability"])
+    assert all(len(f) == 1 for f in folds_of.values())  # a patient's ROIs in one test fold
+    labels = {int(r["manifest_row"]): (r["label"], r["roi_source"]) for r in rows}
+    for m in manifest:
+        assert labels[m.row_number] == (m.label_name, m.source)
+
+
 def test_train_synthetic_marks_a_demonstration_model(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     code = main(["train", "--synthetic", "4", "--out", str(out), *QUICK])
@@ -116,6 +177,7 @@ def test_train_synthetic_marks_a_demonstration_model(tmp_path: Path) -> None:
     assert "not for clinical use" in meta["intended_use"].lower()
     assert "synthetic" in meta["intended_use"].lower()
     assert meta["training"]["config"]["epochs"] == 1  # the flag overrides the recipe
+    assert meta["task"] == "automatic"  # the recipe's phantoms have normal bodies
 
 
 def test_a_bad_manifest_stops_before_training(

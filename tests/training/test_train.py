@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model.training.augment import AugmentParams
-from model.training.cohort import PatientInputs
+from model.training.cohort import RoiInputs
 from model.training.train import (
     EarlyStopping,
     TrainConfig,
@@ -26,7 +26,7 @@ NO_AUGMENT = AugmentParams(
 )
 
 
-def _patients(count: int, seed: int) -> list[PatientInputs]:
+def _patients(count: int, seed: int) -> list[RoiInputs]:
     """Inputs made by code: malignant ones carry a dark blob, benign ones a bright bar."""
     rng = np.random.default_rng(seed)
     patients = []
@@ -37,7 +37,7 @@ def _patients(count: int, seed: int) -> list[PatientInputs]:
             inputs[:, :, 20:40, 20:40] -= 2.0
         else:
             inputs[:, :, 30:33, 8:56] += 3.0
-        patients.append(PatientInputs(f"P{i}", label, inputs, (-1.5, 1.5)))
+        patients.append(RoiInputs(f"P{i}", label, inputs, (-1.5, 1.5)))
     return patients
 
 

@@ -23,7 +23,10 @@ Write synthetic spine CT studies (no patient data) so that the whole system can 
 per patient an axial CT series as DICOM files (CT Image Storage, or one Enhanced CT instance
 with --multiframe), the ROI a radiologist would draw on the fractured vertebra (roi.json, the
 JSON the REST API accepts) and the label with the features the phantom shows (label.json).
-A manifest.csv (patient_id,label,series_dir,roi) lists them for training and evaluation.
+With --normals N each case also gets the ROIs an automatic localiser would propose: on the
+fractured body (roi-body.json) and on up to N normal bodies (roi-normal-1.json, ...). A
+manifest.csv (patient_id,label,series_dir,roi,roi_source; one row per ROI, label normal on a
+normal body) lists them for training and evaluation.
 
 Phantoms have 5-7 vertebral bodies with cortex and cancellous bone, discs, rough posterior
 elements, muscles, fat, air and noise. Benign cases show compression, a sclerotic fracture
@@ -77,6 +80,14 @@ def register(subparsers: Any) -> None:
         help="share of malignant cases (default 0.5)",
     )
     synth.add_argument(
+        "--normals",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write localiser-like ROIs: on the fractured body and on up to N normal "
+        "bodies per case (default 0: the reader's ROI only)",
+    )
+    synth.add_argument(
         "--transfer-syntax",
         choices=["explicit", "j2k", "rle"],
         default="explicit",
@@ -124,6 +135,9 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.patients < 1:
         print("synth: --patients must be at least 1", file=sys.stderr)
         return 2
+    if args.normals < 0:
+        print("synth: --normals must be 0 or more", file=sys.stderr)
+        return 2
     options: dict[str, Any] = {"size": args.size, "transfer_syntax": args.transfer_syntax}
     for name, value in (
         ("slices", args.slices),
@@ -142,15 +156,19 @@ def run_synth(args: argparse.Namespace) -> int:
             patients=args.patients,
             seed=args.seed,
             malignant_fraction=args.malignant_fraction,
+            normals=args.normals,
             **options,
         )
     except ValueError as exc:
         print(f"synth: {exc}", file=sys.stderr)
         return 2
     malignant = sum(case.label == "malignant" for case in cases)
+    normals = sum(len(case.normal_rois) for case in cases)
     print(
         f"wrote {len(cases)} synthetic studies ({malignant} malignant, "
-        f"{len(cases) - malignant} benign) to {args.out}; manifest: {args.out / 'manifest.csv'}"
+        f"{len(cases) - malignant} benign"
+        + (f"; {normals} ROIs on normal bodies" if args.normals else "")
+        + f") to {args.out}; manifest: {args.out / 'manifest.csv'}"
     )
     return 0
 

@@ -21,22 +21,30 @@ from model.training.augment import AugmentParams
 from model.training.cohort import CohortError, load_cohort
 from model.training.evaluate import CrossValidationConfig, cross_validate
 from model.training.folds import SplitError
-from model.training.report import render_table
+from model.training.report import render_automatic_table, render_table
 from model.training.train import INTENDED_USE, TrainConfig, main, with_overrides
 from worker.commands import COMMANDS
 
 logger = logging.getLogger(__name__)
 
 COHORT_HELP = """\
-The cohort is a CSV manifest, one row per patient, with the columns
-  patient_id   an identifier (used in predictions.csv and plots)
-  label        benign | malignant
+The cohort is a CSV manifest, one row per ROI (a patient may have several), with the columns
+  patient_id   an identifier (used in predictions.csv and plots; folds keep a patient's
+               rows together)
+  label        benign | malignant (the ROI is on the patient's fracture) | normal (on a
+               vertebral body without fracture); one fracture label per patient
   series_dir   folder holding the patient's CT series (DICOM files; other series ignored)
-  roi          the ROI JSON of the most abnormal vertebra (see METHOD.md), e.g.
+  roi          the ROI JSON (see METHOD.md), e.g.
                {"study_instance_uid": "...", "series_instance_uid": "...",
                 "slices_x_mm": [x1, x2, x3], "polygon_yz_mm": [[y, z], ...]}
-Relative paths are relative to the manifest. Every row is checked first (files, ROI, series
-geometry, ROI inside the volume) and all problems are listed with their row numbers before
+  roi_source   optional: reader (default; a radiologist's ROI on the most abnormal
+               vertebra, the paper's protocol) | localiser (an ROI as the automatic
+               localiser proposes it on a vertebral body)
+One reader row per patient is the paper's protocol (task reader-roi). Rows on normal bodies
+train the automatic task (malignant vs benign or normal; the checkpoint's meta says which),
+and evaluate then also reports the normal vertebrae. Relative paths are relative to the
+manifest. Every row is checked first (files, ROI, series geometry, ROI inside the volume,
+one fracture label per patient) and all problems are listed with their row numbers before
 anything is trained.
 """
 
@@ -276,7 +284,10 @@ def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
     progress = not args.no_progress
     if args.synthetic is not None:
         manifest = make_synthetic_cohort(workdir, patients=args.synthetic, seed=0)
-        source = f"{args.synthetic} synthetic phantoms (seed 0)"
+        source = (
+            f"{args.synthetic} synthetic phantoms (seed 0), up to {DEMO_RECIPE.normals} "
+            "normal bodies each"
+        )
     else:
         manifest = args.manifest
         source = str(manifest)
@@ -322,6 +333,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"checkpoint   {run.checkpoint}  (sha256 {run.sha256[:16]}…)")
     print(f"config       {args.out / 'config.json'}")
     print(f"model        {run.meta['name']} {run.meta['version']}")
+    print(f"task         {run.meta['task']}")
     print(f"init         {fit.initialisation}")
     print(
         f"epochs       {fit.epochs_run} run, best {fit.best_epoch}"
@@ -372,6 +384,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     summary = result.summary
     print(render_table(summary))
     print()
+    if summary.automatic is not None:
+        print(render_automatic_table(summary))
+        print()
     point = summary.operating_point
     if point is not None:
         print(
