@@ -249,3 +249,76 @@ def sagittal_context(
     col0 = round((box.y_range[0] - y_start) / pixel_mm)
     side = round(box.side / pixel_mm)
     return image.astype(np.float32), (row0, col0, row0 + side, col0 + side)
+
+
+OVERVIEW_PIXEL_MM = 1.0
+OVERVIEW_MARGIN_MM = 25.0
+NEUTRAL_BOX = (90, 170, 255)
+
+
+def _probability_colour(probability: float) -> tuple[int, int, int]:
+    """Green at 0, yellow at 0.5, red at 1."""
+    p = min(max(float(probability), 0.0), 1.0)
+    if p < 0.5:
+        return (round(510 * p), 200, 60)
+    return (255, round(200 * (2.0 - 2.0 * p)), 60)
+
+
+def render_overview_png(volume: Volume, boxes: Sequence[tuple[Roi, float | None]]) -> bytes:
+    """A PNG of the sagittal overview with each ROI's square box drawn in.
+
+    The image is the mid-sagittal plane of the column (the median of the boxes' central
+    slice positions; the volume's middle when there are no boxes), a 3 mm slab at 1 mm
+    pixels, bone window, superior at the top and anterior on the left, spanning the volume's
+    y and z. Each box is drawn green→red by its probability, or in a neutral blue when the
+    probability is None, with the ROI's vertebra label beside it when it has one.
+    """
+    corners = np.array(
+        [[i, j, k] for i in (0, volume.shape[0] - 1) for j in (0, volume.shape[1] - 1)
+         for k in (0, volume.shape[2] - 1)],
+        dtype=np.float64,
+    )
+    extent = volume.index_to_patient(corners)
+    low, high = extent.min(axis=0), extent.max(axis=0)
+    if boxes:
+        x_mm = float(np.median([roi.central_slice_x_mm for roi, _ in boxes]))
+    else:
+        x_mm = float((low[0] + high[0]) / 2.0)
+    y_start, z_top = float(low[1]), float(high[2])
+    columns = max(8, math.ceil((high[1] - low[1]) / OVERVIEW_PIXEL_MM))
+    rows = max(8, math.ceil((high[2] - low[2]) / OVERVIEW_PIXEL_MM))
+    offsets = np.array([-1.0, 0.0, 1.0])
+    points = np.empty((len(offsets), rows, columns, 3), dtype=np.float64)
+    points[..., 0] = x_mm + offsets[:, None, None]
+    points[..., 1] = (y_start + (np.arange(columns) + 0.5) * OVERVIEW_PIXEL_MM)[None, None, :]
+    points[..., 2] = (z_top - (np.arange(rows) + 0.5) * OVERVIEW_PIXEL_MM)[None, :, None]
+    image = _sample_trilinear(volume, points).mean(axis=0)
+    grey = _window_to_bytes(image, *CONTEXT_WINDOW_HU)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    rgb[~np.isfinite(image)] = NO_DATA
+    canvas = Image.new("RGB", (columns + 2 * PADDING + 40, rows + 2 * PADDING + CAPTION_HEIGHT), BACKGROUND)
+    canvas.paste(Image.fromarray(rgb, mode="RGB"), (PADDING, PADDING + CAPTION_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    draw.text(
+        (PADDING, PADDING + 2),
+        f"sagittal overview, x = {x_mm:.1f} mm, {len(boxes)} ROI(s)",
+        fill=MUTED,
+        font=_font(11),
+    )
+    top = PADDING + CAPTION_HEIGHT
+    for roi, probability in boxes:
+        box = roi.square_box_yz()
+        colour = NEUTRAL_BOX if probability is None else _probability_colour(probability)
+        left = PADDING + (box.y_range[0] - y_start) / OVERVIEW_PIXEL_MM
+        right = PADDING + (box.y_range[1] - y_start) / OVERVIEW_PIXEL_MM
+        upper = top + (z_top - box.z_range[1]) / OVERVIEW_PIXEL_MM
+        lower = top + (z_top - box.z_range[0]) / OVERVIEW_PIXEL_MM
+        draw.rectangle((left, upper, right, lower), outline=colour, width=2)
+        caption = roi.vertebra or ""
+        if probability is not None:
+            caption = f"{caption} {probability:.2f}".strip()
+        if caption:
+            draw.text((right + 3, upper), caption, fill=colour, font=_font(11))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", compress_level=3)
+    return out.getvalue()

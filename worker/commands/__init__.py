@@ -57,6 +57,10 @@ COMMANDS: dict[str, Command] = {
     "preprocess": Command(
         "worker.commands.model", "save the network inputs of an ROI to an .npz file"
     ),
+    "propose": Command(
+        "worker.commands.propose",
+        "localise the vertebral bodies of a CT series and propose an ROI on each",
+    ),
     "train": Command(
         "worker.commands.training",
         "train a checkpoint on a labelled cohort (or synthetic phantoms)",

@@ -11,6 +11,7 @@ not two discs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ PROFILE_PERCENTILE = 75.0
 # A disc's minimum must be this deep below the bodies around it (share of body − disc HU).
 MIN_PROMINENCE_HU = 15.0
 # The bodies rise on both sides of a disc's centre within this distance (mm).
-DISC_REACH_MM = 6.5
+DISC_REACH_MM = 7.5
 # Minima closer than this share of the pitch are not two discs.
 MIN_DISC_SPACING = 0.6
 # Costs of the disc chain (weights are contrasts relative to the strongest discs, 0…1).
@@ -185,8 +186,8 @@ def _discs(
     """
     high = float(np.percentile(profile, 75))
     low = float(np.percentile(profile, 5))
-    reach = max(1, round(DISC_REACH_MM / spacing))
-    minima = np.array([int(m) for m in signal.argrelmin(profile, mode="clip")[0]], dtype=int)
+    reach = max(1, math.ceil(DISC_REACH_MM / spacing - 0.2))
+    minima = np.asarray(signal.find_peaks(-profile)[0], dtype=int)  # plateaus included
     minima = minima[(minima > 0) & (minima < len(profile) - 1)]
     contrast = np.array([_local_contrast(profile, int(m), reach) for m in minima])
     keep = contrast >= MIN_PROMINENCE_HU
