@@ -12,8 +12,8 @@ device observer, the CT as evidence, Contributing Equipment) with one Measuremen
     │  placed by a device, not a person
     ├─ NUM Probability of cancer of the body (derivation Maximum over its slices), algorithm:
     │  the classifier
-    ├─ NUM Probability of cancer per sagittal slice, each with the polygon at that slice's x as
-    │  its referenced coordinates (SCOORD3D)
+    ├─ NUM Probability of cancer per sagittal slice, each with its own tracking identifier
+    │  ("Vertebral body L1, sagittal slice x=… mm") and UID: the same box at that x
     └─ Pathology = Malignant (SCT 21594007) on a body at or above the threshold
 
 The study's probability is the first group's body probability (the maximum over bodies);
@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
-import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
@@ -139,21 +138,16 @@ def _body_group(
         )
     ]
     for x, probability in zip(roi.slices_x_mm, prediction.slice_probabilities, strict=True):
-        points = [(x, y, z) for y, z in roi.polygon_yz_mm]
-        points.append(points[0])
         measurements.append(
             hd.sr.Measurement(
                 name=codes.DCM.ProbabilityOfCancer,
                 value=probability,
                 unit=codes.UCUM.NoUnits,
                 algorithm_id=classifier_id,
-                referenced_coordinates=[
-                    hd.sr.CoordinatesForMeasurement3D(
-                        graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
-                        graphic_data=np.array(points, dtype=float),
-                        frame_of_reference_uid=frame_of_reference_uid,
-                    )
-                ],
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=tracking_uid(f"{job_key}:body={index}", x),
+                    identifier=f"{body_identifier(roi, index)}, sagittal slice x={x:g} mm",
+                ),
             )
         )
     evaluations = (
