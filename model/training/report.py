@@ -530,8 +530,8 @@ def render_report(
         f"(probability ≥ threshold is malignant); per-patient probability = maximum over "
         f"the patient's slices."
         + (
-            f" The table uses the reader's ROIs; the other ROIs of the cohort (of "
-            f"{summary.roi_count} in all) are in the section on normal vertebrae."
+            f" The table uses the reader's ROIs only; all {summary.roi_count} ROIs of the "
+            f"cohort count in the section on normal vertebrae and the automatic path."
             if summary.automatic is not None
             else ""
         ),

@@ -320,3 +320,20 @@ def test_cohort_with_normals_lists_every_roi(tmp_path: Path) -> None:
             not case.normal_rois and {r["label"] for r in mine} == {case.label}
         )
         assert len({r["series_dir"] for r in mine}) == 1
+
+
+def test_synth_command_writes_body_rois(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import main
+
+    out = tmp_path / "synthetic"
+    assert (
+        main(["synth", "--out", str(out), "--patients", "2", "--seed", "5", "--normals", "1"]) == 0
+    )
+    assert "ROIs on normal bodies" in capsys.readouterr().out
+    with (out / "manifest.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert {r["roi_source"] for r in rows} == {"reader", "localiser"}
+    assert sum(r["roi_source"] == "reader" for r in rows) == 2
+    assert (
+        main(["synth", "--out", str(out), "--patients", "1", "--seed", "5", "--normals", "-1"]) == 2
+    )

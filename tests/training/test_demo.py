@@ -11,6 +11,7 @@ import pytest
 from model.serving.checkpoint import load_checkpoint
 from model.serving.inference import Classifier
 from model.serving.preprocess import load_roi_volume
+from model.serving.roi import Roi
 from model.synthetic.cases import make_cohort
 from model.synthetic.demo import (
     DEMO_RECIPE,
@@ -38,6 +39,8 @@ def test_demo_checkpoint_is_cached_and_keyed_by_recipe(tmp_path: Path) -> None:
     assert "not for clinical use" in meta["intended_use"].lower()
     assert "synthetic" in meta["intended_use"].lower()
     assert meta["training"]["config"] == TINY.train.to_json()
+    assert meta["task"] == "automatic"  # trained with normal bodies: serves automatic jobs
+    assert meta["training"]["cohort"]["normal_rois"] > 0
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [path.name]
 
     # second call: the cached file is used as is
@@ -82,14 +85,23 @@ def test_demo_model_separates_held_out_synthetic_patients(
 
     classifier = Classifier.load(path, device="cpu")
     assert classifier.meta["demonstration"] is True
+    assert classifier.meta["task"] == "automatic"
     # held-out patients: another seed than the recipe's cohort, through the serving path
-    cases = make_cohort(tmp_path / "held-out", patients=16, seed=777)
-    labels, scores = [], []
+    cases = make_cohort(tmp_path / "held-out", patients=16, seed=777, normals=3)
+    labels, scores, normal_scores, all_rois = [], [], [], []
     for case in cases:
         files = sorted(p for p in case.series_dir.iterdir() if p.is_file())
-        prediction = classifier.predict(load_roi_volume(files, case.roi), case.roi)
+
+        def score(roi: Roi, files: list[Path] = files) -> float:
+            return classifier.predict(load_roi_volume(files, roi), roi).patient_probability
+
         labels.append(1 if case.label == "malignant" else 0)
-        scores.append(prediction.patient_probability)
+        scores.append(score(case.roi))
+        bodies = [score(body.roi) for body in case.body_rois]
+        normal_scores += [
+            s for s, b in zip(bodies, case.body_rois, strict=True) if b.label == "normal"
+        ]
+        all_rois.append(max([scores[-1], *bodies]))
     area = auroc(labels, scores)
     correct = sum((s >= 0.5) == bool(y) for s, y in zip(scores, labels, strict=True))
     print(f"demo model: trained in {seconds:.0f} s, held-out AUROC {area:.3f}, {correct}/16")
@@ -97,3 +109,13 @@ def test_demo_model_separates_held_out_synthetic_patients(
     print("held-out (label, probability):", pairs)
     assert area is not None and area >= 0.9
     assert correct >= 14
+    # the automatic path: normal bodies stay below the threshold, so the maximum over a
+    # patient's bodies does not flag every study
+    specificity = sum(s < 0.5 for s in normal_scores) / len(normal_scores)
+    flagged_right = sum((s >= 0.5) == bool(y) for s, y in zip(all_rois, labels, strict=True))
+    print(
+        f"normal bodies {len(normal_scores)}: specificity {specificity:.2f}; "
+        f"max over all ROIs {flagged_right}/16 correct"
+    )
+    assert specificity >= 0.85
+    assert flagged_right >= 13
