@@ -53,8 +53,9 @@ def write_real_ct_series(series_dir: Path) -> list[Path]:
     """Write the real CT as axial CT Image Storage files (one per NIfTI k plane)."""
     hu, affine = load_real_ct()
     columns_axis, rows_axis = affine[:3, 0], affine[:3, 1]  # i runs along a row, j down a column
-    column_spacing, row_spacing = float(np.linalg.norm(columns_axis)), float(
-        np.linalg.norm(rows_axis)
+    column_spacing, row_spacing = (
+        float(np.linalg.norm(columns_axis)),
+        float(np.linalg.norm(rows_axis)),
     )
     slice_spacing = float(np.linalg.norm(affine[:3, 2]))
     orientation = [
@@ -74,9 +75,7 @@ def write_real_ct_series(series_dir: Path) -> list[Path]:
             orientation=orientation,
             pixel_spacing=(row_spacing, column_spacing),
             slice_thickness=slice_spacing,
-            sop_instance_uid=str(
-                generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])
-            ),
+            sop_instance_uid=str(generate_uid(entropy_srcs=[identity.series_instance_uid, str(k)])),
         )
         ds.RescaleIntercept = 0.0
         ds.RescaleSlope = 1.0

@@ -274,8 +274,12 @@ def render_overview_png(volume: Volume, boxes: Sequence[tuple[Roi, float | None]
     probability is None, with the ROI's vertebra label beside it when it has one.
     """
     corners = np.array(
-        [[i, j, k] for i in (0, volume.shape[0] - 1) for j in (0, volume.shape[1] - 1)
-         for k in (0, volume.shape[2] - 1)],
+        [
+            [i, j, k]
+            for i in (0, volume.shape[0] - 1)
+            for j in (0, volume.shape[1] - 1)
+            for k in (0, volume.shape[2] - 1)
+        ],
         dtype=np.float64,
     )
     extent = volume.index_to_patient(corners)
@@ -296,7 +300,9 @@ def render_overview_png(volume: Volume, boxes: Sequence[tuple[Roi, float | None]
     grey = _window_to_bytes(image, *CONTEXT_WINDOW_HU)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     rgb[~np.isfinite(image)] = NO_DATA
-    canvas = Image.new("RGB", (columns + 2 * PADDING + 40, rows + 2 * PADDING + CAPTION_HEIGHT), BACKGROUND)
+    canvas = Image.new(
+        "RGB", (columns + 2 * PADDING + 40, rows + 2 * PADDING + CAPTION_HEIGHT), BACKGROUND
+    )
     canvas.paste(Image.fromarray(rgb, mode="RGB"), (PADDING, PADDING + CAPTION_HEIGHT))
     draw = ImageDraw.Draw(canvas)
     draw.text(

@@ -64,7 +64,10 @@ def score(localisation: Localisation, phantom: SpinePhantom, zs: np.ndarray) -> 
         v for v in phantom.vertebrae if v.z_bottom - 2.0 >= zs[0] and v.z_top + 2.0 <= zs[-1]
     ]
     truths = [
-        ((v.z_bottom + v.z_top) / 2.0, float(phantom.center_y_at(np.array((v.z_bottom + v.z_top) / 2))))
+        (
+            (v.z_bottom + v.z_top) / 2.0,
+            float(phantom.center_y_at(np.array((v.z_bottom + v.z_top) / 2))),
+        )
         for v in visible
     ]
     matched, errors = 0, [0.0]
@@ -94,7 +97,9 @@ def score(localisation: Localisation, phantom: SpinePhantom, zs: np.ndarray) -> 
     return Score(len(truths), matched, extras, max(errors))
 
 
-def _case(tmp: Path, patient_id: str, label: str, seed: int, **options: Any) -> tuple[Volume, Score]:
+def _case(
+    tmp: Path, patient_id: str, label: str, seed: int, **options: Any
+) -> tuple[Volume, Score]:
     case = make_case(tmp, patient_id=patient_id, label=label, seed=seed, **options)
     volume = load_series(sorted(case.series_dir.iterdir()))
     localisation = localise(volume)
@@ -179,7 +184,11 @@ def _rotated_about_z(volume: Volume, degrees: float) -> Volume:
     """The same voxels on in-plane axes turned by ``degrees`` about the voxel grid's centre."""
     angle = math.radians(degrees)
     rotation = np.array(
-        [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0, 0, 1]]
+        [
+            [math.cos(angle), -math.sin(angle), 0.0],
+            [math.sin(angle), math.cos(angle), 0.0],
+            [0, 0, 1],
+        ]
     )
     centre = volume.index_to_patient((np.array(volume.voxels.shape) - 1) / 2.0)
     return replace(
@@ -294,7 +303,7 @@ def test_metal_over_the_spine(tmp_path: Path) -> None:
     body = localisation.bodies[len(localisation.bodies) // 2]
     centre = volume.patient_to_index(np.array(body.centre_mm))
     voxels = volume.voxels.copy()
-    k, r, c = (int(round(v)) for v in centre)
+    _k, r, c = (round(v) for v in centre)
     voxels[:, r - 12 : r - 4, c - 3 : c + 3] = 3000.0  # a rod along the column (pedicle screws)
     result = localise(replace(volume, voxels=voxels))
     assert result.bodies == () and result.unanalysable == "metal over the spine"
@@ -305,8 +314,12 @@ def test_field_of_view_cutting_every_body(tmp_path: Path) -> None:
     volume = load_series(sorted(case.series_dir.iterdir()))
     # 12 planes (about 33 mm): one body at most, never with both its discs.
     body = localise(volume).bodies[0]
-    k = int(round(float(volume.patient_to_index(np.array(body.centre_mm))[0])))
-    part = replace(volume, voxels=volume.voxels[k - 3 : k + 9].copy(), origin=volume.index_to_patient(np.array([k - 3, 0, 0])))
+    k = round(float(volume.patient_to_index(np.array(body.centre_mm))[0]))
+    part = replace(
+        volume,
+        voxels=volume.voxels[k - 3 : k + 9].copy(),
+        origin=volume.index_to_patient(np.array([k - 3, 0, 0])),
+    )
     result = localise(part)
     assert result.unanalysable is not None and result.bodies == ()
 
@@ -330,10 +343,14 @@ def test_proposals_are_valid_rois(tmp_path: Path) -> None:
             assert all(body.x_range_mm[0] < x < body.x_range_mm[1] for x in roi.slices_x_mm)
             assert _inside(roi.polygon_yz_mm, body.centre_mm[1], body.centre_mm[2])
             box = roi.square_box_yz()
-            assert box.side >= max(p[0] for p in roi.polygon_yz_mm) - min(p[0] for p in roi.polygon_yz_mm)
+            assert box.side >= max(p[0] for p in roi.polygon_yz_mm) - min(
+                p[0] for p in roi.polygon_yz_mm
+            )
             assert proposal.confidence == body.confidence
     with pytest.raises(ValueError):
-        propose_rois(localisation, study_instance_uid=STUDY_UID, series_instance_uid=SERIES_UID, slices=0)
+        propose_rois(
+            localisation, study_instance_uid=STUDY_UID, series_instance_uid=SERIES_UID, slices=0
+        )
     assert LOCALISER_NAME == "spine-triage-localiser" and LOCALISER_VERSION == "1.0"
 
 

@@ -45,7 +45,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("series_dir", type=Path, metavar="SERIES_DIR", help="DICOM folder")
     parser.add_argument("--json", action="store_true", help="print the ROIs as a JSON array")
     parser.add_argument(
-        "--slices", type=int, default=5, metavar="N", help="sagittal slices per ROI (3-5; default 5)"
+        "--slices",
+        type=int,
+        default=5,
+        metavar="N",
+        help="sagittal slices per ROI (3-5; default 5)",
     )
     parser.add_argument(
         "--preview",

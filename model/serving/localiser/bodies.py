@@ -57,8 +57,8 @@ def find_bodies(grid: LpsGrid, canal: CanalTrack, column: Column) -> list[BodyFi
 
 def _endplates(column: Column, low: float, high: float) -> tuple[float, float, float, float]:
     """(first, last) body plane between discs at ``low``/``high``, body and disc HU."""
-    start = int(round(low - column.z_indices[0]))
-    stop = int(round(high - column.z_indices[0]))
+    start = round(low - column.z_indices[0])
+    stop = round(high - column.z_indices[0])
     segment = column.profile_hu[start : stop + 1]
     disc = float(max(segment[0], segment[-1]))
     body = float(np.median(segment))
@@ -72,13 +72,13 @@ def _endplates(column: Column, low: float, high: float) -> tuple[float, float, f
 def _body_between(
     grid: LpsGrid, canal: CanalTrack, column: Column, low: float, high: float
 ) -> BodyFinding | None:
-    sx, sy, sz = grid.spacing_mm
+    _sx, _sy, sz = grid.spacing_mm
     first, last, body_hu, disc_hu = _endplates(column, low, high)
     z_mid = (first + last) / 2.0
     x_mm, y_mm = column.centre_at(z_mid)
     _, _, front_of_canal = canal.at(z_mid)
     depth = column.depth_mm
-    xi = int(round(float(grid.x_index(x_mm))))
+    xi = round(float(grid.x_index(x_mm)))
     if not 0 <= xi < grid.shape[2]:
         return None
     z0, z1 = int(np.floor(first)), int(np.ceil(last))
@@ -93,7 +93,7 @@ def _body_between(
     outline = _outline(grid, mask, z0, y0, float(grid.y_index(y_mm)) - y0)
     if outline is None:
         half = depth / 2.0
-        polygon = (
+        polygon: tuple[tuple[float, float], ...] = (
             (y_mm - half, float(grid.z_mm(first - 0.5))),
             (y_mm + half, float(grid.z_mm(first - 0.5))),
             (y_mm + half, float(grid.z_mm(last + 0.5))),
@@ -107,7 +107,7 @@ def _body_between(
     # A lesion or a fragment distorts the outline; the column's centre line does not move.
     regular_depth = 0.75 * depth <= outline_depth <= 1.25 * depth
     y_centre = (max(ys) + min(ys)) / 2.0 if regular_depth else y_mm
-    x_range = _lateral_extent(grid, int(round(z_mid)), x_mm, y_centre, front_of_canal, threshold)
+    x_range = _lateral_extent(grid, round(z_mid), x_mm, y_centre, front_of_canal, threshold)
     if x_range is None:
         x_range = (x_mm - 0.7 * depth, x_mm + 0.7 * depth)
     height = (last - first + 1.0) * sz
@@ -128,11 +128,13 @@ def _body_between(
 
 def _interior_hu(grid: LpsGrid, z_mid: float, x_mm: float, y_mm: float, depth: float) -> float:
     sx, sy, sz = grid.spacing_mm
-    z = int(round(z_mid))
-    x = int(round(float(grid.x_index(x_mm))))
-    y = int(round(float(grid.y_index(y_mm))))
+    z = round(z_mid)
+    x = round(float(grid.x_index(x_mm)))
+    y = round(float(grid.y_index(y_mm)))
     hz, hy, hx = max(0, round(4.0 / sz)), max(1, round(0.2 * depth / sy)), max(1, round(6.0 / sx))
-    patch = grid.hu[max(z - hz, 0) : z + hz + 1, max(y - hy, 0) : y + hy + 1, max(x - hx, 0) : x + hx + 1]
+    patch = grid.hu[
+        max(z - hz, 0) : z + hz + 1, max(y - hy, 0) : y + hy + 1, max(x - hx, 0) : x + hx + 1
+    ]
     return float(np.median(patch)) if patch.size else 150.0
 
 
@@ -158,7 +160,7 @@ def _outline(
         columns = np.flatnonzero(body[r])
         front.append(float(grid.y_mm(y0 + columns[0] - 0.5)))
         back.append(float(grid.y_mm(y0 + columns[-1] + 0.5)))
-        zs.append(float(grid.z_mm(z0 + r)))
+        zs.append(float(grid.z_mm(float(z0 + r))))
     half = grid.spacing_mm[2] / 2.0
     zs[0] -= half
     zs[-1] += half
@@ -181,8 +183,8 @@ def _lateral_extent(
     plane = grid.hu[z, : y1 + 1, :] > threshold
     plane = ndimage.binary_fill_holes(ndimage.binary_opening(plane))
     labels, _ = ndimage.label(plane)
-    x = int(round(float(grid.x_index(x_mm))))
-    y = int(round(float(grid.y_index(y_mm))))
+    x = round(float(grid.x_index(x_mm)))
+    y = round(float(grid.y_index(y_mm)))
     if not (0 <= x < plane.shape[1] and 0 <= y < plane.shape[0]) or labels[y, x] == 0:
         return None
     columns = np.flatnonzero((labels == labels[y, x]).any(axis=0))

@@ -109,10 +109,10 @@ def candidate_mask(grid: LpsGrid) -> np.ndarray:
 
 def _column_density(grid: LpsGrid, z: int, x_mm: float, anterior_y_mm: float) -> float:
     """Median HU of the strip in front of the canal on plane ``z``."""
-    sx, sy, _ = grid.spacing_mm
-    x = int(round(float(grid.x_index(x_mm))))
-    y1 = int(round(float(grid.y_index(anterior_y_mm))))
-    y0 = int(round(float(grid.y_index(anterior_y_mm - COLUMN_REACH_MM))))
+    sx, _sy, _ = grid.spacing_mm
+    x = round(float(grid.x_index(x_mm)))
+    y1 = round(float(grid.y_index(anterior_y_mm)))
+    y0 = round(float(grid.y_index(anterior_y_mm - COLUMN_REACH_MM)))
     half = max(1, round(6.0 / sx))
     strip = grid.hu[z, max(y0, 0) : max(y1, 0), max(x - half, 0) : x + half + 1]
     return float(np.median(strip)) if strip.size else -1000.0

@@ -72,7 +72,7 @@ def _body_depth(grid: LpsGrid, canal: CanalTrack) -> float:
     steps = int(BODY_DEPTH_MM[1] / sy) + 2
     for i in np.flatnonzero(canal.observed):
         z = int(canal.z_indices[i])
-        x = int(round(float(grid.x_index(canal.x_mm[i]))))
+        x = round(float(grid.x_index(canal.x_mm[i])))
         y = float(grid.y_index(canal.anterior_y_mm[i]))
         if not 0 <= x < grid.shape[2]:
             continue
@@ -96,7 +96,7 @@ def follow_column(grid: LpsGrid, canal: CanalTrack) -> Column:
     """The column in front of ``canal``: its centre line, density profile and discs."""
     sx, sy, sz = grid.spacing_mm
     depth = _body_depth(grid, canal)
-    extension = int(round(EXTENSION_MM / sz))
+    extension = round(EXTENSION_MM / sz)
     first = max(int(canal.z_indices[0]) - extension, 0)
     last = min(int(canal.z_indices[-1]) + extension, grid.shape[0] - 1)
     z_indices = np.arange(first, last + 1)
@@ -106,8 +106,8 @@ def follow_column(grid: LpsGrid, canal: CanalTrack) -> Column:
     half_y = max(1, round(0.35 * depth / sy))
     profile = np.full(len(z_indices), np.nan)
     for i, z in enumerate(z_indices):
-        x = int(round(float(grid.x_index(xs[i]))))
-        y = int(round(float(grid.y_index(ys[i]))))
+        x = round(float(grid.x_index(xs[i])))
+        y = round(float(grid.y_index(ys[i])))
         patch = grid.hu[
             z,
             max(y - half_y, 0) : max(y + half_y + 1, 0),

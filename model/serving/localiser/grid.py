@@ -136,14 +136,10 @@ def to_lps_grid(volume: Volume, spacing_mm: float = WORKING_SPACING_MM) -> LpsGr
         array = np.flip(array, axis=tuple(flips))
     base = volume.index_to_patient(first_index)
     spacing = [abs(float(steps[permutation[a][0]][a])) for a in range(3)]  # x, y, z
-    factors_xyz = [
-        _factor(spacing[a], spacing_mm, array.shape[2 - a]) for a in range(3)
-    ]
+    factors_xyz = [_factor(spacing[a], spacing_mm, array.shape[2 - a]) for a in range(3)]
     factors = (factors_xyz[2], factors_xyz[1], factors_xyz[0])
     hu = _block_mean(array, factors)
-    origin = tuple(
-        float(base[a] + (factors_xyz[a] - 1) / 2.0 * spacing[a]) for a in range(3)
-    )
+    origin = tuple(float(base[a] + (factors_xyz[a] - 1) / 2.0 * spacing[a]) for a in range(3))
     return LpsGrid(
         hu=np.ascontiguousarray(hu),
         origin_mm=(origin[0], origin[1], origin[2]),

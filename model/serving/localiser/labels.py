@@ -45,7 +45,7 @@ def sacrum_below(
     width = float(np.median([b.width_mm for b in bodies]))
     widths = []
     for offset in np.arange(SACRUM_REACH[0], SACRUM_REACH[1], 0.1):
-        z = int(round(disc - offset * column.pitch_mm / sz))
+        z = round(disc - offset * column.pitch_mm / sz)
         if not 0 <= z < grid.shape[0]:
             continue
         widths.append(_bone_width(grid, canal, column, z))
@@ -56,15 +56,15 @@ def _bone_width(grid: LpsGrid, canal: CanalTrack, column: Column, z: int) -> flo
     """Lateral width (mm) of the bone around the column's centre on plane ``z``."""
     x_mm, y_mm = column.centre_at(float(z))
     _, _, front = canal.at(float(z))
-    y0 = max(int(round(float(grid.y_index(y_mm - column.depth_mm)))), 0)
-    y1 = min(int(round(float(grid.y_index(front - 0.15 * column.depth_mm)))), grid.shape[1] - 1)
+    y0 = max(round(float(grid.y_index(y_mm - column.depth_mm))), 0)
+    y1 = min(round(float(grid.y_index(front - 0.15 * column.depth_mm))), grid.shape[1] - 1)
     if y1 <= y0:
         return 0.0
     plane = grid.hu[z, y0 : y1 + 1, :] > SACRUM_BONE_HU
     plane = ndimage.binary_closing(plane, structure=np.ones((3, 3), bool))
     labels, _ = ndimage.label(plane)
-    x = int(round(float(grid.x_index(x_mm))))
-    y = int(round(float(grid.y_index(y_mm)))) - y0
+    x = round(float(grid.x_index(x_mm)))
+    y = round(float(grid.y_index(y_mm))) - y0
     if not (0 <= x < plane.shape[1] and 0 <= y < plane.shape[0]):
         return 0.0
     window = labels[max(y - 2, 0) : y + 3, max(x - 2, 0) : x + 3]

@@ -66,7 +66,10 @@ def localise(volume: Volume) -> Localisation:
     canal = track_canal(grid)
     if canal is None:
         return _unanalysable(METAL if _metal_cm3(grid) > MAX_METAL_CM3 else NO_SPINE)
-    if _metal_cm3(grid, _spine_region(grid, canal.x_mm, canal.y_mm, canal.z_indices)) > MAX_METAL_CM3:
+    if (
+        _metal_cm3(grid, _spine_region(grid, canal.x_mm, canal.y_mm, canal.z_indices))
+        > MAX_METAL_CM3
+    ):
         return _unanalysable(METAL)
     column = follow_column(grid, canal)
     found = find_bodies(grid, canal, column)
@@ -98,7 +101,7 @@ def _spine_region(
     grid: LpsGrid, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray
 ) -> tuple[slice, slice, slice]:
     """Planes of the canal track, 40 mm either side of it, 80 mm in front to 40 mm behind."""
-    sx, sy, _ = grid.spacing_mm
+    _sx, _sy, _ = grid.spacing_mm
     x0 = int(max(float(grid.x_index(float(xs.min()) - 40.0)), 0))
     x1 = int(min(float(grid.x_index(float(xs.max()) + 40.0)) + 1, grid.shape[2]))
     y0 = int(max(float(grid.y_index(float(ys.min()) - 80.0)), 0))
