@@ -10,7 +10,8 @@ import logging
 
 from celery import Task, shared_task
 
-from dicom_node.broker.wake import DELIVER_TASK, TRIAGE_TASK
+from dicom_node.broker.wake import AUTO_TRIAGE_TASK, DELIVER_TASK, TRIAGE_TASK
+from worker.automatic import run_automatic
 from worker.delivery import DeliveryOutcome, run_delivery
 from worker.pipeline import Outcome, run_triage
 from worker.runtime import get_runtime
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 @shared_task(name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def triage_annotation(self: Task, annotation_id: int) -> str:
     result = run_triage(get_runtime(), int(annotation_id))
+    if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
+        raise self.retry(countdown=result.retry_in_s, max_retries=None)
+    return result.outcome.value
+
+
+@shared_task(name=AUTO_TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def triage_study(self: Task, job_id: int) -> str:
+    result = run_automatic(get_runtime(), int(job_id))
     if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
         raise self.retry(countdown=result.retry_in_s, max_retries=None)
     return result.outcome.value

@@ -1,0 +1,130 @@
+"""The automatic job's steps on one 300-slice 512×512 study, uncompressed and JPEG 2000
+lossless: read the headers, decode the volume, localise every vertebral body, classify them
+all (one batch), build the SR and the sagittal preview — wall and CPU seconds (median of
+``--runs``) and the process's peak resident memory.
+
+    python benchmarks/bench_automatic.py [--runs 3] [--slices 300] [--checkpoint model.pt]
+        [--json out.json]
+
+Targets on a 2-core CPU (issue #14): localisation < 1 s, whole job < 3 s, RSS < 1.5 GiB. The
+steps are the worker's own functions (:mod:`worker.automatic`), run in this process without a
+database, a broker or a PACS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.io.headers import read_headers  # noqa: E402
+from model.io.volume import load_volume, read_series_geometry  # noqa: E402
+from model.serving.inference import Classifier  # noqa: E402
+from model.serving.localiser import LOCALISER_NAME, LOCALISER_VERSION  # noqa: E402
+from model.synthetic.cases import make_case  # noqa: E402
+from worker.automatic import classify_bodies, localise_bodies  # noqa: E402
+from worker.preview import render_overview_png  # noqa: E402
+from worker.sr import AlgorithmInfo, TriageFinding, sr_to_bytes  # noqa: E402
+from worker.sr_automatic import LocaliserInfo, build_automatic_sr  # noqa: E402
+
+T = TypeVar("T")
+
+
+def timed(step: Callable[[], T], into: dict[str, list[tuple[float, float]]], name: str) -> T:
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = step()
+    into.setdefault(name, []).append((time.perf_counter() - wall, time.process_time() - cpu))
+    return value
+
+
+def one_run(paths: list[Path], classifier: Classifier, into: dict[str, Any]) -> int:
+    headers = timed(lambda: read_headers(paths), into, "headers")
+    geometry = timed(lambda: read_series_geometry(paths, headers), into, "geometry")
+    volume = timed(lambda: load_volume(geometry), into, "decode")
+    localisation = timed(lambda: localise_bodies(volume), into, "localise")
+    bodies = timed(lambda: classify_bodies(classifier, volume, localisation), into, "classify")
+
+    def report() -> bytes:
+        algorithm = AlgorithmInfo(
+            name=classifier.name, version=classifier.version, device_uid=classifier.device_uid
+        )
+        sr = build_automatic_sr(
+            headers,
+            [TriageFinding(roi=b.roi, prediction=b.prediction) for b in bodies],
+            algorithm,
+            LocaliserInfo(LOCALISER_NAME, LOCALISER_VERSION),
+            job_key="bench",
+        )
+        render_overview_png(volume, [(b.roi, b.prediction.patient_probability) for b in bodies])
+        return sr_to_bytes(sr)
+
+    timed(report, into, "report")
+    return len(bodies)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--checkpoint", type=Path, help="default: the demonstration model")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from model.synthetic.demo import ensure_demo_checkpoint
+
+        checkpoint = ensure_demo_checkpoint(ROOT / "var" / "models")
+    classifier = Classifier.load(checkpoint, device="cpu")
+    figures: dict[str, Any] = {"runs": args.runs, "slices": args.slices}
+    with tempfile.TemporaryDirectory() as folder:
+        for syntax in ("explicit", "j2k"):
+            case = make_case(
+                Path(folder) / syntax,
+                patient_id=f"BENCH-{syntax}",
+                label="malignant",
+                seed=7,
+                size="full",
+                slices=args.slices,
+                slice_spacing_mm=1.0,
+                transfer_syntax=syntax,
+            )
+            paths = sorted(Path(case.series_dir).rglob("*.dcm"))
+            steps: dict[str, list[tuple[float, float]]] = {}
+            one_run(paths, classifier, {})  # warm-up: page cache, torch
+            count = 0
+            for _ in range(args.runs):
+                count = one_run(paths, classifier, steps)
+            walls = [sum(run[0] for run in runs) for runs in zip(*steps.values(), strict=True)]
+            cpus = [sum(run[1] for run in runs) for runs in zip(*steps.values(), strict=True)]
+            figures[syntax] = {
+                "bodies": count,
+                "steps_wall_s": {
+                    k: round(statistics.median(w for w, _ in v), 3) for k, v in steps.items()
+                },
+                "steps_cpu_s": {
+                    k: round(statistics.median(c for _, c in v), 3) for k, v in steps.items()
+                },
+                "job_wall_s": round(statistics.median(walls), 3),
+                "job_cpu_s": round(statistics.median(cpus), 3),
+            }
+    figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

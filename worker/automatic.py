@@ -1,0 +1,399 @@
+"""The automatic job, top to bottom: claim → choose the series → localise every vertebral body
+→ classify them all → one SR and a preview → result and outbox.
+
+Runs without Celery (``worker.tasks.triage_study`` is a thin shell around
+:func:`run_automatic`). The study's probability is the maximum over its bodies (each body's
+the maximum over its slices, as Li et al. take the patient's), and the flag is raised on the
+most suspicious body. The bodies, the result, its deliveries and the job's new state are
+committed in one transaction; the result is keyed by (job, model version) and the SR's UIDs
+derive from that key, so a re-run re-sends the same report.
+
+What cannot be analysed is said, never guessed: a study without a CT series, a series the
+localiser finds no spine in (a head CT), too few slices, a field of view that cuts every body,
+metal — the job ends UNANALYSABLE with the reason, the study is not flagged, and the worklist
+says "could not analyse" and why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from dicom_node.archive import lifecycle
+from dicom_node.archive.db import transaction
+from dicom_node.archive.schema import AutoJob, Instance, Study, TriageResult
+from dicom_node.archive.schema import Series as SeriesRow
+from dicom_node.broker.wake import DELIVERY, send_marked
+from dicom_node.dicom.ingest import SR_SOP_CLASSES
+from model.io.volume import SeriesError, Volume, load_volume
+from model.serving.checkpoint import checkpoint_task
+from model.serving.inference import Classifier
+from model.serving.localiser import (
+    LOCALISER_NAME,
+    LOCALISER_VERSION,
+    Localisation,
+    localise,
+    propose_rois,
+)
+from model.serving.prediction import Prediction, prediction_from_probabilities
+from model.serving.preprocess import build_inputs
+from model.serving.roi import Roi
+from worker.errors import PermanentError, TransientError
+from worker.pipeline import Outcome, describe_error, timed
+from worker.preview import render_overview_png
+from worker.runtime import WorkerRuntime
+from worker.series import Series, open_series
+from worker.sr import AlgorithmInfo, TriageFinding, sr_to_bytes
+from worker.sr_automatic import LocaliserInfo, build_automatic_sr
+
+log = logging.getLogger(__name__)
+
+LOCALISER = f"{LOCALISER_NAME} {LOCALISER_VERSION}"
+SLICES_PER_BODY = 5
+
+
+@dataclass(frozen=True)
+class AutomaticOutcome:
+    outcome: Outcome
+    job_id: int
+    result_id: int | None = None
+    reason: str | None = None
+    retry_in_s: float | None = None
+    unanalysable: str | None = None
+
+
+@dataclass(frozen=True)
+class Body:
+    """One proposed body and the classifier's answer for it."""
+
+    roi: Roi
+    confidence: float
+    prediction: Prediction
+
+
+class Unanalysable(Exception):
+    """Nothing in the study can be analysed; the message says why (shown to the reader)."""
+
+
+def run_automatic(rt: WorkerRuntime, job_id: int) -> AutomaticOutcome:
+    """Run one automatic job to its end state (or to a retry)."""
+    with transaction(rt.sessions) as session:
+        claim = lifecycle.claim_auto_job(
+            session,
+            job_id,
+            worker_id=rt.worker_id,
+            now=datetime.now(UTC),
+            lease_s=rt.settings.job_lease_s,
+        )
+    if claim is None:
+        log.info("automatic job %d not claimable now (done, taken or not ready)", job_id)
+        return AutomaticOutcome(Outcome.SKIPPED, job_id)
+    timings: dict[str, float] = {}
+    series_uid: str | None = None
+    try:
+        _require_automatic_model(rt)
+        study_uid, job_key = _job(rt, job_id)
+        with timed(timings, "load_s"):
+            series_uid = choose_series(rt, study_uid)
+            series = open_series(rt, study_uid, series_uid)
+            volume = load_whole(series)
+        with timed(timings, "localise_s"):
+            localisation = localise_bodies(volume)
+        with timed(timings, "inference_s"):
+            bodies = classify_bodies(rt.classifier, volume, localisation)
+        with timed(timings, "report_s"):
+            report = write_report(rt, job_key, series, volume, bodies)
+        with timed(timings, "record_s"):
+            result_id, delivery_ids = record_result(rt, job_id, series_uid, bodies, report, timings)
+        send_marked(rt.sessions, rt.send, DELIVERY, delivery_ids)
+    except Unanalysable as exc:
+        return _unanalysable(rt, job_id, str(exc), series_uid)
+    except PermanentError as exc:
+        return _fail(rt, job_id, str(exc))
+    except (TransientError, OperationalError) as exc:
+        return _retry_or_fail(rt, job_id, claim.attempt, describe_error(exc))
+    except Exception as exc:  # a bug or an unforeseen failure: logged, retried, then failed
+        log.exception("automatic job %d: unexpected error", job_id)
+        return _retry_or_fail(rt, job_id, claim.attempt, f"internal error: {describe_error(exc)}")
+    top = bodies[0]
+    log.info(
+        "automatic job %d done: %d bodies, top %.3f (%s) on %s, result %d, %.2f s",
+        job_id,
+        len(bodies),
+        top.prediction.patient_probability,
+        top.prediction.priority,
+        top.roi.vertebra or "an unlabelled body",
+        result_id,
+        sum(timings.values()),
+    )
+    return AutomaticOutcome(Outcome.DONE, job_id, result_id=result_id)
+
+
+# --- the steps -------------------------------------------------------------------------------
+
+
+def _require_automatic_model(rt: WorkerRuntime) -> None:
+    """A checkpoint trained only on readers' ROIs of fractures has never seen a normal
+    vertebra: the maximum over a study's bodies would flag every study."""
+    task = checkpoint_task(rt.classifier.meta)
+    if task != "automatic":
+        raise PermanentError(
+            f"model {rt.classifier.name} {rt.classifier.version} was trained for the task "
+            f"{task!r}, not for automatic triage (it has never seen normal vertebrae); "
+            "train with normal bodies or set AUTO_ROI=off"
+        )
+
+
+def _job(rt: WorkerRuntime, job_id: int) -> tuple[str, str]:
+    with rt.sessions() as session:
+        job = session.get(AutoJob, job_id)
+        if job is None:
+            raise PermanentError(f"automatic job {job_id} no longer exists")
+        key = f"auto:{job.study_instance_uid}:{job.id}:{job.created_at.isoformat()}"
+        return job.study_instance_uid, key
+
+
+def choose_series(rt: WorkerRuntime, study_instance_uid: str) -> str:
+    """The study's CT series with the most images (the one a reader would page through)."""
+    with rt.sessions() as session:
+        images = (
+            select(func.count(Instance.id))
+            .where(
+                Instance.series_id == SeriesRow.id,
+                Instance.sop_class_uid.not_in([str(uid) for uid in SR_SOP_CLASSES]),
+            )
+            .scalar_subquery()
+        )
+        row = session.execute(
+            select(SeriesRow.series_instance_uid, images.label("images"))
+            .join(Study, SeriesRow.study_id == Study.id)
+            .where(Study.study_instance_uid == study_instance_uid, SeriesRow.modality == "CT")
+            .order_by(images.desc(), SeriesRow.id)
+            .limit(1)
+        ).one_or_none()
+    if row is None or row.images == 0:
+        raise Unanalysable("no CT series in the study")
+    return str(row.series_instance_uid)
+
+
+def load_whole(series: Series) -> Volume:
+    try:
+        return load_volume(series.geometry)
+    except SeriesError as exc:
+        raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise TransientError(f"stored file missing: {exc.filename}") from exc
+
+
+def localise_bodies(volume: Volume) -> Localisation:
+    localisation = localise(volume)
+    if localisation.unanalysable:
+        raise Unanalysable(localisation.unanalysable)
+    if not localisation.bodies:
+        raise Unanalysable("no vertebral body found in the field of view")
+    return localisation
+
+
+def classify_bodies(
+    classifier: Classifier, volume: Volume, localisation: Localisation
+) -> list[Body]:
+    """Every proposed body classified in one batch; most suspicious first. A body whose ROI
+    reaches outside the series is left out (logged); none left is unanalysable."""
+    proposals = propose_rois(
+        localisation,
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        slices=SLICES_PER_BODY,
+    )
+    kept, inputs = [], []
+    for proposal in proposals:
+        try:
+            inputs.append(build_inputs(volume, proposal.roi, classifier.preprocess))
+        except SeriesError as exc:
+            log.info("body %s left out: %s", proposal.roi.vertebra or "?", exc)
+            continue
+        kept.append(proposal)
+    if not kept:
+        raise Unanalysable("the field of view cuts every vertebral body found")
+    probabilities = classifier.predict_inputs(np.concatenate(inputs))
+    bodies, start = [], 0
+    for proposal, body_inputs in zip(kept, inputs, strict=True):
+        end = start + len(body_inputs)
+        prediction = prediction_from_probabilities(
+            proposal.roi.slices_x_mm, probabilities[start:end].tolist(), classifier.threshold
+        )
+        bodies.append(Body(proposal.roi, proposal.confidence, prediction))
+        start = end
+    bodies.sort(key=lambda body: -body.prediction.patient_probability)
+    return bodies
+
+
+@dataclass(frozen=True)
+class AutomaticReport:
+    sr_path: str
+    sr_series_instance_uid: str
+    sr_sop_instance_uid: str
+    preview_path: str
+
+
+def write_report(
+    rt: WorkerRuntime, job_key: str, series: Series, volume: Volume, bodies: Sequence[Body]
+) -> AutomaticReport:
+    """One SR for the whole study (a group per body) and the sagittal overview with every
+    box coloured by its probability, both stored durably."""
+    classifier = rt.classifier
+    algorithm = AlgorithmInfo(
+        name=classifier.name,
+        version=classifier.version,
+        device_uid=classifier.device_uid,
+        demonstration=bool(classifier.meta.get("demonstration", False)),
+    )
+    sr = build_automatic_sr(
+        list(series.headers),
+        [TriageFinding(roi=body.roi, prediction=body.prediction) for body in bodies],
+        algorithm,
+        LocaliserInfo(name=LOCALISER_NAME, version=LOCALISER_VERSION),
+        job_key=job_key,
+    )
+    study_uid = volume.study_instance_uid
+    stored = rt.store.write(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr))
+    png = render_overview_png(
+        volume, [(body.roi, body.prediction.patient_probability) for body in bodies]
+    )
+    preview_path = f"{study_uid}/previews/{sr.SOPInstanceUID}.png"
+    rt.store.write_file(preview_path, png)
+    return AutomaticReport(
+        sr_path=stored.relative_path,
+        sr_series_instance_uid=str(sr.SeriesInstanceUID),
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+        preview_path=preview_path,
+    )
+
+
+def record_result(
+    rt: WorkerRuntime,
+    job_id: int,
+    series_uid: str,
+    bodies: Sequence[Body],
+    report: AutomaticReport,
+    timings: dict[str, float],
+) -> tuple[int, list[int]]:
+    """The bodies as annotations, the result (on the most suspicious body), one delivery per
+    destination and the job done: one transaction."""
+    classifier = rt.classifier
+    now = datetime.now(UTC)
+    try:
+        with transaction(rt.sessions) as session:
+            if not lifecycle.holds_auto_job(session, job_id, rt.worker_id):
+                raise TransientError("claim lost to another worker (lease expired)")
+            annotation_ids = lifecycle.propose_bodies(
+                session,
+                job_id,
+                [lifecycle.ProposedBody(body.roi, body.confidence) for body in bodies],
+                annotator=LOCALISER,
+                now=now,
+            )
+            result_id = session.scalar(
+                select(TriageResult.id).where(
+                    TriageResult.auto_job_id == job_id,
+                    TriageResult.model_version == classifier.version,
+                )
+            )
+            if result_id is None:
+                top = bodies[0].prediction
+                result = TriageResult(
+                    annotation_id=annotation_ids[0],
+                    auto_job_id=job_id,
+                    model_name=classifier.name,
+                    model_version=classifier.version,
+                    patient_probability=top.patient_probability,
+                    slice_x_mm=list(top.x_mm),
+                    slice_probabilities=list(top.slice_probabilities),
+                    label=top.label,
+                    priority=top.priority,
+                    threshold=top.threshold,
+                    demonstration_model=bool(classifier.meta.get("demonstration", False)),
+                    sr_series_instance_uid=report.sr_series_instance_uid,
+                    sr_sop_instance_uid=report.sr_sop_instance_uid,
+                    sr_path=report.sr_path,
+                    preview_path=report.preview_path,
+                    timings={key: round(value, 4) for key, value in timings.items()},
+                    bodies=[
+                        {
+                            "annotation_id": annotation_id,
+                            "vertebra": body.roi.vertebra,
+                            "confidence": round(body.confidence, 4),
+                            "probability": body.prediction.patient_probability,
+                            "priority": body.prediction.priority,
+                            "slice_x_mm": list(body.prediction.x_mm),
+                            "slice_probabilities": list(body.prediction.slice_probabilities),
+                        }
+                        for annotation_id, body in zip(annotation_ids, bodies, strict=True)
+                    ],
+                    created_at=now,
+                )
+                session.add(result)
+                session.flush()
+                result_id = result.id
+            delivery_ids = lifecycle.create_deliveries(
+                session, result_id, list(rt.settings.destinations), now=now
+            )
+            lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
+            lifecycle.complete_auto_job(
+                session, job_id, series_instance_uid=series_uid, localiser=LOCALISER, now=now
+            )
+    except IntegrityError as exc:  # a concurrent run recorded the same key first
+        raise TransientError("result recorded concurrently") from exc
+    return result_id, delivery_ids
+
+
+# --- end states ------------------------------------------------------------------------------
+
+
+def _unanalysable(
+    rt: WorkerRuntime, job_id: int, reason: str, series_uid: str | None
+) -> AutomaticOutcome:
+    with transaction(rt.sessions) as session:
+        lifecycle.auto_job_unanalysable(
+            session,
+            job_id,
+            worker_id=rt.worker_id,
+            reason=reason,
+            series_instance_uid=series_uid,
+            localiser=LOCALISER,
+            now=datetime.now(UTC),
+        )
+    log.info("automatic job %d: could not analyse: %s", job_id, reason)
+    return AutomaticOutcome(Outcome.DONE, job_id, unanalysable=reason)
+
+
+def _fail(rt: WorkerRuntime, job_id: int, reason: str) -> AutomaticOutcome:
+    with transaction(rt.sessions) as session:
+        lifecycle.fail_auto_job(
+            session, job_id, worker_id=rt.worker_id, reason=reason, now=datetime.now(UTC)
+        )
+    log.warning("automatic job %d failed: %s", job_id, reason)
+    return AutomaticOutcome(Outcome.FAILED, job_id, reason=reason)
+
+
+def _retry_or_fail(rt: WorkerRuntime, job_id: int, attempt: int, reason: str) -> AutomaticOutcome:
+    if attempt >= rt.settings.job_max_attempts:
+        return _fail(rt, job_id, f"gave up after {attempt} attempts: {reason}")
+    delay = lifecycle.backoff_s(attempt, base_s=rt.settings.delivery_backoff_s, max_s=300.0)
+    try:
+        with transaction(rt.sessions) as session:
+            lifecycle.release_auto_job(
+                session, job_id, worker_id=rt.worker_id, reason=reason, now=datetime.now(UTC)
+            )
+    except OperationalError:
+        log.warning("automatic job %d: database unavailable; its lease will expire", job_id)
+    log.warning(
+        "automatic job %d: attempt %d failed (%s); retry in %.0f s", job_id, attempt, reason, delay
+    )
+    return AutomaticOutcome(Outcome.RETRY, job_id, reason=reason, retry_in_s=delay)
