@@ -1,4 +1,4 @@
-"""Wait until the worklist at URL shows N finished studies (flagged or routine).
+"""Wait until the worklist at URL shows N finished studies (flagged, routine or not analysed).
 
 Exits 1 when the process PID ends first or after the timeout (seconds, default 600).
 """
@@ -33,7 +33,7 @@ def main(url: str, expected: int, pid: int, timeout_s: float = 600.0) -> int:
                 states = [item["state"] for item in json.load(answer)["items"]]
         except (urllib.error.URLError, OSError, ValueError):
             states = []
-        if sum(state in ("flagged", "routine") for state in states) >= expected:
+        if sum(state in ("flagged", "routine", "not_analysed") for state in states) >= expected:
             print(f"worklist: {states}")
             return 0
         time.sleep(2)
