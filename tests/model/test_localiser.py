@@ -135,8 +135,10 @@ VARIANTS: list[dict[str, Any]] = [
 def test_phantoms_of_every_variant(tmp_path: Path) -> None:
     """Over two seeds of every variant: nearly every visible body found, few extras.
 
-    Measured (seeds 1 and 2 of each variant, 20 phantoms): see the report printed on failure.
-    Each body's centre lies within 5 mm of the truth when found.
+    Measured at version 1.0 (seeds 1 and 2 of each variant, 20 phantoms): 77 of 89 visible
+    bodies found, 7 extras (bodies placed more than 5 mm off, mostly a fractured body or its
+    neighbour), largest centre error of a found body 4.5 mm; 12 of the 20 phantoms exact. The
+    bounds below hold that level; the strict rule (every body, no extra) is not met yet.
     """
     totals = Score(0, 0, 0, 0.0)
     lines = []
@@ -382,3 +384,26 @@ def test_propose_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     empty.mkdir()
     (empty / "README").write_text("no images")
     assert main(["propose", str(empty)]) == 2
+
+
+def test_overview_colours_boxes_by_probability(tmp_path: Path) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    from worker.preview import render_overview_png
+
+    case = make_case(tmp_path, patient_id="PNG", label="benign", seed=12)
+    volume = load_series(sorted(case.series_dir.iterdir()))
+    rois = [
+        p.roi
+        for p in propose_rois(
+            localise(volume), study_instance_uid=STUDY_UID, series_instance_uid=SERIES_UID
+        )
+    ]
+    assert rois
+    image = Image.open(BytesIO(render_overview_png(volume, [(rois[0], 0.0), (rois[-1], 1.0)])))
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours = {tuple(int(v) for v in pixel) for pixel in np.unique(pixels, axis=0)}
+    assert (0, 200, 60) in colours and (255, 0, 60) in colours  # green (p = 0), red (p = 1)
+    assert render_overview_png(volume, []).startswith(b"\x89PNG")
