@@ -22,18 +22,25 @@ A volume without a usable spine is not an error: :func:`localise` returns a
 from __future__ import annotations
 
 from model.serving.localiser.pipeline import localise
-from model.serving.localiser.proposals import Proposal, propose_rois
+from model.serving.localiser.proposals import (
+    AUTOMATIC_MARGIN_MM,
+    Proposal,
+    automatic_polygon,
+    propose_rois,
+)
 from model.serving.localiser.results import Localisation, VertebralBody
 
 LOCALISER_NAME = "spine-triage-localiser"
 LOCALISER_VERSION = "1.0"
 
 __all__ = [
+    "AUTOMATIC_MARGIN_MM",
     "LOCALISER_NAME",
     "LOCALISER_VERSION",
     "Localisation",
     "Proposal",
     "VertebralBody",
+    "automatic_polygon",
     "localise",
     "propose_rois",
 ]
