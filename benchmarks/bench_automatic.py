@@ -28,12 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.io.headers import read_headers  # noqa: E402
-from model.io.volume import load_volume, read_series_geometry  # noqa: E402
+from model.io.volume import read_series_geometry  # noqa: E402
 from model.serving.inference import Classifier  # noqa: E402
 from model.serving.localiser import LOCALISER_NAME, LOCALISER_VERSION  # noqa: E402
 from model.synthetic.cases import make_case  # noqa: E402
-from worker.automatic import classify_bodies, localise_bodies  # noqa: E402
+from worker.automatic import (  # noqa: E402
+    classify_bodies,
+    load_bodies,
+    load_overview,
+    localise_bodies,
+    propose,
+)
 from worker.preview import render_overview_png  # noqa: E402
+from worker.series import Series  # noqa: E402
 from worker.sr import AlgorithmInfo, TriageFinding, sr_to_bytes  # noqa: E402
 from worker.sr_automatic import LocaliserInfo, build_automatic_sr  # noqa: E402
 
@@ -50,9 +57,13 @@ def timed(step: Callable[[], T], into: dict[str, list[tuple[float, float]]], nam
 def one_run(paths: list[Path], classifier: Classifier, into: dict[str, Any]) -> int:
     headers = timed(lambda: read_headers(paths), into, "headers")
     geometry = timed(lambda: read_series_geometry(paths, headers), into, "geometry")
-    volume = timed(lambda: load_volume(geometry), into, "decode")
-    localisation = timed(lambda: localise_bodies(volume), into, "localise")
-    bodies = timed(lambda: classify_bodies(classifier, volume, localisation), into, "classify")
+    series = Series("bench", "bench", tuple(paths), tuple(headers), geometry)
+    overview = timed(lambda: load_overview(series), into, "decode_overview")
+    proposals = timed(lambda: propose(localise_bodies(overview), overview), into, "localise")
+    volume = timed(
+        lambda: load_bodies(classifier, series, overview, proposals), into, "decode_bodies"
+    )
+    bodies = timed(lambda: classify_bodies(classifier, volume, proposals), into, "classify")
 
     def report() -> bytes:
         algorithm = AlgorithmInfo(
@@ -65,7 +76,7 @@ def one_run(paths: list[Path], classifier: Classifier, into: dict[str, Any]) -> 
             LocaliserInfo(LOCALISER_NAME, LOCALISER_VERSION),
             job_key="bench",
         )
-        render_overview_png(volume, [(b.roi, b.prediction.patient_probability) for b in bodies])
+        render_overview_png(overview, [(b.roi, b.prediction.patient_probability) for b in bodies])
         return sr_to_bytes(sr)
 
     timed(report, into, "report")

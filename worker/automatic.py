@@ -31,18 +31,20 @@ from dicom_node.archive.schema import AutoJob, Instance, Study, TriageResult
 from dicom_node.archive.schema import Series as SeriesRow
 from dicom_node.broker.wake import DELIVERY, send_marked
 from dicom_node.dicom.ingest import SR_SOP_CLASSES
-from model.io.volume import SeriesError, Volume, load_volume
+from model.io.pixels import JPEG2000_TRANSFER_SYNTAXES
+from model.io.volume import PatientBox, SeriesError, Volume, load_volume
 from model.serving.checkpoint import checkpoint_task
 from model.serving.inference import Classifier
 from model.serving.localiser import (
     LOCALISER_NAME,
     LOCALISER_VERSION,
     Localisation,
+    Proposal,
     localise,
     propose_rois,
 )
 from model.serving.prediction import Prediction, prediction_from_probabilities
-from model.serving.preprocess import build_inputs
+from model.serving.preprocess import build_inputs, roi_region
 from model.serving.roi import Roi
 from worker.errors import PermanentError, TransientError
 from worker.pipeline import Outcome, describe_error, timed
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 LOCALISER = f"{LOCALISER_NAME} {LOCALISER_VERSION}"
 SLICES_PER_BODY = 5
+OVERVIEW_SPACING_MM = 2.0  # the localiser's working grid
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,15 @@ def run_automatic(rt: WorkerRuntime, job_id: int) -> AutomaticOutcome:
         with timed(timings, "load_s"):
             series_uid = choose_series(rt, study_uid)
             series = open_series(rt, study_uid, series_uid)
-            volume = load_whole(series)
+            overview = load_overview(series)
         with timed(timings, "localise_s"):
-            localisation = localise_bodies(volume)
+            proposals = propose(localise_bodies(overview), overview)
+        with timed(timings, "load_bodies_s"):
+            volume = load_bodies(rt.classifier, series, overview, proposals)
         with timed(timings, "inference_s"):
-            bodies = classify_bodies(rt.classifier, volume, localisation)
+            bodies = classify_bodies(rt.classifier, volume, proposals)
         with timed(timings, "report_s"):
-            report = write_report(rt, job_key, series, volume, bodies)
+            report = write_report(rt, job_key, series, overview, bodies)
         with timed(timings, "record_s"):
             result_id, delivery_ids = record_result(rt, job_id, series_uid, bodies, report, timings)
         send_marked(rt.sessions, rt.send, DELIVERY, delivery_ids)
@@ -182,9 +187,57 @@ def choose_series(rt: WorkerRuntime, study_instance_uid: str) -> str:
     return str(row.series_instance_uid)
 
 
-def load_whole(series: Series) -> Volume:
+def overview_reduction(series: Series) -> int:
+    """How much a JPEG 2000 series is reduced for localisation (0: decoded whole, once).
+
+    The localiser works on a grid of about 2 mm; JPEG 2000 decodes at 1/2 or 1/4 resolution
+    directly, much faster than the whole image. Other codecs cost the same whole or reduced,
+    so they are decoded whole once, for the localiser and the classifier alike.
+    """
+    first = series.geometry.frames[0]
+    if first.transfer_syntax_uid not in JPEG2000_TRANSFER_SYNTAXES:
+        return 0
+    pixel = min(series.geometry.spacing[1:])
+    return int(np.clip(np.floor(np.log2(OVERVIEW_SPACING_MM / pixel)), 0, 2))
+
+
+def load_overview(series: Series) -> Volume:
+    """The whole series, at reduced resolution when that is cheaper to decode."""
     try:
-        return load_volume(series.geometry)
+        return load_volume(series.geometry, reduce=overview_reduction(series))
+    except SeriesError as exc:
+        raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise TransientError(f"stored file missing: {exc.filename}") from exc
+
+
+def propose(localisation: Localisation, overview: Volume) -> list[Proposal]:
+    return propose_rois(
+        localisation,
+        study_instance_uid=overview.study_instance_uid,
+        series_instance_uid=overview.series_instance_uid,
+        slices=SLICES_PER_BODY,
+    )
+
+
+def load_bodies(
+    classifier: Classifier, series: Series, overview: Volume, proposals: Sequence[Proposal]
+) -> Volume:
+    """The full-resolution voxels the classifier needs: the overview itself when it is full
+    resolution, else one region covering every proposed ROI (JPEG 2000 decodes only it)."""
+    if overview.spacing == series.geometry.spacing:
+        return overview
+    regions = [
+        roi_region(p.roi, lateral_reach_mm=classifier.preprocess.lateral_reach_mm)
+        for p in proposals
+    ]
+    union = PatientBox(
+        x_mm=(min(r.x_mm[0] for r in regions), max(r.x_mm[1] for r in regions)),
+        y_mm=(min(r.y_mm[0] for r in regions), max(r.y_mm[1] for r in regions)),
+        z_mm=(min(r.z_mm[0] for r in regions), max(r.z_mm[1] for r in regions)),
+    )
+    try:
+        return load_volume(series.geometry, region=union)
     except SeriesError as exc:
         raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
     except FileNotFoundError as exc:
@@ -201,16 +254,10 @@ def localise_bodies(volume: Volume) -> Localisation:
 
 
 def classify_bodies(
-    classifier: Classifier, volume: Volume, localisation: Localisation
+    classifier: Classifier, volume: Volume, proposals: Sequence[Proposal]
 ) -> list[Body]:
     """Every proposed body classified in one batch; most suspicious first. A body whose ROI
     reaches outside the series is left out (logged); none left is unanalysable."""
-    proposals = propose_rois(
-        localisation,
-        study_instance_uid=volume.study_instance_uid,
-        series_instance_uid=volume.series_instance_uid,
-        slices=SLICES_PER_BODY,
-    )
     kept, inputs = [], []
     for proposal in proposals:
         try:
@@ -243,7 +290,7 @@ class AutomaticReport:
 
 
 def write_report(
-    rt: WorkerRuntime, job_key: str, series: Series, volume: Volume, bodies: Sequence[Body]
+    rt: WorkerRuntime, job_key: str, series: Series, overview: Volume, bodies: Sequence[Body]
 ) -> AutomaticReport:
     """One SR for the whole study (a group per body) and the sagittal overview with every
     box coloured by its probability, both stored durably."""
@@ -261,10 +308,10 @@ def write_report(
         LocaliserInfo(name=LOCALISER_NAME, version=LOCALISER_VERSION),
         job_key=job_key,
     )
-    study_uid = volume.study_instance_uid
+    study_uid = overview.study_instance_uid
     stored = rt.store.write(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr))
     png = render_overview_png(
-        volume, [(body.roi, body.prediction.patient_probability) for body in bodies]
+        overview, [(body.roi, body.prediction.patient_probability) for body in bodies]
     )
     preview_path = f"{study_uid}/previews/{sr.SOPInstanceUID}.png"
     rt.store.write_file(preview_path, png)

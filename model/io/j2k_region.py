@@ -122,6 +122,7 @@ class _OpenJpeg:
             "opj_create_decompress": (c_void_p, [c_int]),
             "opj_set_default_decoder_parameters": (None, [c_void_p]),
             "opj_setup_decoder": (c_int, [c_void_p, c_void_p]),
+            "opj_set_decoded_resolution_factor": (c_int, [c_void_p, ctypes.c_uint32]),
             "opj_codec_set_threads": (c_int, [c_void_p, c_int]),
             "opj_stream_create": (c_void_p, [ctypes.c_size_t, c_int]),
             "opj_stream_set_read_function": (None, [c_void_p, _READ_FN]),
@@ -146,7 +147,7 @@ class _OpenJpeg:
             setattr(self, name, function)
 
     def decode(
-        self, codestream: bytes, columns: tuple[int, int], rows: tuple[int, int]
+        self, codestream: bytes, columns: tuple[int, int], rows: tuple[int, int], reduce: int = 0
     ) -> DecodedRegion:
         fmt = _OPJ_CODEC_JP2 if codestream.startswith(_JP2_MAGIC) else _OPJ_CODEC_J2K
         if fmt == _OPJ_CODEC_J2K and not codestream.startswith(_J2K_CODESTREAM_MAGIC):
@@ -172,6 +173,8 @@ class _OpenJpeg:
                 raise J2kRegionError(f"{header.numcomps} components; expected 1")
             x0, y0 = header.x0 + columns[0], header.y0 + rows[0]
             x1, y1 = header.x0 + columns[1], header.y0 + rows[1]
+            if reduce and not self.opj_set_decoded_resolution_factor(codec, reduce):  # type: ignore[attr-defined]
+                raise J2kRegionError(f"cannot decode at 1/{1 << reduce} resolution")
             if not self.opj_set_decode_area(codec, image, x0, y0, x1, y1):  # type: ignore[attr-defined]
                 raise J2kRegionError(f"cannot set the decode area {columns} × {rows}")
             if not self.opj_decode(codec, opj_stream, image):  # type: ignore[attr-defined]
@@ -179,8 +182,11 @@ class _OpenJpeg:
             self.opj_end_decompress(codec, opj_stream)  # type: ignore[attr-defined]
             component = image.contents.comps[0]
             width, height = int(component.w), int(component.h)
-            expected = (columns[1] - columns[0], rows[1] - rows[0])
-            if (width, height) != expected or component.factor != 0:
+            expected = (
+                _reduced(columns[0], columns[1], reduce),
+                _reduced(rows[0], rows[1], reduce),
+            )
+            if (width, height) != expected or component.factor != reduce:
                 raise J2kRegionError(
                     f"decoded a {width}×{height} region, expected {expected[0]}×{expected[1]}"
                 )
@@ -195,6 +201,12 @@ class _OpenJpeg:
                 self.opj_image_destroy(image)  # type: ignore[attr-defined]
             self.opj_stream_destroy(opj_stream)  # type: ignore[attr-defined]
             self.opj_destroy_codec(codec)  # type: ignore[attr-defined]
+
+
+def _reduced(start: int, stop: int, reduce: int) -> int:
+    """Samples of [start, stop) at resolution 1/2^reduce (JPEG 2000: ceil of the bounds)."""
+    step = 1 << reduce
+    return -(-stop // step) - -(-start // step)
 
 
 _library_lock = threading.Lock()
@@ -239,11 +251,15 @@ def region_decoder_available() -> bool:
 
 
 def decode_j2k_region(
-    codestream: bytes, *, rows: tuple[int, int], columns: tuple[int, int]
+    codestream: bytes, *, rows: tuple[int, int], columns: tuple[int, int], reduce: int = 0
 ) -> DecodedRegion:
     """Decode rows ``[rows[0], rows[1])`` × columns ``[columns[0], columns[1])`` of a
-    single-component JPEG 2000 codestream (J2K or JP2). Releases the GIL while decoding."""
+    single-component JPEG 2000 codestream (J2K or JP2). Releases the GIL while decoding.
+
+    ``reduce`` > 0 decodes at 1/2^reduce resolution (OpenJPEG skips the finest wavelet
+    levels, which is most of the work): the result has ceil(size / 2^reduce) samples per axis.
+    """
     library = _load()
     if library is None:
         raise J2kRegionError("the OpenJPEG library is not available")
-    return library.decode(codestream, columns, rows)
+    return library.decode(codestream, columns, rows, reduce)

@@ -2,7 +2,9 @@
 
 Any transfer syntax pydicom can decode (with the pylibjpeg plugins) works. JPEG 2000 frames
 are decoded region-only (:mod:`model.io.j2k_region`) in parallel threads; other frames are
-decoded whole by pydicom and cropped.
+decoded whole by pydicom and cropped. A request may ask for a reduced resolution (1/2^reduce
+per axis, for an overview): JPEG 2000 decodes it directly (OpenJPEG's ``reduce``), other
+frames are decoded whole and averaged over 2^reduce × 2^reduce blocks.
 """
 
 from __future__ import annotations
@@ -44,6 +46,40 @@ class FrameRequest:
     header: FrameHeader
     rows: tuple[int, int]
     columns: tuple[int, int]
+    reduce: int = 0  # decode at 1/2^reduce resolution per axis
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the decoded region."""
+        return (
+            reduced_size(self.rows[0], self.rows[1], self.reduce),
+            reduced_size(self.columns[0], self.columns[1], self.reduce),
+        )
+
+
+def reduced_size(start: int, stop: int, reduce: int) -> int:
+    """Samples of [start, stop) at 1/2^reduce resolution (as JPEG 2000 counts them)."""
+    step = 1 << reduce
+    return -(-stop // step) - -(-start // step)
+
+
+def block_mean(values: np.ndarray, reduce: int) -> np.ndarray:
+    """Mean over 2^reduce × 2^reduce blocks (the last blocks of a ragged edge are smaller)."""
+    if reduce == 0:
+        return values
+    step = 1 << reduce
+    rows, columns = values.shape
+    padded_rows, padded_columns = -(-rows // step) * step, -(-columns // step) * step
+    padded = np.pad(
+        values.astype(np.float32), ((0, padded_rows - rows), (0, padded_columns - columns))
+    )
+    weights = np.pad(
+        np.ones(values.shape, np.float32), ((0, padded_rows - rows), (0, padded_columns - columns))
+    )
+    shape = (padded_rows // step, step, padded_columns // step, step)
+    return np.asarray(
+        padded.reshape(shape).sum(axis=(1, 3)) / weights.reshape(shape).sum(axis=(1, 3))
+    )
 
 
 class _DatasetCache:
@@ -115,7 +151,9 @@ def _hounsfield(header: FrameHeader, stored: np.ndarray) -> np.ndarray:
 
 def _decode_whole(dataset: Dataset, request: FrameRequest) -> np.ndarray:
     try:
-        return _hounsfield(request.header, _whole_frame(dataset, request))
+        return block_mean(
+            _hounsfield(request.header, _whole_frame(dataset, request)), request.reduce
+        )
     except UnreadableSliceError:
         raise
     except Exception as exc:  # pydicom and its plugins raise many types for bad pixel data
@@ -127,7 +165,9 @@ def _decode_whole(dataset: Dataset, request: FrameRequest) -> np.ndarray:
 def _region_or_none(request: FrameRequest, codestream: bytes) -> DecodedRegion | None:
     """Runs in a decode thread: OpenJPEG works without the GIL."""
     try:
-        return decode_j2k_region(codestream, rows=request.rows, columns=request.columns)
+        return decode_j2k_region(
+            codestream, rows=request.rows, columns=request.columns, reduce=request.reduce
+        )
     except J2kRegionError as exc:
         logger.debug("%s: region decoding failed (%s)", request.header.describe(), exc)
         return None
@@ -142,7 +182,7 @@ def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = Non
     """
     if not requests:
         raise ValueError("no frames to decode")
-    shapes = {(r.rows[1] - r.rows[0], r.columns[1] - r.columns[0]) for r in requests}
+    shapes = {r.shape for r in requests}
     if len(shapes) != 1:
         raise ValueError(f"requested regions differ in size: {sorted(shapes)}")
     rows, columns = shapes.pop()
