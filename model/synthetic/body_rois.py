@@ -1,11 +1,14 @@
 """The ROIs an automatic localiser would propose on a phantom's vertebral bodies.
 
 A localiser finds every vertebral body and proposes on each the paper's ROI: the bounding
-rectangle of the body's sagittal outline (the square box around it is what the network sees)
-and a few sagittal slices spread over the inner part of the body's lateral extent. Unlike the
-reader's ROI (:func:`model.synthetic.design.design_roi`) the box is tight on the body: a
-paravertebral mass beside it is not included. The phantom is the truth, so the outline is
-known exactly; the jitter stands for the localiser's error.
+rectangle of the body's sagittal outline widened in front and behind by the localiser's
+margin (:func:`model.serving.localiser.automatic_polygon`, the one rule serving and training
+share; the square box around it is what the network sees) and a few sagittal slices spread
+over the inner part of the body's lateral extent. Unlike the reader's ROI
+(:func:`model.synthetic.design.design_roi`) the box follows the body, not the lesion: a large
+paravertebral mass reaches beyond it (with ``margin_mm=0`` the box is tight on the body and
+leaves any mass out). The phantom is the truth, so the outline is known exactly; the jitter
+stands for the localiser's error.
 
 Normal bodies are the ones without any fracture feature: not the fractured one, not a
 compressed one, and in a malignant case not the fractured one's neighbours either (metastases
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.serving.localiser import AUTOMATIC_MARGIN_MM, automatic_polygon
 from model.serving.roi import Roi
 from model.synthetic.design import ROI_Z_CLEARANCE_MM
 from model.synthetic.phantom import SpinePhantom
@@ -38,10 +42,9 @@ class OutlineBox:
     z_min: float  # inferior endplate
     z_max: float  # superior endplate
 
-    @property
-    def side(self) -> float:
-        """Side of the square box around the rectangle (METHOD.md)."""
-        return max(self.y_max - self.y_min, self.z_max - self.z_min)
+    def side(self, margin_mm: float = 0.0) -> float:
+        """Side of the square box around the rectangle widened by ``margin_mm`` in y."""
+        return max(self.y_max - self.y_min + 2.0 * margin_mm, self.z_max - self.z_min)
 
     @property
     def center_z(self) -> float:
@@ -71,10 +74,11 @@ def body_in_series(
     slice_z_mm: Sequence[float],
     *,
     jitter_mm: float = BODY_ROI_JITTER_MM,
+    margin_mm: float = AUTOMATIC_MARGIN_MM,
 ) -> bool:
     """Whether body ``index`` and the square box around its ROI lie inside the series."""
     box = outline_box(phantom, index)
-    reach = (box.side + 2.0 * jitter_mm) / 2.0 + ROI_Z_CLEARANCE_MM
+    reach = (box.side(margin_mm) + 2.0 * jitter_mm) / 2.0 + ROI_Z_CLEARANCE_MM
     return (
         box.center_z - reach >= min(slice_z_mm)
         and box.center_z + reach <= max(slice_z_mm)
@@ -84,18 +88,26 @@ def body_in_series(
 
 
 def bodies_in_series(
-    phantom: SpinePhantom, slice_z_mm: Sequence[float], *, jitter_mm: float = BODY_ROI_JITTER_MM
+    phantom: SpinePhantom,
+    slice_z_mm: Sequence[float],
+    *,
+    jitter_mm: float = BODY_ROI_JITTER_MM,
+    margin_mm: float = AUTOMATIC_MARGIN_MM,
 ) -> tuple[int, ...]:
     """Indices of the bodies a localiser could propose an ROI on in this series."""
     return tuple(
         i
         for i in range(len(phantom.vertebrae))
-        if body_in_series(phantom, i, slice_z_mm, jitter_mm=jitter_mm)
+        if body_in_series(phantom, i, slice_z_mm, jitter_mm=jitter_mm, margin_mm=margin_mm)
     )
 
 
 def normal_bodies(
-    phantom: SpinePhantom, slice_z_mm: Sequence[float], *, jitter_mm: float = BODY_ROI_JITTER_MM
+    phantom: SpinePhantom,
+    slice_z_mm: Sequence[float],
+    *,
+    jitter_mm: float = BODY_ROI_JITTER_MM,
+    margin_mm: float = AUTOMATIC_MARGIN_MM,
 ) -> tuple[int, ...]:
     """Bodies inside the series with no fracture feature (see the module docstring)."""
     excluded = {phantom.abnormal_index}
@@ -110,9 +122,8 @@ def normal_bodies(
             excluded.add(i)
     excluded |= {line.vertebra for line in phantom.fracture_lines}
     excluded |= {broken.vertebra for broken in phantom.cortical_breaks}
-    return tuple(
-        i for i in bodies_in_series(phantom, slice_z_mm, jitter_mm=jitter_mm) if i not in excluded
-    )
+    inside = bodies_in_series(phantom, slice_z_mm, jitter_mm=jitter_mm, margin_mm=margin_mm)
+    return tuple(i for i in inside if i not in excluded)
 
 
 def body_roi(
@@ -126,10 +137,12 @@ def body_roi(
     slices: int = BODY_ROI_SLICES,
     jitter_mm: float = BODY_ROI_JITTER_MM,
     lateral_fraction: float = BODY_ROI_LATERAL_FRACTION,
+    margin_mm: float = AUTOMATIC_MARGIN_MM,
 ) -> Roi:
     """The ROI an automatic localiser would propose on body ``index`` of the phantom.
 
-    Polygon: the body's outline rectangle, each edge moved by up to ``jitter_mm`` either way.
+    Polygon: the body's outline rectangle, each edge moved by up to ``jitter_mm`` either way,
+    then widened by ``margin_mm`` in front and behind (the localiser's rule).
     Slices: ``slices`` positions spread evenly over the centred ``lateral_fraction`` (±5 %)
     of the body's lateral extent, their centre off the midline by up to ``jitter_mm``.
     :class:`ValueError` when the body is not inside the series (``slice_z_mm``).
@@ -138,7 +151,9 @@ def body_roi(
         raise ValueError(f"index: the phantom has {len(phantom.vertebrae)} bodies, not {index + 1}")
     if not 1 <= slices <= 7 or not 0.0 < lateral_fraction <= 1.0 or jitter_mm < 0.0:
         raise ValueError("slices must be 1-7, lateral_fraction in (0, 1], jitter_mm >= 0")
-    if not body_in_series(phantom, index, slice_z_mm, jitter_mm=jitter_mm):
+    if margin_mm < 0.0:
+        raise ValueError(f"margin_mm: expected 0 or more, got {margin_mm}")
+    if not body_in_series(phantom, index, slice_z_mm, jitter_mm=jitter_mm, margin_mm=margin_mm):
         raise ValueError(
             f"body {index} ({phantom.vertebrae[index].name}) is not inside the series' "
             f"z range {min(slice_z_mm):.1f}..{max(slice_z_mm):.1f} mm"
@@ -149,10 +164,11 @@ def body_roi(
     def jitter() -> float:
         return float(rng.uniform(-jitter_mm, jitter_mm))
 
-    y_min, y_max = box.y_min + jitter(), box.y_max + jitter()
-    z_min, z_max = box.z_min + jitter(), box.z_max + jitter()
-    corners = ((y_min, z_max), (y_max, z_max), (y_max, z_min), (y_min, z_min))
-    polygon = tuple((round(y, 2), round(z, 2)) for y, z in corners)
+    polygon = automatic_polygon(
+        (box.y_min + jitter(), box.y_max + jitter()),
+        (box.z_min + jitter(), box.z_max + jitter()),
+        margin_mm=margin_mm,
+    )
     spread = vertebra.radius_x * lateral_fraction * float(rng.uniform(0.95, 1.05))
     centre_x = phantom.spine_x + jitter()
     offsets = np.linspace(-spread, spread, slices) if slices > 1 else np.zeros(1)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from model.serving.localiser import AUTOMATIC_MARGIN_MM
 from model.serving.roi import Roi
 from model.synthetic.body_rois import body_roi, normal_bodies
 from model.synthetic.design import design_phantom, design_roi
@@ -145,6 +146,7 @@ def _body_rois(
     rng: np.random.Generator,
     label: Label,
     slices: int,
+    margin_mm: float,
 ) -> tuple[BodyRoi, ...]:
     """The fractured body's localiser ROI and up to ``normals`` on normal bodies."""
 
@@ -157,6 +159,7 @@ def _body_rois(
             series_instance_uid=roi.series_instance_uid,
             slice_z_mm=slice_z_mm,
             slices=slices,
+            margin_mm=margin_mm,
         )
 
     fractured = make(phantom.abnormal_index)
@@ -168,7 +171,7 @@ def _body_rois(
             phantom.abnormal_index,
         )
     ]
-    candidates = normal_bodies(phantom, slice_z_mm)
+    candidates = normal_bodies(phantom, slice_z_mm, margin_mm=margin_mm)
     count = min(normals, len(candidates))
     chosen = sorted(int(i) for i in rng.choice(candidates, size=count, replace=False))
     for number, index in enumerate(chosen, start=1):
@@ -190,13 +193,15 @@ def make_case(
     seed: int,
     normals: int = 0,
     body_roi_slices: int = 5,
+    body_roi_margin_mm: float = AUTOMATIC_MARGIN_MM,
     **options: Any,
 ) -> SynthCase:
     """Write one synthetic case under ``out_dir/patient_id``; see :class:`SynthOptions`.
 
     ``normals`` > 0 also writes the localiser-like ROIs (the fractured body's and up to
-    ``normals`` normal bodies'), each with ``body_roi_slices`` slices; the series and the
-    reader's ROI are the same as without them.
+    ``normals`` normal bodies'), each with ``body_roi_slices`` slices and the localiser's
+    margin ``body_roi_margin_mm`` in front and behind; the series and the reader's ROI are the
+    same as without them.
     """
     if label not in ("benign", "malignant"):
         raise ValueError(f"label: expected 'benign' or 'malignant', got {label!r}")
@@ -246,6 +251,7 @@ def make_case(
             _patient_rng(seed, patient_id, stream=1),
             case_label,
             body_roi_slices,
+            body_roi_margin_mm,
         )
     (case_dir / "label.json").write_text(
         json.dumps(

@@ -16,8 +16,9 @@ The recipe departs from the paper's protocol to fit in minutes on a CPU: random
 initialisation (nothing is downloaded), learning rate 1e-3, 10 epochs without repetition
 (each slice seen once per epoch, each time with a fresh random affine), the best epoch by
 validation loss, BatchNorm statistics re-estimated after each epoch, and 3 slices on each
-localiser-like ROI (a localiser proposes 3–5). It runs on one torch thread: on a 2-core
-machine shared with other work that is several times faster than two.
+localiser-like ROI (the localiser proposes 3–5; its boxes, margin included, are the same).
+It runs on one torch thread: on a 2-core machine shared with other work that is several
+times faster than two.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from model.serving.checkpoint import CheckpointError, load_checkpoint
+from model.serving.localiser import AUTOMATIC_MARGIN_MM
 from model.serving.preprocess import PreprocessParams
 from model.synthetic.cases import make_cohort
 from model.training.augment import AugmentParams
@@ -83,6 +85,7 @@ class DemoRecipe:
     malignant_fraction: float = 0.5
     normals: int = 2  # localiser-like ROIs on normal bodies per phantom (fewer if absent)
     body_roi_slices: int = 3
+    body_roi_margin_mm: float = AUTOMATIC_MARGIN_MM  # the localiser's rule
     train: TrainConfig = field(default_factory=_demo_training)
     threads: int = 1  # on a busy 2-core CPU one torch thread is several times faster than two
     revision: str = RECIPE_REVISION
@@ -94,6 +97,7 @@ class DemoRecipe:
             "malignant_fraction": self.malignant_fraction,
             "normals": self.normals,
             "body_roi_slices": self.body_roi_slices,
+            "body_roi_margin_mm": self.body_roi_margin_mm,
             "train": self.train.to_json(),
             "threads": self.threads,
             "revision": self.revision,
@@ -121,6 +125,7 @@ def make_synthetic_cohort(
     malignant_fraction: float = 0.5,
     normals: int = DEMO_RECIPE.normals,
     body_roi_slices: int = DEMO_RECIPE.body_roi_slices,
+    body_roi_margin_mm: float = DEMO_RECIPE.body_roi_margin_mm,
 ) -> Path:
     """Write a synthetic cohort (DICOM series, ROI JSON, manifest.csv); return the manifest.
 
@@ -133,6 +138,7 @@ def make_synthetic_cohort(
         malignant_fraction=malignant_fraction,
         normals=normals,
         body_roi_slices=body_roi_slices,
+        body_roi_margin_mm=body_roi_margin_mm,
     )
     return out_dir / "manifest.csv"
 
@@ -200,6 +206,7 @@ def train_demo_checkpoint(
             malignant_fraction=recipe.malignant_fraction,
             normals=recipe.normals,
             body_roi_slices=recipe.body_roi_slices,
+            body_roi_margin_mm=recipe.body_roi_margin_mm,
         )
         generated = time.perf_counter()
         params = PreprocessParams()

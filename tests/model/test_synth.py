@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from model.io.volume import load_series
+from model.serving.localiser import AUTOMATIC_MARGIN_MM
 from model.serving.preprocess import build_inputs, load_roi_volume
 from model.serving.roi import Roi
 from model.synthetic.body_rois import (
@@ -241,24 +242,25 @@ def _mass_front_y(case) -> float:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_body_rois_are_tight_on_the_body_and_leave_the_mass_out(tmp_path: Path, seed: int) -> None:
+def test_body_rois_follow_the_body_like_the_localiser(tmp_path: Path, seed: int) -> None:
     case = make_case(tmp_path, patient_id=f"B{seed}", label="malignant", seed=seed, normals=3)
     phantom = case.phantom
     files = sorted(case.series_dir.glob("*.dcm"))
     inside = bodies_in_series(phantom, case.slice_z_mm)
     assert phantom.abnormal_index in inside
+    slack = BODY_ROI_JITTER_MM + 0.01
     for body in case.body_rois:
         index = body.vertebra_index
         assert index in inside
         truth = outline_box(phantom, index)
         ys = [y for y, _ in body.roi.polygon_yz_mm]
         zs = [z for _, z in body.roi.polygon_yz_mm]
-        slack = BODY_ROI_JITTER_MM + 0.01
-        for got, want in ((min(ys), truth.y_min), (max(ys), truth.y_max)):
-            assert abs(got - want) <= slack
-        for got, want in ((min(zs), truth.z_min), (max(zs), truth.z_max)):
-            assert abs(got - want) <= slack
-        assert min(case.slice_z_mm) <= min(zs) and max(zs) <= max(case.slice_z_mm)
+        # the outline rectangle, widened in front and behind by the localiser's margin
+        assert abs(min(ys) - (truth.y_min - AUTOMATIC_MARGIN_MM)) <= slack
+        assert abs(max(ys) - (truth.y_max + AUTOMATIC_MARGIN_MM)) <= slack
+        assert abs(min(zs) - truth.z_min) <= slack and abs(max(zs) - truth.z_max) <= slack
+        box = body.roi.square_box_yz()
+        assert min(case.slice_z_mm) <= box.z_range[0] and box.z_range[1] <= max(case.slice_z_mm)
         vertebra = phantom.vertebrae[index]
         assert len(body.roi.slices_x_mm) == 5
         for x in body.roi.slices_x_mm:  # the inner ~60 % of the lateral extent
@@ -269,15 +271,30 @@ def test_body_rois_are_tight_on_the_body_and_leave_the_mass_out(tmp_path: Path, 
         build_inputs(load_roi_volume(files, body.roi), body.roi)  # inside the volume
     fractured = case.body_rois[0]
     assert fractured.label == "malignant" and fractured.vertebra_index == phantom.abnormal_index
-    mass_front = _mass_front_y(case)
-    if mass_front < float("inf"):
-        # the reader's box takes the mass in, the localiser's is on the body alone
-        assert min(y for y, _ in case.roi.polygon_yz_mm) <= mass_front + 1.5
-        assert min(y for y, _ in fractured.roi.polygon_yz_mm) > mass_front + 2.0
     normals = [b.vertebra_index for b in case.normal_rois]
     assert set(normals) <= set(normal_bodies(phantom, case.slice_z_mm))
     assert not set(normals) & {phantom.abnormal_index + d for d in (-1, 0, 1)}
     assert len(normals) == min(3, len(normal_bodies(phantom, case.slice_z_mm)))
+
+    # without the margin the box is tight on the body: inside its truth box, the mass left out
+    tight = body_roi(
+        phantom,
+        phantom.abnormal_index,
+        np.random.default_rng(seed),
+        study_instance_uid=case.roi.study_instance_uid,
+        series_instance_uid=case.roi.series_instance_uid,
+        slice_z_mm=case.slice_z_mm,
+        margin_mm=0.0,
+    )
+    truth = outline_box(phantom, phantom.abnormal_index)
+    ys = [y for y, _ in tight.polygon_yz_mm]
+    assert truth.y_min - slack <= min(ys) <= truth.y_min + slack
+    assert truth.y_max - slack <= max(ys) <= truth.y_max + slack
+    mass_front = _mass_front_y(case)
+    if mass_front < float("inf"):
+        # the reader's box takes the mass in, the tight box is on the body alone
+        assert min(y for y, _ in case.roi.polygon_yz_mm) <= mass_front + 1.5
+        assert min(ys) > mass_front + 2.0
 
 
 def test_normal_bodies_of_a_benign_case_are_uncompressed(tmp_path: Path) -> None:
