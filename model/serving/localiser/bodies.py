@@ -56,17 +56,40 @@ def find_bodies(grid: LpsGrid, canal: CanalTrack, column: Column) -> list[BodyFi
 
 
 def _endplates(column: Column, low: float, high: float) -> tuple[float, float, float, float]:
-    """(first, last) body plane between discs at ``low``/``high``, body and disc HU."""
+    """(first, last) body plane between discs at ``low``/``high``, body and disc HU.
+
+    Each disc is a low band: from its minimum the profile is followed outwards until it
+    rises above halfway between the disc and the column's typical body density (the median
+    of the profile: bodies fill most of the column). The body runs between the two bands, so
+    a lesion or a fracture line inside it does not move its endplates.
+    """
+    profile = column.profile_hu
     start = round(low - column.z_indices[0])
     stop = round(high - column.z_indices[0])
-    segment = column.profile_hu[start : stop + 1]
-    disc = float(max(segment[0], segment[-1]))
-    body = float(np.median(segment))
-    middle = (disc + body) / 2.0
-    above = np.flatnonzero(segment >= middle)
-    if len(above) == 0:
-        return low + 1.0, high - 1.0, body, disc
-    return float(low + above[0]), float(low + above[-1]), body, disc
+    level = float(np.median(profile))
+    limit = max(1, (stop - start) // 3)
+    first = _band_edge(profile, start, +1, level, limit)
+    last = _band_edge(profile, stop, -1, level, limit)
+    if last < first:
+        first, last = start + 1, stop - 1
+    disc = float(min(profile[start], profile[stop]))
+    body = float(np.median(profile[first : last + 1])) if last >= first else level
+    offset = float(column.z_indices[0])
+    return offset + first, offset + last, body, disc
+
+
+def _band_edge(profile: np.ndarray, index: int, step: int, level: float, limit: int) -> int:
+    """The first plane past the low band around ``index`` (moving by ``step``)."""
+    threshold = (float(profile[index]) + level) / 2.0
+    i = index
+    for _ in range(limit):
+        nxt = i + step
+        if not 0 <= nxt < len(profile):
+            break
+        i = nxt
+        if profile[i] >= threshold:
+            return i
+    return i
 
 
 def _body_between(
