@@ -128,7 +128,7 @@ def _body_between(
     ys = [p[0] for p in polygon]
     outline_depth = max(ys) - min(ys)
     # A lesion or a fragment distorts the outline; the column's centre line does not move.
-    regular_depth = 0.75 * depth <= outline_depth <= 1.25 * depth
+    regular_depth = 0.85 * depth <= outline_depth <= 1.2 * depth
     y_centre = (max(ys) + min(ys)) / 2.0 if regular_depth else y_mm
     x_range = _lateral_extent(grid, round(z_mid), x_mm, y_centre, front_of_canal, threshold)
     if x_range is None:
