@@ -11,6 +11,7 @@ not two discs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -42,6 +43,10 @@ MIN_DISC_SPACING = 0.6
 DISC_COST = 0.15
 SPACING_COST = 4.0
 MISSED_DISC_COST = 0.8
+# A gap of this many pitches between two discs holds one more; beyond the chain's ends the next
+# disc lies this many pitches further.
+FILL_GAP = (1.65, 2.5)
+FILL_END = (0.75, 1.3)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,35 @@ def _chain(positions: np.ndarray, weights: np.ndarray, pitch: float) -> tuple[fl
     return float(value[end]), sorted(chain)
 
 
+def _fill_in(found: list[float], minima: np.ndarray, pitch: float) -> list[float]:
+    """``found`` with the weaker minima the pitch calls for: one in the middle of a gap of
+    about two pitches (a disc the chain skipped) and, beyond either end, one about a pitch
+    further while there is one (discs without bright endplates beside them are weak)."""
+    candidates = [float(m) for m in minima]
+    result = list(found)
+    for low, high in itertools.pairwise(found):
+        if not FILL_GAP[0] <= (high - low) / pitch <= FILL_GAP[1]:
+            continue
+        inner = [m for m in candidates if 0.3 <= (m - low) / (high - low) <= 0.7]
+        if inner:
+            result.append(min(inner, key=lambda m: abs(m - (low + high) / 2.0)))
+    result.sort()
+    for direction in (-1.0, 1.0):
+        while True:
+            end = result[0] if direction < 0 else result[-1]
+            beyond = [
+                m for m in candidates if FILL_END[0] <= direction * (m - end) / pitch <= FILL_END[1]
+            ]
+            if not beyond:
+                break
+            nearest = min(beyond, key=lambda m: abs(abs(m - end) - pitch))
+            if direction < 0:
+                result.insert(0, nearest)
+            else:
+                result.append(nearest)
+    return result
+
+
 def _discs(
     profile: np.ndarray, spacing: float, depth_mm: float
 ) -> tuple[list[float], float, float, float]:
@@ -207,6 +241,8 @@ def _discs(
         _, pitch, chain = best
         found = [float(minima[i]) for i in chain]
         if len(found) >= 2:
+            pitch = float(np.median(np.diff(found))) * spacing
+            found = _fill_in(found, minima, pitch / spacing)
             pitch = float(np.median(np.diff(found))) * spacing
     disc_hu = float(np.median([profile[int(m)] for m in found])) if found else low
     # The field of view may end inside a disc: its edge then counts as a disc level.
