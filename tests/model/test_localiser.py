@@ -1,18 +1,18 @@
 """The vertebra localiser on phantoms (every acquisition variant), on the real CT, on volumes
 without an analysable spine, and the ``propose`` command.
 
-Truth for a phantom comes from re-drawing it: :func:`phantom_truth` repeats what
-:func:`model.synthetic.cases.make_case` draws from its generator, in the same order, up to
-the phantom. A body is *fully visible* when its endplates lie at least 2 mm inside the first
-and last slice; each such body must be found once with its centre within 5 mm (z and y); a
-body found elsewhere is an extra.
+Truth for a phantom is the :class:`~model.synthetic.phantom.SpinePhantom` that
+:func:`model.synthetic.cases.make_case` rendered (``SynthCase.phantom``, ``slice_z_mm``). A
+body is *fully visible* when its endplates lie at least 2 mm inside the first and last slice;
+each such body must be found once with its centre within 5 mm (z and y); a body found
+elsewhere is an extra. The fractured body (``abnormal_index``) is the one the triage must not
+miss.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,7 @@ from model.serving.localiser import (
     propose_rois,
 )
 from model.serving.roi import Roi
-from model.synthetic.cases import SynthOptions, make_case
-from model.synthetic.design import design_phantom
+from model.synthetic.cases import make_case
 from model.synthetic.phantom import SpinePhantom
 from tests.real_ct import REAL_CT_PATIENT_ID, write_real_ct_series
 from worker.cli import main
@@ -40,29 +39,21 @@ STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.2"
 
 
-def phantom_truth(
-    patient_id: str, label: str, seed: int, **options: Any
-) -> tuple[SpinePhantom, np.ndarray]:
-    """The phantom ``make_case`` draws for these arguments, and its slice positions z."""
-    rng = np.random.default_rng([seed, zlib.crc32(patient_id.encode())])
-    draft = SynthOptions.from_kwargs(options).layout(rng, (0.0, 0.0))
-    zs = draft.z_positions()
-    phantom = design_phantom(rng, "benign" if label == "benign" else "malignant", zs[0], zs[-1])
-    return phantom, zs
-
-
 @dataclass(frozen=True)
 class Score:
     expected: int
     found: int
     extras: int
     max_error_mm: float
+    fractured_found: bool = True
 
 
 def score(localisation: Localisation, phantom: SpinePhantom, zs: np.ndarray) -> Score:
     visible = [
         v for v in phantom.vertebrae if v.z_bottom - 2.0 >= zs[0] and v.z_top + 2.0 <= zs[-1]
     ]
+    fractured = phantom.vertebrae[phantom.abnormal_index]
+    fractured_found = False
     truths = [
         (
             (v.z_bottom + v.z_top) / 2.0,
@@ -84,6 +75,7 @@ def score(localisation: Localisation, phantom: SpinePhantom, zs: np.ndarray) -> 
             used.add(hits[0])
             body = localisation.bodies[hits[0]]
             errors.append(max(abs(body.centre_mm[2] - z), abs(body.centre_mm[1] - y)))
+            fractured_found |= z == (fractured.z_bottom + fractured.z_top) / 2.0
     extras = sum(
         1
         for i, b in enumerate(localisation.bodies)
@@ -94,7 +86,7 @@ def score(localisation: Localisation, phantom: SpinePhantom, zs: np.ndarray) -> 
             if v not in visible
         )
     )
-    return Score(len(truths), matched, extras, max(errors))
+    return Score(len(truths), matched, extras, max(errors), fractured_found)
 
 
 def _case(
@@ -105,7 +97,7 @@ def _case(
     localisation = localise(volume)
     assert localisation.unanalysable is None, localisation.unanalysable
     _check_bodies(localisation)
-    return volume, score(localisation, *phantom_truth(patient_id, label, seed, **options))
+    return volume, score(localisation, case.phantom, np.asarray(case.slice_z_mm))
 
 
 def _check_bodies(localisation: Localisation) -> None:
@@ -133,35 +125,39 @@ VARIANTS: list[dict[str, Any]] = [
 
 
 def test_phantoms_of_every_variant(tmp_path: Path) -> None:
-    """Over two seeds of every variant: nearly every visible body found, few extras.
+    """Over two seeds of every variant: the fractured body and nearly every visible body found.
 
-    Measured at version 1.0 (seeds 1 and 2 of each variant, 20 phantoms): 77 of 89 visible
-    bodies found, 7 extras (bodies placed more than 5 mm off, mostly a fractured body or its
-    neighbour), largest centre error of a found body 4.5 mm; 12 of the 20 phantoms exact. The
-    bounds below hold that level; the strict rule (every body, no extra) is not met yet.
+    Measured on these 20 phantoms: 89 of 89 visible bodies found, the fractured body in all
+    20, 1 extra (a complete body within 2 mm of the last slice), largest centre error 3.1 mm
+    (version 1.0 as first measured: 77 of 89, 7 extras). On 60 development phantoms (seeds
+    100-159, half malignant, varied options): 285 of 285, fractured 60/60, 4 extras; on 40
+    held-out phantoms (seeds 500-539): 174 of 177, fractured 39/40, 4 extras.
     """
     totals = Score(0, 0, 0, 0.0)
+    fractured_missed = 0
     lines = []
     for i, options in enumerate(VARIANTS):
         for seed in (1, 2):
             label = "malignant" if (i + seed) % 2 else "benign"
             _, s = _case(tmp_path, f"V{i}S{seed}", label, seed, **options)
             lines.append(f"{options} seed {seed}: {s}")
+            fractured_missed += not s.fractured_found
             totals = Score(
                 totals.expected + s.expected,
                 totals.found + s.found,
                 totals.extras + s.extras,
                 max(totals.max_error_mm, s.max_error_mm),
             )
-    report = "\n".join([*lines, f"total: {totals}"])
-    assert totals.found >= 0.85 * totals.expected, report
-    assert totals.extras <= 0.1 * totals.expected, report
+    report = "\n".join([*lines, f"total: {totals}, fractured body missed {fractured_missed}"])
+    assert fractured_missed <= 1, report
+    assert totals.found >= 0.97 * totals.expected, report
+    assert totals.extras <= 0.05 * totals.expected, report
     assert totals.max_error_mm <= CENTRE_TOLERANCE_MM, report
 
 
 def test_full_size_phantom(tmp_path: Path) -> None:
     _, s = _case(tmp_path, "FULL", "malignant", 3, size="full", slice_spacing_mm=3.0)
-    assert s.found >= s.expected - 1 and s.extras == 0, s
+    assert s.fractured_found and s.found >= s.expected - 1 and s.extras == 0, s
 
 
 def _reoriented(volume: Volume, order: tuple[int, int, int]) -> Volume:
