@@ -9,7 +9,7 @@ version string derived from the recipe, so a changed recipe trains a new one.
 
 It is trained for the ``automatic`` task (malignant vs benign fracture or normal vertebral
 body): besides the reader's ROI, every phantom contributes the localiser-like ROI on its
-fractured body and up to two on normal bodies, so the one checkpoint serves reader ROIs and
+fractured body and up to three on normal bodies, so the one checkpoint serves reader ROIs and
 automatic jobs (the maximum over every body of a study) alike.
 
 The recipe departs from the paper's protocol to fit in minutes on a CPU: random
@@ -83,7 +83,7 @@ class DemoRecipe:
     patients: int = 40
     cohort_seed: int = 20210
     malignant_fraction: float = 0.5
-    normals: int = 2  # localiser-like ROIs on normal bodies per phantom (fewer if absent)
+    normals: int = 3  # localiser-like ROIs on normal bodies per phantom (fewer if absent)
     body_roi_slices: int = 3
     body_roi_margin_mm: float = AUTOMATIC_MARGIN_MM  # the localiser's rule
     train: TrainConfig = field(default_factory=_demo_training)
