@@ -12,6 +12,11 @@ training folds, never from the test fold. The out-of-fold predictions are pooled
 - ``roc.png`` and ``misclassified/<patient>.png`` (slice probabilities, as in the paper's
   Figure 3);
 - ``config.json``: every setting and seed, so the run can be repeated.
+
+With ``automatic`` (``evaluate --auto``: every patient's series localised beforehand, see
+:mod:`model.training.automatic`), each fold's model also runs the whole automatic path on its
+test patients, and the folder gains ``automatic_predictions.csv`` (one row per patient),
+``automatic_bodies.csv`` (one row per body) and a report section beside the reader-ROI figures.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +34,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.training.automatic import (
+    AutomaticPathSummary,
+    AutomaticPrediction,
+    AutoPatient,
+    automatic_config,
+    render_automatic_path_section,
+    score_fold,
+    summarise_automatic_path,
+    write_automatic_csv,
+    write_bodies_csv,
+)
 from model.training.cohort import RoiInputs, patient_labels, rois_by_patient
 from model.training.folds import FoldSplit, make_cross_validation_splits
 from model.training.plots import plot_patient_slices, plot_roc, safe_file_stem
@@ -79,6 +95,14 @@ class CrossValidationResult:
     roc_png: Path
     misclassified_plots: dict[str, Path]
     config_json: Path
+    automatic: AutomaticPathSummary | None = None  # with ``--auto``
+    automatic_predictions: tuple[AutomaticPrediction, ...] = ()
+    automatic_csv: Path | None = None
+    automatic_bodies_csv: Path | None = None
+
+
+AUTOMATIC_CSV = "automatic_predictions.csv"
+AUTOMATIC_BODIES_CSV = "automatic_bodies.csv"
 
 
 def _patient_images(
@@ -104,8 +128,10 @@ def run_fold(
     config: TrainConfig,
     *,
     progress: bool,
-) -> tuple[list[SlicePrediction], FoldSummary, str]:
-    """Train on the fold's training patients' ROIs, predict every ROI of its test patients."""
+    automatic: Mapping[str, AutoPatient] | None = None,
+) -> tuple[list[SlicePrediction], FoldSummary, str, list[AutomaticPrediction]]:
+    """Train on the fold's training patients' ROIs, predict every ROI of its test patients
+    (and, with ``automatic``, run the automatic path on their series)."""
     started = time.perf_counter()
     result = fit(
         [roi for p in split.train for roi in patients[p]],
@@ -131,6 +157,13 @@ def run_fold(
         for roi, slice_probabilities in zip(test, probabilities, strict=True)
         for x, probability in zip(roi.x_mm, slice_probabilities, strict=True)
     ]
+    automatic_rows = (
+        score_fold(
+            result.model, [automatic[p] for p in split.test], split.fold, device=result.device
+        )
+        if automatic is not None
+        else []
+    )
     summary = FoldSummary(
         fold=split.fold,
         train_patients=len(split.train),
@@ -145,7 +178,7 @@ def run_fold(
     del result
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return rows, summary, initialisation
+    return rows, summary, initialisation, automatic_rows
 
 
 def cross_validate(
@@ -158,21 +191,31 @@ def cross_validate(
     source: str = "",
     title: str = "Cross-validated evaluation",
     progress: bool = False,
+    automatic: Mapping[str, AutoPatient] | None = None,
 ) -> CrossValidationResult:
     """Run the k folds and write every output into ``out_dir``; ``patients`` are the
-    cohort's ROIs (several per patient allowed), folds are made over patients."""
+    cohort's ROIs (several per patient allowed), folds are made over patients.
+
+    ``automatic`` (every patient's localised series, :func:`prepare_automatic`) adds the
+    automatic path: each fold's model scores the bodies of its test patients."""
     started = time.perf_counter()
     by_id = rois_by_patient(patients)
     labels = patient_labels(patients)
+    if automatic is not None and (missing := sorted(set(labels) - set(automatic))):
+        raise ValueError(f"no localised series for patient(s) {', '.join(missing)}")
     splits = make_cross_validation_splits(
         labels, cv.folds, validation_fraction=config.validation_fraction, seed=cv.fold_seed
     )
     predictions: list[SlicePrediction] = []
     fold_summaries: list[FoldSummary] = []
+    automatic_predictions: list[AutomaticPrediction] = []
     initialisations: set[str] = set()
     for split in tqdm(splits, desc="folds", unit="fold", disable=not progress):
-        rows, fold_summary, initialisation = run_fold(split, by_id, config, progress=progress)
+        rows, fold_summary, initialisation, automatic_rows = run_fold(
+            split, by_id, config, progress=progress, automatic=automatic
+        )
         predictions.extend(rows)
+        automatic_predictions.extend(automatic_rows)
         fold_summaries.append(fold_summary)
         initialisations.add(initialisation)
         logger.info(
@@ -195,6 +238,8 @@ def cross_validate(
         cohort=cohort_description(patients),
         inputs=patients,
         seconds=time.perf_counter() - started,
+        automatic=automatic_predictions if automatic is not None else None,
+        automatic_patients=automatic,
     )
 
 
@@ -212,8 +257,28 @@ def write_outputs(
     cohort: dict[str, int],
     inputs: Sequence[RoiInputs],
     seconds: float,
+    automatic: Sequence[AutomaticPrediction] | None = None,
+    automatic_patients: Mapping[str, AutoPatient] | None = None,
 ) -> CrossValidationResult:
     out_dir.mkdir(parents=True, exist_ok=True)
+    automatic_summary: AutomaticPathSummary | None = None
+    automatic_csv = automatic_bodies_csv = None
+    automatic_lines: list[str] = []
+    if automatic is not None:
+        automatic_summary = summarise_automatic_path(
+            automatic,
+            threshold=cv.threshold,
+            target_sensitivity=cv.target_sensitivity,
+            bootstrap_resamples=cv.bootstrap_resamples,
+            bootstrap_seed=cv.bootstrap_seed,
+        )
+        automatic_csv = out_dir / AUTOMATIC_CSV
+        write_automatic_csv(automatic_csv, automatic)
+        automatic_bodies_csv = out_dir / AUTOMATIC_BODIES_CSV
+        write_bodies_csv(automatic_bodies_csv, automatic)
+        automatic_lines = render_automatic_path_section(
+            automatic_summary, csv_name=AUTOMATIC_CSV, bodies_csv_name=AUTOMATIC_BODIES_CSV
+        )
     summary = summarise(
         predictions,
         threshold=cv.threshold,
@@ -271,6 +336,7 @@ def write_outputs(
             folds=folds,
             settings=settings,
             misclassified_plots={p: str(path.relative_to(out_dir)) for p, path in plots.items()},
+            automatic_path=automatic_lines,
         ),
         encoding="utf-8",
     )
@@ -289,7 +355,12 @@ def write_outputs(
                 "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 1),
                 "folds": [asdict(f) for f in folds],
-            },
+            }
+            | (
+                {"automatic_path": automatic_config(automatic_patients or {})}
+                if automatic is not None
+                else {}
+            ),
             indent=2,
         )
         + "\n",
@@ -306,4 +377,8 @@ def write_outputs(
         roc_png=roc_png,
         misclassified_plots=plots,
         config_json=config_json,
+        automatic=automatic_summary,
+        automatic_predictions=tuple(automatic or ()),
+        automatic_csv=automatic_csv,
+        automatic_bodies_csv=automatic_bodies_csv,
     )

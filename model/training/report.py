@@ -497,8 +497,10 @@ def render_report(
     folds: Sequence[FoldSummary],
     settings: Mapping[str, Any],
     misclassified_plots: Mapping[str, str],
+    automatic_path: Sequence[str] = (),
 ) -> str:
-    """report.md: the table first, then the details a reviewer asks for."""
+    """report.md: the table first, then the details a reviewer asks for; ``automatic_path``
+    is the section on the whole automatic path (``evaluate --auto``), after the proxies."""
     matrix = summary.patient_matrix
     point = summary.operating_point
     if point is None:
@@ -545,6 +547,7 @@ def render_report(
         PAPER_RESULTS,
         "",
         *_automatic_section(summary),
+        *automatic_path,
         "## Confusion matrices (threshold " + f"{summary.threshold:g})",
         "",
         render_confusion_matrix("per slice", summary.slice_matrix),

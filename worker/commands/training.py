@@ -18,7 +18,8 @@ from model.synthetic.demo import (
     make_synthetic_cohort,
 )
 from model.training.augment import AugmentParams
-from model.training.cohort import CohortError, load_cohort
+from model.training.automatic import prepare_automatic, render_automatic_path_table
+from model.training.cohort import CohortError, load_cohort, read_manifest
 from model.training.evaluate import CrossValidationConfig, cross_validate
 from model.training.folds import SplitError
 from model.training.report import render_automatic_table, render_table
@@ -189,7 +190,8 @@ def register(subparsers: Any) -> None:
         + PROTOCOL_HELP
         + "\n"
         + COHORT_HELP,
-        epilog="example:\n  spine-triage evaluate cohort.csv --folds 10 --out runs/cv-2025",
+        epilog="examples:\n  spine-triage evaluate cohort.csv --folds 10 --out runs/cv-2025\n"
+        "  spine-triage evaluate cohort.csv --auto --out runs/cv-auto   (the automatic path too)",
         formatter_class=formatter,
     )
     evaluate_source = evaluate.add_mutually_exclusive_group(required=True)
@@ -210,6 +212,13 @@ def register(subparsers: Any) -> None:
     )
     evaluate.add_argument(
         "--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)"
+    )
+    evaluate.add_argument(
+        "--auto",
+        action="store_true",
+        help="also run the whole automatic path on each test patient's series with its "
+        "fold's model (localise every body, classify each, patient = max over bodies); "
+        "adds automatic_predictions.csv, automatic_bodies.csv and a report section",
     )
     _add_training_flags(evaluate)
     evaluate.set_defaults(handler=_evaluate)
@@ -280,7 +289,12 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
     """Load the cohort (or make a synthetic one); CohortError lists every row problem."""
+    patients, source, _ = _cohort(args, workdir)
+    return patients, source
 
+
+def _cohort(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str, Path]:
+    """The cohort's ROIs, its description and the manifest it was read from."""
     progress = not args.no_progress
     if args.synthetic is not None:
         manifest = make_synthetic_cohort(workdir, patients=args.synthetic, seed=0)
@@ -294,6 +308,7 @@ def _patients(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], str]:
     return (
         load_cohort(manifest, PreprocessParams(), workers=args.decode_workers, progress=progress),
         source,
+        manifest,
     )
 
 
@@ -364,10 +379,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="spine-triage-synth-") as workdir:
         try:
-            patients, source = _patients(args, Path(workdir))
+            patients, source, manifest = _cohort(args, Path(workdir))
         except CohortError as exc:
             print(exc, file=sys.stderr)
             return 2
+        automatic = None
+        if args.auto:
+            automatic = prepare_automatic(
+                read_manifest(manifest),
+                PreprocessParams(),
+                workers=args.decode_workers,
+                progress=not args.no_progress,
+            )
         try:
             result = cross_validate(
                 patients,
@@ -377,6 +400,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 preprocessing=PreprocessParams().to_json(),
                 source=source,
                 progress=not args.no_progress,
+                automatic=automatic,
             )
         except SplitError as exc:
             print(f"cannot split the cohort: {exc}", file=sys.stderr)
@@ -386,6 +410,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     print()
     if summary.automatic is not None:
         print(render_automatic_table(summary))
+        print()
+    if result.automatic is not None:
+        print(render_automatic_path_table(result.automatic))
+        print(
+            f"automatic path: {result.automatic.unanalysable} of "
+            f"{result.automatic.patient_count} patients could not be analysed (counted as not "
+            f"flagged); per patient: {result.automatic_csv}"
+        )
         print()
     point = summary.operating_point
     if point is not None:
