@@ -102,6 +102,11 @@ class _DatasetCache:
                 self._datasets[path] = dataset
             return dataset
 
+    def release(self, path: Path) -> None:
+        """Forget a file whose frames are all decoded (its pixel data is not kept twice)."""
+        with self._locks[path]:
+            self._datasets.pop(path, None)
+
 
 def _codestream(dataset: Dataset, header: FrameHeader) -> bytes:
     extended = None
@@ -190,8 +195,12 @@ def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = Non
     cache = _DatasetCache(sorted({r.header.path for r in requests}))
     region_path = region_decoder_available()
     codestreams: dict[int, bytes] = {}
+    frames_left: dict[Path, int] = {}
+    for request in requests:
+        frames_left[request.header.path] = frames_left.get(request.header.path, 0) + 1
     for index, request in enumerate(requests):
         dataset = cache.get(request.header.path)
+        frames_left[request.header.path] -= 1
         if region_path and request.header.transfer_syntax_uid in JPEG2000_TRANSFER_SYNTAXES:
             try:
                 codestreams[index] = _codestream(dataset, request.header)
@@ -201,6 +210,8 @@ def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = Non
                 ) from exc
         else:
             output[index] = _decode_whole(dataset, request)
+            if frames_left[request.header.path] == 0:
+                cache.release(request.header.path)
     if not codestreams:
         return output
     order = sorted(codestreams)
