@@ -17,8 +17,9 @@ DESCRIPTION = f"""\
 Localise the vertebral bodies of one CT series ({LOCALISER_NAME} {LOCALISER_VERSION}: classical
 image analysis, no trained weights; spinal canal tracking and partition of the body column at
 the discs after Burns, Yao & Summers, Radiology 2017) and propose, for each body, the ROI of
-METHOD.md: its sagittal outline as the polygon and 3-5 sagittal slice positions over the
-central 60 % of its lateral extent.
+METHOD.md: the body's outline rectangle widened by 8 mm in front and behind (where a
+paravertebral or epidural mass would show) as the polygon, and 3-5 sagittal slice positions
+over the central 60 % of its lateral extent. The node's automatic jobs propose the same ROIs.
 
 SERIES_DIR holds the DICOM files of the series (searched recursively; when it holds several
 series, the one with the most files is used and named on stderr).
