@@ -131,7 +131,11 @@ def test_phantoms_of_every_variant(tmp_path: Path) -> None:
     20, 1 extra (a complete body within 2 mm of the last slice), largest centre error 3.1 mm
     (version 1.0 as first measured: 77 of 89, 7 extras). On 60 development phantoms (seeds
     100-159, half malignant, varied options): 285 of 285, fractured 60/60, 4 extras; on 40
-    held-out phantoms (seeds 500-539): 174 of 177, fractured 39/40, 4 extras.
+    held-out phantoms (seeds 500-539): 174 of 177, fractured 39/40, 4 extras. With the column
+    followed past the canal's ends and sectioned perpendicular to itself: 89 of 89, fractured
+    20/20, no extra, largest error 3.1 mm; on 100 further phantoms (seeds 100-159 and 500-539,
+    one variant of this list drawn per seed): 466 of 474, fractured 98/100, 8 extras (before
+    the change 466 of 474, 98/100, 11 extras), none labelled.
     """
     totals = Score(0, 0, 0, 0.0)
     fractured_missed = 0
@@ -213,23 +217,26 @@ def test_sagittal_coronal_and_oblique_storage_give_the_same_bodies(tmp_path: Pat
 
 
 # Read off the real CT by eye: sagittal reformats through the column (NIfTI column i = 58,
-# three columns averaged, bone and soft-tissue windows, 7-10x enlarged with a z grid drawn
+# three columns averaged, bone and soft-tissue windows, 7-12x enlarged with a y/z grid drawn
 # in, rendered to PNG with Pillow), checked against the median HU along the body column.
-# The disc levels lie at NIfTI slice k ≈ 45 (L5/S1, tilted), 56, 67.5, 79.5, 91 and 103; the
-# bodies between them, with z = 94.3 + 3 k mm (LPS z = NIfTI z) and y read at their middle
-# (LPS y = -(11.3 + 3 j)), are below. Axial planes show the sacrum below k ≈ 45 and no
-# rib-bearing body below k ≈ 103, so the bodies are L5 … L1 (a transitional count cannot be
-# excluded from this image alone); the body above k = 103 is cut by the last slice.
+# The disc levels lie at NIfTI slice k ≈ 56, 67.5, 79.5, 91 and 103 (z = 94.3 + 3 k mm, LPS
+# z = NIfTI z); the bodies between them, with y read at their middle (LPS y = -(11.3 + 3 j)),
+# are below. L5 is tilted about 20° (lumbosacral curve), between the tilted L4/L5 disc and the
+# steeply tilted L5/S1 disc: its corners read at (y, z) ≈ (-168, 249) anterior-superior,
+# (-130, 258) posterior-superior, (-120, 233) posterior-inferior, (-150, 222)
+# anterior-inferior, centre ≈ (-142, 240). Below it the sacrum: its alae reach the iliac bones
+# at z ≈ 205-220. Axial planes show no rib-bearing body below k ≈ 103, so the bodies are L5 …
+# L1 (a transitional count cannot be excluded from this image alone). Above the T12/L1 disc
+# (z ≈ 404) T12 runs to the last slice (z 427.3) with no upper endplate in view: it is cut and
+# no body is expected there; no thoracic body is fully in view.
 REAL_CT_BODIES = {  # label: (z mm, rough y mm)
-    "L5": (248.8, -136.0),
+    "L5": (240.0, -142.0),
     "L4": (280.3, -140.0),
     "L3": (314.8, -140.0),
     "L2": (349.3, -136.0),
     "L1": (385.3, -128.0),
 }
-# The localiser finds L4 to L1; the tilted L5/S1 disc is not found, so L5 is missed and no
-# body is labelled (the count has no sacrum anchor).
-REAL_CT_FOUND = ("L4", "L3", "L2", "L1")
+REAL_CT_Z_TOLERANCE_MM = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -251,15 +258,20 @@ def test_real_ct(real_ct_dir: Path) -> None:
     assert len(proposals) == len(localisation.bodies)
     remaining = dict(REAL_CT_BODIES)
     for body, proposal in zip(localisation.bodies, proposals, strict=True):
-        near = [name for name, (z, _) in remaining.items() if abs(body.centre_mm[2] - z) <= 6.0]
+        near = [
+            name
+            for name, (z, _) in remaining.items()
+            if abs(body.centre_mm[2] - z) <= REAL_CT_Z_TOLERANCE_MM
+        ]
         assert len(near) == 1, f"body at z {body.centre_mm[2]:.1f} matches {near}"
         z, y = remaining.pop(near[0])
+        assert body.label == near[0], (body.label, near[0])  # counted from the sacrum
         assert abs(body.centre_mm[1] - y) <= 12.0
         box = proposal.roi.square_box_yz()
         assert box.z_range[0] <= z <= box.z_range[1] and box.y_range[0] <= y <= box.y_range[1]
         assert 15.0 <= box.side <= 70.0
         assert -25.0 <= body.centre_mm[0] <= 30.0  # on the midline column, not beside it
-    assert set(REAL_CT_BODIES) - set(remaining) >= set(REAL_CT_FOUND)
+    assert not remaining, f"not found: {sorted(remaining)}"
 
 
 def _volume(voxels: np.ndarray, spacing: float = 2.0) -> Volume:

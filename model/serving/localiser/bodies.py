@@ -27,6 +27,9 @@ OUTLINE_HU = (60.0, 200.0)
 BODY_SPAN = (0.45, 1.7)
 # Contrast (HU, body minus disc) that earns full confidence.
 FULL_CONTRAST_HU = 60.0
+# A body that ends at the field of view's edge (taken as a disc there because the profile is
+# low) must be at least this much denser than that edge: else the edge cuts a body.
+EDGE_MIN_CONTRAST_HU = 15.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ def find_bodies(grid: LpsGrid, canal: CanalTrack, column: Column) -> list[BodyFi
         span = (high - low) * sz
         if not BODY_SPAN[0] * column.pitch_mm <= span <= BODY_SPAN[1] * column.pitch_mm:
             continue
+        at_edge = low <= column.z_indices[0] or high >= column.z_indices[-1]
+        if at_edge:
+            _first, _last, body_hu, disc_hu = _endplates(column, low, high)
+            if body_hu - disc_hu < EDGE_MIN_CONTRAST_HU:
+                continue
         body = _body_between(grid, canal, column, low, high)
         if body is not None:
             bodies.append(body)

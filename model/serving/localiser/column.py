@@ -1,10 +1,13 @@
 """The vertebral body column in front of the canal, and its partition at the discs.
 
 The bodies lie in front of the canal: the centre line of the column runs half a body depth in
-front of the canal's front edge. Along that line the density is high in the bodies (cancellous
-bone inside a cortical shell) and lower in the discs, so the median HU of a small
-cross-section, plane by plane, is a profile whose minima are the discs (Burns, Yao & Summers
-2017 partition the column at the discs the same way). The column's pitch (one body plus one
+front of the canal's front edge; beyond the canal's ends (where the ring is not seen, as at the
+lumbosacral junction) it follows the dense body itself, plane by plane. Along that line the
+density is high in the bodies (cancellous bone inside a cortical shell) and lower in the discs,
+so a high percentile of a small cross-section perpendicular to the line (tilted in the sagittal
+plane with it, so that a tilted disc such as L5/S1 is low across the whole section) is a
+profile whose minima are the discs (Burns, Yao & Summers 2017 partition the column at the discs
+the same way). The column's pitch (one body plus one
 disc) comes from the profile's autocorrelation; minima closer than a good part of the pitch are
 not two discs.
 """
@@ -28,8 +31,19 @@ PITCH_PER_DEPTH = (0.65, 1.5)
 # HU above which a voxel in front of the canal counts as part of the column.
 COLUMN_HU = 60.0
 # How far beyond the canal's ends (mm) the column is followed.
-EXTENSION_MM = 30.0
+EXTENSION_MM = 45.0
 PROFILE_SMOOTHING_MM = 2.0
+# Beyond the canal's ends the centre line follows bone above this HU, by at most this many mm
+# per mm along z.
+FOLLOW_HU = 100.0
+FOLLOW_STEP_PER_MM = 1.0
+# The body is looked for this share of its depth either side of the centre, as a dense run of
+# this share of its depth.
+FOLLOW_REACH = 0.9
+FOLLOW_RUN = (0.5, 1.4)
+# The centre line's tangent: smoothing (mm) and the largest sagittal tilt of a cross-section.
+TANGENT_SMOOTHING_MM = 8.0
+MAX_TILT_RAD = math.radians(40.0)
 # The profile is this percentile of a cross-section of the column: a disc is low across the
 # whole section, a lesion only in part of it.
 PROFILE_PERCENTILE = 75.0
@@ -97,9 +111,119 @@ def _body_depth(grid: LpsGrid, canal: CanalTrack) -> float:
     return float(np.clip(np.median(depths), *BODY_DEPTH_MM))
 
 
+def _followed_beyond(
+    grid: LpsGrid,
+    z_indices: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    inside: np.ndarray,
+    depth: float,
+) -> np.ndarray:
+    """``ys`` with the planes beyond the canal's ends (``~inside``) following the body bone.
+
+    Past the canal's ends the column is not straight: the lumbosacral curve takes L5 and the
+    sacrum backwards. From each end outwards the centre moves, plane by plane, to the centre
+    of the dense bone around the previous plane's centre (a step of at most a few mm).
+    """
+    sx, _sy, sz = grid.spacing_mm
+    ys = ys.copy()
+    half_x = max(1, round(0.3 * depth / sx))
+    reach = FOLLOW_REACH * depth
+    step = FOLLOW_STEP_PER_MM * sz
+    observed = np.flatnonzero(inside)
+    if not len(observed):
+        return ys
+    for direction, start in ((-1, int(observed[0])), (1, int(observed[-1]))):
+        y = float(ys[start])
+        i = start + direction
+        while 0 <= i < len(z_indices):
+            centre = _body_centre(grid, int(z_indices[i]), float(xs[i]), y, reach, half_x, depth)
+            if centre is not None:
+                y += float(np.clip(centre - y, -step, step))
+            ys[i] = y
+            i += direction
+    return ys
+
+
+def _body_centre(
+    grid: LpsGrid, z: int, x_mm: float, y_mm: float, reach: float, half_x: int, depth: float
+) -> float | None:
+    """Middle (y, mm) of the dense run nearest ``y_mm`` on plane ``z``, when it is body-sized."""
+    x = round(float(grid.x_index(x_mm)))
+    y0 = max(round(float(grid.y_index(y_mm - reach))), 0)
+    y1 = min(round(float(grid.y_index(y_mm + reach))) + 1, grid.shape[1])
+    if y1 - y0 < 3 or not 0 <= x < grid.shape[2]:
+        return None
+    line = grid.hu[z, y0:y1, max(x - half_x, 0) : x + half_x + 1].mean(axis=1)
+    dense = ndimage.binary_closing(line > FOLLOW_HU, structure=np.ones(3, bool))
+    runs, count = ndimage.label(dense)
+    if count == 0:
+        return None
+    here = float(grid.y_index(y_mm)) - y0
+    best, best_distance = None, np.inf
+    sy = grid.spacing_mm[1]
+    for label in range(1, count + 1):
+        rows = np.flatnonzero(runs == label)
+        length = (rows[-1] - rows[0] + 1) * sy
+        if not FOLLOW_RUN[0] * depth <= length <= FOLLOW_RUN[1] * depth:
+            continue
+        middle = (rows[0] + rows[-1]) / 2.0
+        if abs(middle - here) < best_distance:
+            best, best_distance = middle, abs(middle - here)
+    return None if best is None else float(grid.y_mm(y0 + best))
+
+
+def _tilted_profile(
+    grid: LpsGrid, z_indices: np.ndarray, xs: np.ndarray, ys: np.ndarray, depth: float
+) -> np.ndarray:
+    """The column's profile on cross-sections perpendicular to its centre line (sagittal tilt):
+    a disc between tilted endplates is then low across the whole section."""
+    sx, sy, sz = grid.spacing_mm
+    z_mm = grid.z_mm(z_indices.astype(np.float64))
+    smooth = max(1.0, TANGENT_SMOOTHING_MM / sz)
+    line = ndimage.gaussian_filter1d(ys, smooth, mode="nearest")
+    slope = np.gradient(line, z_mm) if len(line) > 1 else np.zeros_like(line)
+    angle = np.clip(np.arctan(slope), -MAX_TILT_RAD, MAX_TILT_RAD)
+    half_x = max(1, round(0.45 * depth / sx))
+    half_y = max(1, round(0.35 * depth / sy))
+    # Voxel offsets from the centre voxel: an untilted section is the plane's own voxels.
+    u = np.arange(-half_y, half_y + 1, dtype=np.float64)
+    v = np.arange(-half_x, half_x + 1, dtype=np.float64)
+    uu, vv = np.meshgrid(u, v, indexing="ij")
+    # Sagittal normal of the section: per voxel of u, (dy, dz) = (cos a, -sin a) · sy mm.
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    yc = np.round(grid.y_index(ys))[:, None, None]
+    xc = np.round(grid.x_index(xs))[:, None, None]
+    coords = np.stack(
+        np.broadcast_arrays(
+            z_indices[:, None, None] - uu[None] * sin * (sy / sz),
+            yc + uu[None] * cos,
+            xc + vv[None],
+        )
+    ).astype(np.float64)
+    coords = np.round(coords)
+    values = ndimage.map_coordinates(grid.hu, coords.reshape(3, -1), order=0, cval=np.nan)
+    values = values.reshape(len(z_indices), -1)
+    inside = (
+        (coords[0] >= 0)
+        & (coords[0] <= grid.shape[0] - 1)
+        & (coords[1] >= 0)
+        & (coords[1] <= grid.shape[1] - 1)
+        & (coords[2] >= 0)
+        & (coords[2] <= grid.shape[2] - 1)
+    ).reshape(len(z_indices), -1)
+    values = np.where(inside, values, np.nan)
+    profile = np.full(len(z_indices), np.nan)
+    for i in range(len(z_indices)):
+        row = values[i][np.isfinite(values[i])]
+        if row.size:
+            profile[i] = float(np.percentile(row, PROFILE_PERCENTILE))
+    return profile
+
+
 def follow_column(grid: LpsGrid, canal: CanalTrack) -> Column:
     """The column in front of ``canal``: its centre line, density profile and discs."""
-    sx, sy, sz = grid.spacing_mm
+    sz = grid.spacing_mm[2]
     depth = _body_depth(grid, canal)
     extension = round(EXTENSION_MM / sz)
     first = max(int(canal.z_indices[0]) - extension, 0)
@@ -107,19 +231,9 @@ def follow_column(grid: LpsGrid, canal: CanalTrack) -> Column:
     z_indices = np.arange(first, last + 1)
     xs = np.interp(z_indices, canal.z_indices, canal.x_mm)
     ys = np.interp(z_indices, canal.z_indices, canal.anterior_y_mm) - depth / 2.0
-    half_x = max(1, round(0.45 * depth / sx))
-    half_y = max(1, round(0.35 * depth / sy))
-    profile = np.full(len(z_indices), np.nan)
-    for i, z in enumerate(z_indices):
-        x = round(float(grid.x_index(xs[i])))
-        y = round(float(grid.y_index(ys[i])))
-        patch = grid.hu[
-            z,
-            max(y - half_y, 0) : max(y + half_y + 1, 0),
-            max(x - half_x, 0) : max(x + half_x + 1, 0),
-        ]
-        if patch.size:
-            profile[i] = float(np.percentile(patch, PROFILE_PERCENTILE))
+    inside = (z_indices >= canal.z_indices[0]) & (z_indices <= canal.z_indices[-1])
+    ys = _followed_beyond(grid, z_indices, ys, xs, inside, depth)
+    profile = _tilted_profile(grid, z_indices, xs, ys, depth)
     valid = np.isfinite(profile)
     if not valid.any():
         profile[:] = -1000.0

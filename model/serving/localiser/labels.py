@@ -1,10 +1,11 @@
 """Vertebra labels, given only when the count has an anchor: the sacrum.
 
 Below the lowest disc of the column the sacrum is wide: its alae spread far beyond a lumbar
-body on either side. When the bone in front of the canal, just below that disc, is much wider
-than the bodies above, the disc is L5/S1, the body above it L5, and the bodies above are
-counted upwards (L4 … L1, T12 …) as long as no disc is missing between them. Without the
-anchor every label is None: a count from an arbitrary top or bottom is not a label.
+body on either side. When the bone in front of the canal (moved backwards with the column's
+curve), on several planes just below that disc, is much wider than the bodies above, the disc
+is L5/S1, the body above it L5, and the bodies above are counted upwards (L4 … L1, T12 …) as
+long as no disc is missing between them. Without the anchor every label is None: a count from
+an arbitrary top or bottom is not a label.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ SACRUM_BONE_HU = 150.0
 SACRUM_WIDTH_RATIO = 1.8
 # Planes below the L5/S1 disc where the sacrum is looked for (share of the pitch).
 SACRUM_REACH = (0.25, 0.8)
+# The alae are tall: wide bone on at least this many of those planes (one wide plane may be a
+# process or the field of view's edge).
+SACRUM_MIN_PLANES = 2
 # Neighbouring bodies further apart than this (share of the pitch) break the count.
 MAX_GAP = 1.5
 
@@ -43,19 +47,27 @@ def sacrum_below(
         return False
     sz = grid.spacing_mm[2]
     width = float(np.median([b.width_mm for b in bodies]))
-    widths = []
-    for offset in np.arange(SACRUM_REACH[0], SACRUM_REACH[1], 0.1):
-        z = round(disc - offset * column.pitch_mm / sz)
-        if not 0 <= z < grid.shape[0]:
-            continue
-        widths.append(_bone_width(grid, canal, column, z))
-    return bool(widths) and max(widths) >= SACRUM_WIDTH_RATIO * width
+    planes = {
+        round(disc - offset * column.pitch_mm / sz)
+        for offset in np.arange(SACRUM_REACH[0], SACRUM_REACH[1], 0.1)
+    }
+    wide = [
+        z
+        for z in sorted(planes)
+        if 0 <= z < grid.shape[0]
+        and _bone_width(grid, canal, column, z) >= SACRUM_WIDTH_RATIO * width
+    ]
+    return len(wide) >= SACRUM_MIN_PLANES
 
 
 def _bone_width(grid: LpsGrid, canal: CanalTrack, column: Column, z: int) -> float:
     """Lateral width (mm) of the bone around the column's centre on plane ``z``."""
     x_mm, y_mm = column.centre_at(float(z))
+    # The back of the body: the canal's front edge, moved with the column beyond the canal's
+    # ends (the column curves backwards into the sacrum).
     _, _, front = canal.at(float(z))
+    end = float(np.clip(z, canal.z_indices[0], canal.z_indices[-1]))
+    front += y_mm - column.centre_at(end)[1]
     y0 = max(round(float(grid.y_index(y_mm - column.depth_mm))), 0)
     y1 = min(round(float(grid.y_index(front - 0.15 * column.depth_mm))), grid.shape[1] - 1)
     if y1 <= y0:
