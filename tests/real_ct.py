@@ -20,7 +20,9 @@ from pydicom.uid import generate_uid
 from model.synthetic.dicom import SeriesIdentity, ct_image
 from tests.support import missing_component
 
-REAL_CT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+# Beside the repository; else where the team's machines keep the shared data.
+REAL_CT_DIR = next((p for p in (_BESIDE, Path("/work/shared/data/real-ct")) if p.is_dir()), _BESIDE)
 REAL_CT_PATH = REAL_CT_DIR / "example_ct.nii.gz"
 REAL_CT_PATIENT_ID = "REALCT"
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])

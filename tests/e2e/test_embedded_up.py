@@ -29,6 +29,7 @@ def test_up_demo_fills_the_worklist_and_the_results_folder(
             "SPINE_TRIAGE_DICOM_PORT": str(free_port()),
             "SPINE_TRIAGE_HTTP_PORT": str(http_port),
             "SPINE_TRIAGE_QUIET_PERIOD_S": "1",
+            "SPINE_TRIAGE_AUTO_ROI": "off",  # every demo study gets a reader ROI here
             # the demonstration model the first run would train, made once per test session
             "SPINE_TRIAGE_MODEL_CHECKPOINT": str(demo_checkpoint),
         }
