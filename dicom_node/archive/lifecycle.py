@@ -98,6 +98,43 @@ def backoff_s(
     return ceiling * (0.5 + 0.5 * (rng or random).random())
 
 
+def _claim_leased(
+    session: Session,
+    model: type[RoiAnnotation] | type[AutoJob],
+    row_id: int,
+    ready: ColumnElement[bool],
+    processing: AnnotationState | AutoJobState,
+    *,
+    worker_id: str,
+    now: datetime,
+    lease_s: float,
+) -> int | None:
+    """Claim one row of leased work (an annotation or an automatic job) when ``ready``:
+    row lock, then processing by ``worker_id`` with a lease; returns the attempt number, or
+    None when it is not claimable now."""
+    query = _lock_rows(
+        session,
+        select(model.id, model.attempts).where(model.id == row_id, ready),
+        of=model,
+    )
+    row = session.execute(query).one_or_none()
+    if row is None:
+        return None
+    attempt = int(row.attempts) + 1
+    session.execute(
+        update(model)
+        .where(model.id == row_id)
+        .values(
+            state=processing,
+            claimed_by=worker_id,
+            claimed_until=now + timedelta(seconds=lease_s),
+            attempts=attempt,
+            updated_at=now,
+        )
+    )
+    return attempt
+
+
 # --- studies --------------------------------------------------------------------------------
 
 
@@ -350,29 +387,18 @@ def claim_annotation(
 ) -> Claim | None:
     """Claim ``annotation_id`` for ``worker_id``; None when it is not claimable now (done,
     failed, claimed by a live worker, or its study is not complete)."""
-    query = _lock_rows(
+    attempt = _claim_leased(
         session,
-        select(RoiAnnotation.id, RoiAnnotation.attempts).where(
-            RoiAnnotation.id == annotation_id,
-            _annotation_ready(now, include_unreceived=allow_unreceived),
-        ),
-        of=RoiAnnotation,
+        RoiAnnotation,
+        annotation_id,
+        _annotation_ready(now, include_unreceived=allow_unreceived),
+        AnnotationState.PROCESSING,
+        worker_id=worker_id,
+        now=now,
+        lease_s=lease_s,
     )
-    row = session.execute(query).one_or_none()
-    if row is None:
+    if attempt is None:
         return None
-    attempt = row.attempts + 1
-    session.execute(
-        update(RoiAnnotation)
-        .where(RoiAnnotation.id == annotation_id)
-        .values(
-            state=AnnotationState.PROCESSING,
-            claimed_by=worker_id,
-            claimed_until=now + timedelta(seconds=lease_s),
-            attempts=attempt,
-            updated_at=now,
-        )
-    )
     return Claim(annotation_id, attempt)
 
 
@@ -587,26 +613,18 @@ def claim_auto_job(
     session: Session, job_id: int, *, worker_id: str, now: datetime, lease_s: float
 ) -> AutoClaim | None:
     """Claim automatic job ``job_id``; None when it is not claimable now."""
-    query = _lock_rows(
+    attempt = _claim_leased(
         session,
-        select(AutoJob.id, AutoJob.attempts).where(AutoJob.id == job_id, _auto_job_ready(now)),
-        of=AutoJob,
+        AutoJob,
+        job_id,
+        _auto_job_ready(now),
+        AutoJobState.PROCESSING,
+        worker_id=worker_id,
+        now=now,
+        lease_s=lease_s,
     )
-    row = session.execute(query).one_or_none()
-    if row is None:
+    if attempt is None:
         return None
-    attempt = row.attempts + 1
-    session.execute(
-        update(AutoJob)
-        .where(AutoJob.id == job_id)
-        .values(
-            state=AutoJobState.PROCESSING,
-            claimed_by=worker_id,
-            claimed_until=now + timedelta(seconds=lease_s),
-            attempts=attempt,
-            updated_at=now,
-        )
-    )
     return AutoClaim(job_id, attempt)
 
 
