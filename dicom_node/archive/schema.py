@@ -263,6 +263,16 @@ class TriageResult(Base):
     # Automatic jobs: [{annotation_id, vertebra, probability, slice_x_mm, slice_probabilities,
     # confidence}] for every body, most suspicious first.
     bodies: Mapped[list[dict[str, object]] | None] = mapped_column(JSON)
+    # The checkpoint file's sha256 (the model's identity beside its name and version).
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    # live: the configured model (flags, delivers); shadow: a candidate run beside it, recorded
+    # for comparison only (never flagged, never delivered).
+    role: Mapped[str] = mapped_column(String(16), default="live", server_default="live", index=True)
+    # Out-of-domain guard: the input's distance from the model's training inputs, the
+    # checkpoint's threshold, and the verdict (None: the checkpoint has no domain description).
+    domain_score: Mapped[float | None] = mapped_column(Float)
+    domain_threshold: Mapped[float | None] = mapped_column(Float)
+    in_domain: Mapped[bool | None] = mapped_column()
 
     annotation: Mapped[RoiAnnotation] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
