@@ -34,17 +34,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.io.pixels import JPEG2000_TRANSFER_SYNTAXES
 from model.io.volume import (
-    PatientBox,
     SeriesError,
-    SeriesGeometry,
-    Volume,
-    load_volume,
     read_series_geometry,
 )
 from model.serving.localiser import localise, propose_rois
-from model.serving.preprocess import PreprocessParams, build_inputs, roi_region
+from model.serving.overview import load_for_rois, load_overview
+from model.serving.preprocess import PreprocessParams, build_inputs
 from model.training.cohort import CohortRow, RoiInputs, label_name
 from model.training.metrics import (
     ConfidenceInterval,
@@ -59,7 +55,6 @@ from model.training.train import predict_rois
 logger = logging.getLogger(__name__)
 
 SLICES_PER_BODY = 5  # as the automatic job proposes them
-OVERVIEW_SPACING_MM = 2.0  # the localiser's working grid
 NO_BODY = "no vertebral body found in the field of view"
 ALL_CUT = "the field of view cuts every vertebral body found"
 AUTOMATIC_COLUMNS = (
@@ -160,14 +155,6 @@ class AutomaticPrediction:
         return max(self.bodies, key=lambda b: b.probability, default=None)
 
 
-def _overview_reduction(geometry: SeriesGeometry) -> int:
-    """As the automatic job: JPEG 2000 is localised on a reduced overview (about 2 mm)."""
-    if geometry.frames[0].transfer_syntax_uid not in JPEG2000_TRANSFER_SYNTAXES:
-        return 0
-    pixel = min(geometry.spacing[1:])
-    return int(np.clip(np.floor(np.log2(OVERVIEW_SPACING_MM / pixel)), 0, 2))
-
-
 def _series_row(rows: Sequence[CohortRow]) -> CohortRow:
     """The row whose series is the patient's: its fracture row (the reader's first)."""
     fracture = [r for r in rows if not r.normal]
@@ -191,7 +178,7 @@ def localise_patient(
 
     try:
         geometry = read_series_geometry(files)
-        overview = load_volume(geometry, reduce=_overview_reduction(geometry), workers=workers)
+        overview = load_overview(geometry, workers=workers)
     except SeriesError as exc:
         return unanalysable(f"the series cannot be read as a volume: {exc}")
     localisation = localise(overview)
@@ -205,18 +192,12 @@ def localise_patient(
         series_instance_uid=overview.series_instance_uid,
         slices=SLICES_PER_BODY,
     )
-    volume: Volume = overview
-    if overview.spacing != geometry.spacing:
-        regions = [roi_region(p.roi, lateral_reach_mm=params.lateral_reach_mm) for p in proposals]
-        union = PatientBox(
-            x_mm=(min(r.x_mm[0] for r in regions), max(r.x_mm[1] for r in regions)),
-            y_mm=(min(r.y_mm[0] for r in regions), max(r.y_mm[1] for r in regions)),
-            z_mm=(min(r.z_mm[0] for r in regions), max(r.z_mm[1] for r in regions)),
+    try:
+        volume = load_for_rois(
+            geometry, overview, [p.roi for p in proposals], params, workers=workers
         )
-        try:
-            volume = load_volume(geometry, region=union, workers=workers)
-        except SeriesError as exc:
-            return unanalysable(f"the series cannot be read as a volume: {exc}", len(proposals))
+    except SeriesError as exc:
+        return unanalysable(f"the series cannot be read as a volume: {exc}", len(proposals))
     bodies: list[AutoBody] = []
     for proposal, body in zip(proposals, localisation.bodies, strict=True):
         try:
@@ -288,12 +269,28 @@ def score_fold(
 ) -> list[AutomaticPrediction]:
     """Every body of ``patients`` classified with the fold's model, in one pass."""
     patients = list(patients)
-    rois = [
+    rois = body_inputs(patients)
+    return automatic_predictions(
+        patients, fold, predict_rois(model, rois, device=device) if rois else []
+    )
+
+
+def body_inputs(patients: Iterable[AutoPatient]) -> list[RoiInputs]:
+    """Every body of ``patients`` as one ROI's inputs, patients and bodies in order."""
+    return [
         RoiInputs(patient_id=p.patient_id, label=p.label, inputs=b.inputs, x_mm=b.x_mm)
         for p in patients
         for b in p.bodies
     ]
-    probabilities = iter(predict_rois(model, rois, device=device) if rois else [])
+
+
+def automatic_predictions(
+    patients: Sequence[AutoPatient], fold: int, slice_probabilities: Sequence[np.ndarray]
+) -> list[AutomaticPrediction]:
+    """The patients' answers from their bodies' slice probabilities (in
+    :func:`body_inputs` order): a body's is the maximum over its slices, the patient's the
+    maximum over its bodies."""
+    probabilities = iter(slice_probabilities)
     predictions = []
     for patient in patients:
         scores = tuple(
@@ -464,10 +461,22 @@ def _on_fracture_text(summary: AutomaticPathSummary) -> str:
     )
 
 
+CROSS_VALIDATION_INTRO = (
+    "Each fold's model, after fitting, also ran the whole automatic path on each of its test "
+    "patients' series: the localiser found every vertebral body (once per patient, before the "
+    "folds: it has no trained weights),"
+)
+
+
 def render_automatic_path_section(
-    summary: AutomaticPathSummary, *, csv_name: str, bodies_csv_name: str
+    summary: AutomaticPathSummary,
+    *,
+    csv_name: str,
+    bodies_csv_name: str,
+    intro: str | None = None,
 ) -> list[str]:
-    """report.md's section on the automatic path (the lines, blank line last)."""
+    """report.md's section on the automatic path (the lines, blank line last); ``intro``
+    says which model ran it on which series, up to the localiser (default: the folds')."""
     point = summary.operating_point
     if point is None:
         point_text = "n/a: no malignant patient among the test folds."
@@ -481,9 +490,7 @@ def render_automatic_path_section(
     return [
         "## The automatic path (`--auto`)",
         "",
-        f"Each fold's model, after fitting, also ran the whole automatic path on each of its "
-        f"test patients' series: the localiser found every vertebral body (once per patient, "
-        f"before the folds: it has no trained weights), an ROI of {SLICES_PER_BODY} slices "
+        f"{intro or CROSS_VALIDATION_INTRO} an ROI of {SLICES_PER_BODY} slices "
         f"was proposed per body, every body was classified (body probability = maximum over "
         f"its slices) and the patient probability is the maximum over its bodies, as the "
         f"automatic job flags a study. No reader ROI is used. Threshold "

@@ -9,9 +9,12 @@ training folds, never from the test fold. The out-of-fold predictions are pooled
 - ``report.md``: the paper's table (reader's ROIs), with normal bodies the normal vertebrae
   and automatic-path figures, and the details (AUROC with bootstrap interval, confusion
   matrices, threshold for the target sensitivity, calibration, folds, settings);
-- ``roc.png`` and ``misclassified/<patient>.png`` (slice probabilities, as in the paper's
-  Figure 3);
+- ``roc.png``, ``reliability.png`` and ``misclassified/<patient>.png`` (slice probabilities,
+  as in the paper's Figure 3);
 - ``config.json``: every setting and seed, so the run can be repeated.
+
+The folder is written by :mod:`model.training.outputs`, which ``validate`` (a fixed
+checkpoint on a cohort, :mod:`model.training.validate`) shares.
 
 With ``automatic`` (``evaluate --auto``: every patient's series localised beforehand, see
 :mod:`model.training.automatic`), each fold's model also runs the whole automatic path on its
@@ -30,7 +33,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,26 +40,20 @@ from model.training.automatic import (
     AutomaticPathSummary,
     AutomaticPrediction,
     AutoPatient,
-    automatic_config,
-    render_automatic_path_section,
     score_fold,
-    summarise_automatic_path,
-    write_automatic_csv,
-    write_bodies_csv,
 )
 from model.training.cohort import RoiInputs, patient_labels, rois_by_patient
 from model.training.folds import FoldSplit, make_cross_validation_splits
-from model.training.plots import plot_patient_slices, plot_roc, safe_file_stem
+from model.training.outputs import (
+    MetricSettings,
+    ReportText,
+    write_evaluation,
+)
 from model.training.report import (
     EvaluationSummary,
     FoldSummary,
     SlicePrediction,
-    group_all_rois_by_patient,
-    group_by_patient,
-    paper_slices,
-    render_report,
-    summarise,
-    write_predictions_csv,
+    slice_predictions,
 )
 from model.training.train import (
     TrainConfig,
@@ -101,22 +97,6 @@ class CrossValidationResult:
     automatic_bodies_csv: Path | None = None
 
 
-AUTOMATIC_CSV = "automatic_predictions.csv"
-AUTOMATIC_BODIES_CSV = "automatic_bodies.csv"
-
-
-def _patient_images(
-    paper: Sequence[SlicePrediction],
-    patient_id: str,
-    images_of: dict[tuple[str, int], np.ndarray],
-) -> np.ndarray | None:
-    """The inputs of the patient's ROIs in the table, in the order of its slices there."""
-    rows = list(dict.fromkeys(s.row_number for s in paper if s.patient_id == patient_id))
-    if not all((patient_id, row) in images_of for row in rows):
-        return None
-    return np.concatenate([images_of[patient_id, row] for row in rows])
-
-
 def fold_training_config(config: TrainConfig, fold: int) -> TrainConfig:
     """Each fold trains with its own recorded seed: the run seed plus the fold number."""
     return replace(config, seed=config.seed + fold)
@@ -143,20 +123,7 @@ def run_fold(
     )
     test = [roi for p in split.test for roi in patients[p]]
     probabilities = predict_rois(result.model, test, device=result.device)
-    rows = [
-        SlicePrediction(
-            patient_id=roi.patient_id,
-            fold=split.fold,
-            x_mm=float(x),
-            probability=float(probability),
-            label=roi.label,
-            row_number=roi.row_number,
-            normal=roi.normal,
-            source=roi.source,
-        )
-        for roi, slice_probabilities in zip(test, probabilities, strict=True)
-        for x, probability in zip(roi.x_mm, slice_probabilities, strict=True)
-    ]
+    rows = slice_predictions(test, probabilities, split.fold)
     automatic_rows = (
         score_fold(
             result.model, [automatic[p] for p in split.test], split.fold, device=result.device
@@ -260,55 +227,6 @@ def write_outputs(
     automatic: Sequence[AutomaticPrediction] | None = None,
     automatic_patients: Mapping[str, AutoPatient] | None = None,
 ) -> CrossValidationResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    automatic_summary: AutomaticPathSummary | None = None
-    automatic_csv = automatic_bodies_csv = None
-    automatic_lines: list[str] = []
-    if automatic is not None:
-        automatic_summary = summarise_automatic_path(
-            automatic,
-            threshold=cv.threshold,
-            target_sensitivity=cv.target_sensitivity,
-            bootstrap_resamples=cv.bootstrap_resamples,
-            bootstrap_seed=cv.bootstrap_seed,
-        )
-        automatic_csv = out_dir / AUTOMATIC_CSV
-        write_automatic_csv(automatic_csv, automatic)
-        automatic_bodies_csv = out_dir / AUTOMATIC_BODIES_CSV
-        write_bodies_csv(automatic_bodies_csv, automatic)
-        automatic_lines = render_automatic_path_section(
-            automatic_summary, csv_name=AUTOMATIC_CSV, bodies_csv_name=AUTOMATIC_BODIES_CSV
-        )
-    summary = summarise(
-        predictions,
-        threshold=cv.threshold,
-        target_sensitivity=cv.target_sensitivity,
-        bootstrap_resamples=cv.bootstrap_resamples,
-        bootstrap_seed=cv.bootstrap_seed,
-    )
-    predictions_csv = out_dir / "predictions.csv"
-    write_predictions_csv(predictions_csv, predictions)
-    roc_png = out_dir / "roc.png"
-    paper = paper_slices(predictions)
-    pooled = group_all_rois_by_patient(predictions) if summary.automatic is not None else None
-    plot_roc(roc_png, paper, cv.threshold, all_rois=pooled)
-    images_of = {(roi.patient_id, roi.row_number): roi.inputs for roi in inputs}
-    plots: dict[str, Path] = {}
-    misclassified = set(summary.misclassified)
-    if misclassified:
-        (out_dir / "misclassified").mkdir(exist_ok=True)
-    used_stems: set[str] = set()
-    for patient in group_by_patient(paper):
-        if patient.patient_id not in misclassified:
-            continue
-        stem = safe_file_stem(patient.patient_id)
-        while stem in used_stems:
-            stem += "_"
-        used_stems.add(stem)
-        path = out_dir / "misclassified" / f"{stem}.png"
-        images = _patient_images(paper, patient.patient_id, images_of)
-        plot_patient_slices(path, patient, threshold=cv.threshold, images=images)
-        plots[patient.patient_id] = path
     settings = {
         "source": source or "(patients given in memory)",
         "folds": cv.folds,
@@ -327,58 +245,48 @@ def write_outputs(
         "bootstrap": f"{cv.bootstrap_resamples} resamples, seed {cv.bootstrap_seed}",
         "run time": f"{seconds:.0f} s",
     }
-    report = out_dir / "report.md"
-    report.write_text(
-        render_report(
-            summary,
-            title=title,
-            initialisation=initialisation,
-            folds=folds,
-            settings=settings,
-            misclassified_plots={p: str(path.relative_to(out_dir)) for p, path in plots.items()},
-            automatic_path=automatic_lines,
+    written = write_evaluation(
+        out_dir,
+        predictions,
+        metrics=MetricSettings(
+            threshold=cv.threshold,
+            target_sensitivity=cv.target_sensitivity,
+            bootstrap_resamples=cv.bootstrap_resamples,
+            bootstrap_seed=cv.bootstrap_seed,
         ),
-        encoding="utf-8",
-    )
-    config_json = out_dir / "config.json"
-    config_json.write_text(
-        json.dumps(
-            {
-                "training": config.to_json(),
-                "cross_validation": cv.to_json(),
-                "fold_training_seeds": [config.seed + f.fold for f in folds],
-                "preprocessing": preprocessing,
-                "initialisation": initialisation,
-                "cohort": cohort,
-                "source": source,
-                "torch": torch.__version__,
-                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                "seconds": round(seconds, 1),
-                "folds": [asdict(f) for f in folds],
-            }
-            | (
-                {"automatic_path": automatic_config(automatic_patients or {})}
-                if automatic is not None
-                else {}
-            ),
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
+        text=ReportText(title=title, initialisation=initialisation),
+        settings=settings,
+        config={
+            "training": config.to_json(),
+            "cross_validation": cv.to_json(),
+            "fold_training_seeds": [config.seed + f.fold for f in folds],
+            "preprocessing": preprocessing,
+            "initialisation": initialisation,
+            "cohort": cohort,
+            "source": source,
+            "torch": torch.__version__,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 1),
+            "folds": [asdict(f) for f in folds],
+        },
+        inputs=inputs,
+        folds=folds,
+        automatic=automatic,
+        automatic_patients=automatic_patients,
     )
     return CrossValidationResult(
         out_dir=out_dir,
-        summary=summary,
+        summary=written.summary,
         predictions=tuple(predictions),
         folds=tuple(folds),
         initialisation=initialisation,
-        report=report,
-        predictions_csv=predictions_csv,
-        roc_png=roc_png,
-        misclassified_plots=plots,
-        config_json=config_json,
-        automatic=automatic_summary,
+        report=written.report,
+        predictions_csv=written.predictions_csv,
+        roc_png=written.roc_png,
+        misclassified_plots=written.misclassified_plots,
+        config_json=written.config_json,
+        automatic=written.automatic,
         automatic_predictions=tuple(automatic or ()),
-        automatic_csv=automatic_csv,
-        automatic_bodies_csv=automatic_bodies_csv,
+        automatic_csv=written.automatic_csv,
+        automatic_bodies_csv=written.automatic_bodies_csv,
     )

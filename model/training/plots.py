@@ -1,4 +1,5 @@
-"""Figures of a cross-validation run: ROC curves and per-patient slice probabilities.
+"""Figures of an evaluation: ROC curves, reliability diagrams and per-patient slice
+probabilities.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global state),
 so it is safe in workers and tests.
@@ -14,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from model.training.metrics import auroc, confusion_matrix, roc_curve
+from model.training.metrics import CalibrationSummary, auroc, confusion_matrix, roc_curve
 from model.training.report import LABEL_NAMES, PatientPrediction, SlicePrediction, group_by_patient
 
 
@@ -76,6 +77,41 @@ def plot_roc(
     axes.set_ylabel("sensitivity")
     axes.set_title(f"ROC, pooled test folds (dots: threshold {threshold:g})")
     axes.legend(loc="lower right")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_reliability(
+    path: Path,
+    curves: Sequence[tuple[str, CalibrationSummary]],
+) -> None:
+    """Reliability diagram: per bin of predicted probability, the share observed malignant
+    against the bin's mean prediction (marker area ~ count), with each curve's expected
+    calibration error in its legend; the diagonal is perfect calibration."""
+    figure = Figure(figsize=(5.5, 5.0))
+    axes = figure.add_subplot(1, 1, 1)
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="perfect")
+    for (name, summary), colour in zip(curves, ("tab:red", "tab:blue", "tab:green"), strict=False):
+        filled = [b for b in summary.bins if b.count]
+        predicted = [float(b.mean_probability or 0.0) for b in filled]
+        observed = [float(b.observed_malignant_fraction or 0.0) for b in filled]
+        total = max(sum(b.count for b in filled), 1)
+        axes.plot(
+            predicted,
+            observed,
+            color=colour,
+            marker="none",
+            label=f"{name} (ECE {summary.expected_calibration_error:.3f})",
+        )
+        axes.scatter(
+            predicted, observed, s=[20 + 300 * b.count / total for b in filled], color=colour
+        )
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.set_xlabel("mean predicted probability (10 equal-width bins)")
+    axes.set_ylabel("observed malignant fraction")
+    axes.set_title("Reliability")
+    axes.legend(loc="upper left")
     figure.tight_layout()
     _save(figure, path)
 

@@ -1,4 +1,5 @@
-"""Cross-validation results: predictions.csv, the summary numbers and report.md.
+"""Evaluation results (cross-validation or a fixed checkpoint's validation): predictions.csv,
+the summary numbers and report.md.
 
 The report follows the paper's table (per-slice and per-patient sensitivity, specificity and
 accuracy at threshold 0.5) and adds what a site needs before it switches triage on: AUROC with
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from model.training.cohort import RoiInputs
 from model.training.metrics import (
     CalibrationSummary,
     ConfidenceInterval,
@@ -77,6 +81,26 @@ class SlicePrediction:
     @property
     def is_reader_fracture(self) -> bool:
         return self.source == "reader" and not self.normal
+
+
+def slice_predictions(
+    rois: Sequence[RoiInputs], probabilities: Sequence[Sequence[float] | np.ndarray], fold: int
+) -> list[SlicePrediction]:
+    """One row per slice of each ROI, from its slice probabilities (ROIs in order)."""
+    return [
+        SlicePrediction(
+            patient_id=roi.patient_id,
+            fold=fold,
+            x_mm=float(x),
+            probability=float(probability),
+            label=roi.label,
+            row_number=roi.row_number,
+            normal=roi.normal,
+            source=roi.source,
+        )
+        for roi, slice_probabilities in zip(rois, probabilities, strict=True)
+        for x, probability in zip(roi.x_mm, slice_probabilities, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -498,18 +522,31 @@ def render_report(
     settings: Mapping[str, Any],
     misclassified_plots: Mapping[str, str],
     automatic_path: Sequence[str] = (),
+    protocol: str | None = None,
+    predictions_name: str = "pooled out-of-fold predictions",
+    heading: str = "",
 ) -> str:
     """report.md: the table first, then the details a reviewer asks for; ``automatic_path``
-    is the section on the whole automatic path (``evaluate --auto``), after the proxies."""
+    is the section on the whole automatic path (``--auto``), after the proxies.
+
+    ``protocol`` says how the predictions were made (default: the cross-validation's, from
+    ``folds``); ``heading`` lines go right under the initialisation (e.g. the checkpoint
+    scored); without ``folds`` the per-fold table is left out."""
     matrix = summary.patient_matrix
     point = summary.operating_point
+    if protocol is None:
+        protocol = (
+            f"Patient-level, label-stratified {len(folds)}-fold cross-validation: every "
+            f"patient is in exactly one test fold; validation patients (early stopping) are "
+            f"carved from the training folds."
+        )
     if point is None:
-        threshold_text = "n/a: no malignant patient among the test folds."
+        threshold_text = "n/a: no malignant patient in the predictions."
     else:
         threshold_text = (
             f"threshold **{point.threshold:.4f}** gives per-patient sensitivity "
             f"{point.sensitivity:.3f} and specificity {_number(point.specificity, 3)} "
-            f"(pooled out-of-fold predictions; chosen on the same predictions it is "
+            f"({predictions_name}; chosen on the same predictions it is "
             f"reported on, so it is optimistic)."
         )
     misclassified_lines = [
@@ -524,9 +561,8 @@ def render_report(
         "",
         f"**Initialisation:** {initialisation}",
         "",
-        f"Patient-level, label-stratified {len(folds)}-fold cross-validation: every patient "
-        f"is in exactly one test fold; validation patients (early stopping) are carved from "
-        f"the training folds. {summary.patient_count} patients "
+        *([heading, ""] if heading else []),
+        f"{protocol} {summary.patient_count} patients "
         f"({matrix.positives} malignant, {matrix.negatives} benign), "
         f"{summary.slice_count} slices. Threshold {summary.threshold:g} "
         f"(probability ≥ threshold is malignant); per-patient probability = maximum over "
@@ -562,6 +598,8 @@ def render_report(
         "",
         render_calibration(summary),
         "",
+        "![Reliability diagram](reliability.png)",
+        "",
         "## ROC",
         "",
         "![ROC curves](roc.png)",
@@ -570,10 +608,7 @@ def render_report(
         "",
         *misclassified_lines,
         "",
-        "## Folds",
-        "",
-        render_folds(folds),
-        "",
+        *(["## Folds", "", render_folds(folds), ""] if folds else []),
         "## Settings",
         "",
         *setting_lines,
@@ -585,7 +620,7 @@ def render_report(
 def _resamples_text(summary: EvaluationSummary) -> str:
     interval = summary.patient_auroc or summary.slice_auroc
     if interval is None:
-        return "not computed (the test folds hold one class only)."
+        return "not computed (the predictions hold one class only)."
     return (
         f"{100 * interval.level:.0f} % percentile bootstrap, {interval.resamples} resamples "
         f"(seed {interval.seed}); per-slice intervals resample whole patients."
