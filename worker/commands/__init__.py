@@ -61,12 +61,20 @@ COMMANDS: dict[str, Command] = {
         "worker.commands.propose",
         "localise the vertebral bodies of a CT series and propose an ROI on each",
     ),
+    "classify": Command(
+        "worker.commands.classify",
+        "classify one study from files on disk (reader ROI or automatic), as a worker would",
+    ),
     "train": Command(
         "worker.commands.training",
         "train a checkpoint on a labelled cohort (or synthetic phantoms)",
     ),
     "evaluate": Command(
         "worker.commands.training", "patient-level k-fold cross-validation with the paper's table"
+    ),
+    "validate": Command(
+        "worker.commands.validate",
+        "score a fixed checkpoint on a labelled cohort (no training), with the paper's table",
     ),
     "demo-model": Command(
         "worker.commands.training",
