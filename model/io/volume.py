@@ -335,14 +335,19 @@ def load_series(
     return load_volume(read_series_geometry(paths), region=region, workers=workers)
 
 
-def _overview(geometry: SeriesGeometry, reduce: int, workers: int | None) -> Volume:
-    if not 0 < reduce <= 5:
-        raise ValueError(f"reduce: expected 1..5, got {reduce}")
+def _overview(
+    geometry: SeriesGeometry, reduce: int, slice_step: int, workers: int | None
+) -> Volume:
+    if not 0 <= reduce <= 5:
+        raise ValueError(f"reduce: expected 0..5, got {reduce}")
+    if slice_step < 1:
+        raise ValueError(f"slice_step: expected 1 or more, got {slice_step}")
     first = geometry.frames[0]
     _, rows, columns = geometry.shape
+    frames = geometry.frames[::slice_step]
     requests = [
         FrameRequest(header=frame, rows=(0, rows), columns=(0, columns), reduce=reduce)
-        for frame in geometry.frames
+        for frame in frames
     ]
     voxels = decode_frames(requests, workers=workers)
     step = 1 << reduce
@@ -354,11 +359,11 @@ def _overview(geometry: SeriesGeometry, reduce: int, workers: int | None) -> Vol
         row_direction=geometry.row_direction,
         column_direction=geometry.column_direction,
         slice_direction=geometry.slice_direction,
-        spacing=(s, r * step, c * step),
+        spacing=(s * slice_step, r * step, c * step),
         series_instance_uid=first.series_instance_uid,
         study_instance_uid=first.study_instance_uid,
         frame_of_reference_uid=first.frame_of_reference_uid,
-        sop_instance_uids=tuple(frame.sop_instance_uid for frame in geometry.frames),
+        sop_instance_uids=tuple(frame.sop_instance_uid for frame in frames),
     )
 
 
@@ -368,6 +373,7 @@ def load_volume(
     region: PatientBox | None = None,
     workers: int | None = None,
     reduce: int = 0,
+    slice_step: int = 1,
 ) -> Volume:
     """Decode a validated series as a :class:`Volume` (its headers are not read again).
 
@@ -380,11 +386,13 @@ def load_volume(
     (every slice kept): JPEG 2000 decodes it directly, several times faster than the whole
     image; other codecs decode whole frames and average 2^reduce × 2^reduce blocks. Spacing
     and origin are those of the reduced grid: a sample stands at the centre of its block.
+    ``slice_step`` > 1 keeps only every ``slice_step``-th slice of the overview (from the
+    first), for a coarse grid that does not need every thin slice.
     """
-    if reduce:
+    if reduce or slice_step != 1:
         if region is not None:
             raise ValueError("an overview (reduce > 0) is of the whole series, not of a region")
-        return _overview(geometry, reduce, workers)
+        return _overview(geometry, reduce, slice_step, workers)
     first = geometry.frames[0]
     n, rows, columns = geometry.shape
     if region is None:

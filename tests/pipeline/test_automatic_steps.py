@@ -12,13 +12,13 @@ import pytest
 from model.io.headers import read_headers
 from model.io.volume import load_volume, read_series_geometry
 from model.serving.inference import Classifier
+from model.serving.overview import OverviewPlan, overview_plan
 from model.synthetic.cases import make_case
 from worker.automatic import (
     classify_bodies,
     load_bodies,
     load_overview,
     localise_bodies,
-    overview_reduction,
     propose,
 )
 from worker.series import Series
@@ -50,7 +50,8 @@ def test_jpeg2000_is_localised_on_an_overview_and_classified_on_full_resolution(
 ) -> None:
     classifier = Classifier.load(checkpoint_path, device="cpu")
     series = _series(tmp_path, "j2k")
-    assert overview_reduction(series) == 2  # 0.5 mm pixels → 2 mm for the localiser
+    # 0.5 mm pixels → 2 mm for the localiser; the phantom's slices are already 2 mm or more
+    assert overview_plan(series.geometry).reduce == 2
     overview = load_overview(series)
     assert overview.spacing[1:] == pytest.approx((2.0, 2.0))
     proposals = propose(localise_bodies(overview), overview)
@@ -71,6 +72,6 @@ def test_jpeg2000_is_localised_on_an_overview_and_classified_on_full_resolution(
 
 def test_other_codecs_are_decoded_once_at_full_resolution(tmp_path: Path) -> None:
     series = _series(tmp_path, "explicit")
-    assert overview_reduction(series) == 0
+    assert overview_plan(series.geometry) == OverviewPlan(reduce=0, slice_step=1)
     overview = load_overview(series)
     assert overview.spacing == series.geometry.spacing and not overview.is_partial

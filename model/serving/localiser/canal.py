@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from model.serving.localiser.grid import LpsGrid
+from model.serving.localiser.morphology import closing, dilate, opening
 
 SOFT_HU = (-60.0, 70.0)
 BONE_HU = 200.0
@@ -104,7 +105,7 @@ def candidate_mask(grid: LpsGrid) -> np.ndarray:
     far = max(near + 1, round(FRONT_MM[1] / sy))
     enclosed &= _mean_ahead(hu, 1, near, far) > FRONT_MIN_HU
     # Drop specks (noise, marrow): an in-plane opening.
-    return np.asarray(ndimage.binary_opening(enclosed, structure=np.ones((1, 2, 2), bool)))
+    return opening(enclosed, (1, 2, 2))
 
 
 def _column_density(grid: LpsGrid, z: int, x_mm: float, anterior_y_mm: float) -> float:
@@ -126,10 +127,8 @@ def track_canal(grid: LpsGrid) -> CanalTrack | None:
     sx, sy, sz = grid.spacing_mm
     gap = max(1, round(GAP_CLOSING_MM / sz))
     # Join the segments across the disc levels; the canal may shift a little in-plane there.
-    widened = ndimage.binary_dilation(candidates, structure=np.ones((1, 3, 3), bool))
-    closed = ndimage.binary_closing(
-        widened, structure=np.ones((gap + 1, 1, 1), bool), border_value=0
-    )
+    widened = dilate(candidates, (1, 3, 3))
+    closed = closing(widened, (gap + 1, 1, 1))
     labels, count = ndimage.label(closed)
     if count == 0:
         return None

@@ -23,6 +23,7 @@ from scipy import ndimage, signal
 
 from model.serving.localiser.canal import CanalTrack
 from model.serving.localiser.grid import LpsGrid
+from model.serving.localiser.morphology import closing
 
 # Plausible body depth (mm, front to back) and pitch (mm, body + disc), neck to sacrum.
 BODY_DEPTH_MM = (16.0, 60.0)
@@ -155,7 +156,7 @@ def _body_centre(
     if y1 - y0 < 3 or not 0 <= x < grid.shape[2]:
         return None
     line = grid.hu[z, y0:y1, max(x - half_x, 0) : x + half_x + 1].mean(axis=1)
-    dense = ndimage.binary_closing(line > FOLLOW_HU, structure=np.ones(3, bool))
+    dense = closing(line > FOLLOW_HU, (3,))
     runs, count = ndimage.label(dense)
     if count == 0:
         return None

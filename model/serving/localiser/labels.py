@@ -17,6 +17,7 @@ from model.serving.localiser.bodies import BodyFinding
 from model.serving.localiser.canal import CanalTrack
 from model.serving.localiser.column import Column
 from model.serving.localiser.grid import LpsGrid
+from model.serving.localiser.morphology import closing
 
 VERTEBRA_LABELS = (
     *(f"C{i}" for i in range(1, 8)),
@@ -73,7 +74,7 @@ def _bone_width(grid: LpsGrid, canal: CanalTrack, column: Column, z: int) -> flo
     if y1 <= y0:
         return 0.0
     plane = grid.hu[z, y0 : y1 + 1, :] > SACRUM_BONE_HU
-    plane = ndimage.binary_closing(plane, structure=np.ones((3, 3), bool))
+    plane = closing(plane, (3, 3))
     labels, _ = ndimage.label(plane)
     x = round(float(grid.x_index(x_mm)))
     y = round(float(grid.y_index(y_mm))) - y0
