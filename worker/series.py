@@ -69,11 +69,22 @@ def open_series(rt: WorkerRuntime, study_instance_uid: str, series_instance_uid:
             raise
         retrieve_series(rt, study_instance_uid, series_instance_uid)
         paths = _stored_paths(rt, study_instance_uid, series_instance_uid)
+    return read_series(paths, study_instance_uid, series_instance_uid, rt.settings.series_selection)
+
+
+def read_series(
+    paths: Sequence[Path],
+    study_instance_uid: str,
+    series_instance_uid: str,
+    selection: list[str],
+) -> Series:
+    """The series of ``paths``: headers read once, checked against the selection rules,
+    geometry validated (:class:`PermanentError` says what is wrong)."""
     if not paths:
         raise PermanentError(f"series {series_instance_uid} holds no image")
     try:
         headers = read_headers(paths)
-        check_series_selection(headers[0], rt.settings.series_selection)
+        check_series_selection(headers[0], selection)
         geometry = read_series_geometry(paths, headers)
     except SeriesError as exc:
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
