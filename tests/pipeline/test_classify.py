@@ -31,7 +31,7 @@ from worker.cli import main
 from worker.pipeline import Outcome, run_triage
 from worker.runtime import WorkerRuntime
 
-ENCODINGS = {
+ENCODINGS: dict[str, dict[str, Any]] = {
     "explicit": {"transfer_syntax": "explicit"},
     "implicit": {"transfer_syntax": "explicit"},  # re-encoded below
     "jpeg2000-lossless": {"transfer_syntax": "j2k"},
@@ -65,7 +65,7 @@ def _worker_results(tmp_path: Path, case: SynthCase, checkpoint: Path) -> dict[s
     """The reader's job and the automatic job, run by the worker on the stored study."""
     url = f"sqlite:///{tmp_path / 'node.db'}"
     upgrade(url)
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None, var_dir=tmp_path / "var", database_url=url, model_checkpoint=checkpoint
     )
     rt = WorkerRuntime.from_settings(settings)
@@ -94,6 +94,7 @@ def _worker_results(tmp_path: Path, case: SynthCase, checkpoint: Path) -> dict[s
                 r.id: (list(r.slice_probabilities), r.patient_probability, r.priority, r.bodies)
                 for r in session.scalars(select(TriageResult))
             }
+        assert reader.result_id is not None and automatic.result_id is not None
         return {"reader": rows[reader.result_id], "auto": rows[automatic.result_id]}
     finally:
         rt.close()
