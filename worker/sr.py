@@ -19,6 +19,13 @@ modules copied from the CT by highdicom) and reads, as a tree:
             the same polygon as SCOORD3D at that slice's x, finding, finding site,
             algorithm identification, NUM Probability of cancer of that slice (no derivation)
 
+With a model that describes its training domain, the ROI group also holds the out-of-domain
+guard's answer: NUM "Distance from the model's training domain" (99SPTRIAGE DOMAINSCORE,
+unit "1", derivation Maximum over the slices) and the qualitative evaluation "Outside the
+model's training domain" (99SPTRIAGE OUTSIDEDOMAIN) = Yes / No (SCT 373066001 / 373067005);
+the threshold is an algorithm parameter. Outside the domain the Pathology evaluation is left
+out (the model's call is not valid there) and the probability is reported as measured.
+
 So the patient probability is the NUM with derivation "Maximum" in the group that also holds
 the Pathology evaluation, and each slice probability sits in its own group whose region says
 where the slice is. The algorithm identification (name, version, parameters incl. the
@@ -79,6 +86,9 @@ LO_MAX_LENGTH = 64
 PROCEDURE_CT_OF_SPINE = Code("241577003", "SCT", "Computed tomography of spine")
 FINDING_COMPRESSION_FRACTURE = Code("42942008", "SCT", "Compression fracture of vertebral column")
 ROI_TRACKING_IDENTIFIER = "Vertebral fracture ROI"
+PRIVATE_SCHEME = "99SPTRIAGE"
+DOMAIN_SCORE = Code("DOMAINSCORE", PRIVATE_SCHEME, "Distance from the model's training domain")
+OUTSIDE_DOMAIN = Code("OUTSIDEDOMAIN", PRIVATE_SCHEME, "Outside the model's training domain")
 
 _UID_NAMESPACE = "spine-triage/result-sr/v1"
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -167,10 +177,7 @@ def build_triage_sr(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.reported_name,
         version=algorithm.version,
-        parameters=[
-            f"threshold={finding.prediction.threshold:g}",
-            "patient probability = maximum of the slice probabilities",
-        ],
+        parameters=algorithm_parameters(finding.prediction),
         manufacturer=algorithm.manufacturer,
     )
     finding_sites = finding_sites_of(finding.roi.vertebra)
@@ -285,6 +292,42 @@ def region_at(
     )
 
 
+def algorithm_parameters(prediction: Prediction) -> list[str]:
+    """The classifier's parameters as the SR names them (the domain threshold when guarded)."""
+    parameters = [
+        f"threshold={prediction.threshold:g}",
+        "patient probability = maximum of the slice probabilities",
+    ]
+    if prediction.domain_threshold is not None:
+        parameters.append(f"domain threshold={prediction.domain_threshold:.4g}")
+    return parameters
+
+
+def domain_measurements(
+    prediction: Prediction, algorithm_id: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.Measurement]:
+    """The domain score as a NUM (none without a domain description)."""
+    if prediction.domain_score is None:
+        return []
+    return [
+        hd.sr.Measurement(
+            name=DOMAIN_SCORE,
+            value=prediction.domain_score,
+            unit=codes.UCUM.NoUnits,
+            derivation=codes.SCT.Maximum,
+            algorithm_id=algorithm_id,
+        )
+    ]
+
+
+def domain_evaluations(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
+    """The evaluation "Outside the model's training domain": Yes or No (none if unguarded)."""
+    if prediction.in_domain is None:
+        return []
+    value = codes.SCT.No if prediction.in_domain else codes.SCT.Yes
+    return [hd.sr.QualitativeEvaluation(name=OUTSIDE_DOMAIN, value=value)]
+
+
 def _patient_group(
     finding: TriageFinding,
     frame_of_reference_uid: str,
@@ -310,10 +353,16 @@ def _patient_group(
                 unit=codes.UCUM.NoUnits,
                 derivation=codes.SCT.Maximum,
                 algorithm_id=algorithm_id,
-            )
+            ),
+            *domain_measurements(finding.prediction, algorithm_id),
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=codes.DCM.Pathology, value=pathology)
+            *(
+                []
+                if finding.prediction.outside_domain
+                else [hd.sr.QualitativeEvaluation(name=codes.DCM.Pathology, value=pathology)]
+            ),
+            *domain_evaluations(finding.prediction),
         ],
     )
 

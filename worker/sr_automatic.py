@@ -39,6 +39,8 @@ from worker.sr import (
     FINDING_COMPRESSION_FRACTURE,
     AlgorithmInfo,
     TriageFinding,
+    domain_evaluations,
+    domain_measurements,
     finding_sites_of,
     measurement_document,
     region_at,
@@ -90,6 +92,11 @@ def build_automatic_sr(
             f"threshold={findings[0].prediction.threshold:g}",
             "body probability = maximum of its slice probabilities",
             "study probability = maximum over the bodies",
+            *(
+                [f"domain threshold={findings[0].prediction.domain_threshold:.4g}"]
+                if findings[0].prediction.domain_threshold is not None
+                else []
+            ),
         ],
         manufacturer=algorithm.manufacturer,
     )
@@ -150,11 +157,16 @@ def _body_group(
                 ),
             )
         )
-    evaluations = (
-        [hd.sr.QualitativeEvaluation(name=codes.DCM.Pathology, value=codes.SCT.Malignant)]
-        if prediction.label == "malignant"
-        else None
-    )
+    measurements.extend(domain_measurements(prediction, classifier_id))
+    flagged = prediction.label == "malignant" and not prediction.outside_domain
+    evaluations = [
+        *(
+            [hd.sr.QualitativeEvaluation(name=codes.DCM.Pathology, value=codes.SCT.Malignant)]
+            if flagged
+            else []
+        ),
+        *domain_evaluations(prediction),
+    ]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(f"{job_key}:body={index}"),
@@ -163,9 +175,9 @@ def _body_group(
         referenced_region=region_at(
             roi.polygon_yz_mm, roi.central_slice_x_mm, frame_of_reference_uid
         ),
-        finding_type=FINDING_COMPRESSION_FRACTURE if evaluations else None,
+        finding_type=FINDING_COMPRESSION_FRACTURE if flagged else None,
         finding_sites=finding_sites_of(roi.vertebra),
         algorithm_id=localiser_id,
         measurements=measurements,
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=evaluations or None,
     )

@@ -14,6 +14,12 @@ never served with a preprocessing other than the one it was trained with.
 - ``automatic``: malignant vs benign fracture or normal vertebral body, trained with ROIs on
   normal bodies as well, so the maximum over every body a localiser proposes is meaningful;
   valid on reader ROIs too.
+
+``meta["domain"]`` (optional; a checkpoint without it has no out-of-domain guard) describes
+the training inputs as :mod:`model.serving.domain` fits them; its arrays are stored beside the
+weights under ``"domain"`` in the same sealed payload, and the description records their
+sha256: a description that does not match its arrays, or arrays without a description, are
+refused like any other damage.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from model.serving.domain import DomainError, DomainModel
 from model.serving.preprocess import PreprocessParams, PreprocessParamsError
 from model.serving.roi import is_dicom_uid
 
@@ -110,22 +119,62 @@ def validate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def domain_of(meta: Mapping[str, Any], arrays: Mapping[str, Any] | None) -> DomainModel | None:
+    """The domain description of a checkpoint (None when it has none); :class:`CheckpointError`
+    when meta and arrays do not agree."""
+    if "domain" not in meta:
+        if arrays:
+            raise CheckpointError("domain arrays without a meta.domain description")
+        return None
+    plain = {name: np.asarray(_as_numpy(value)) for name, value in (arrays or {}).items()}
+    try:
+        return DomainModel.from_checkpoint(meta["domain"], plain)
+    except DomainError as exc:
+        raise CheckpointError(f"out-of-domain guard: {exc}") from exc
+
+
+def _as_numpy(value: Any) -> Any:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedCheckpoint:
+    """A verified checkpoint: the network's weights, its meta, its domain (or None)."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    domain: DomainModel | None
+
+
 def _header(sha256: str) -> bytes:
     return f"{CHECKPOINT_FORMAT} v{CHECKPOINT_FORMAT_VERSION} sha256:{sha256}\n".encode()
 
 
 def save_checkpoint(
-    path: Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+    path: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    *,
+    domain_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> str:
-    """Write a checkpoint atomically; returns the sha256 of its payload (also in its header)."""
+    """Write a checkpoint atomically; returns the sha256 of its payload (also in its header).
+
+    ``domain_arrays`` are the arrays ``meta["domain"]`` describes (see :mod:`.domain`)."""
     plain_meta = validate_meta(meta)
+    domain_of(plain_meta, domain_arrays)
     weights = {}
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"state_dict[{name!r}]: not a tensor")
         weights[name] = tensor.detach().to("cpu").clone()
     buffer = io.BytesIO()
-    torch.save({"state_dict": weights, "meta": plain_meta}, buffer)
+    content: dict[str, Any] = {"state_dict": weights, "meta": plain_meta}
+    if domain_arrays:
+        content["domain"] = {
+            name: torch.from_numpy(np.asarray(array, dtype=np.float32).copy())
+            for name, array in domain_arrays.items()
+        }
+    torch.save(content, buffer)
     payload = buffer.getvalue()
     sha256 = hashlib.sha256(payload).hexdigest()
     path = Path(path)
@@ -150,6 +199,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     Returns ``(state_dict, meta)``; ``meta["sha256"]`` is set to the verified digest.
     Raises :class:`CheckpointError` for an unreadable, modified or incomplete file.
     """
+    loaded = read_checkpoint(path)
+    return loaded.state_dict, loaded.meta
+
+
+def read_checkpoint(path: Path) -> LoadedCheckpoint:
+    """:func:`load_checkpoint` with the domain description (checked against its arrays)."""
     path = Path(path)
     data = path.read_bytes()
     newline = data.find(b"\n", 0, 200)
@@ -186,5 +241,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
         raise CheckpointError(f"{path.name}: state_dict holds something other than tensors")
     plain_meta = validate_meta(meta)
+    arrays = content.get("domain")
+    if arrays is not None and not (
+        isinstance(arrays, dict) and all(isinstance(t, torch.Tensor) for t in arrays.values())
+    ):
+        raise CheckpointError(f"{path.name}: domain arrays hold something other than tensors")
+    try:
+        domain = domain_of(plain_meta, arrays)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from exc
     plain_meta["sha256"] = actual
-    return dict(state_dict), plain_meta
+    return LoadedCheckpoint(dict(state_dict), plain_meta, domain)

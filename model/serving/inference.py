@@ -3,6 +3,9 @@
 The device is chosen automatically: CUDA when present (channels_last memory format and bf16
 autocast there), else CPU (channels_last, float32, ``inference_mode``; deterministic: the same
 inputs give bit-identical probabilities). Inputs are run in batches.
+
+When the checkpoint describes its training domain (:mod:`model.serving.domain`), the same
+forward pass also gives each slice's domain score, and every prediction carries the verdict.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import numpy as np
 import torch
 
 from model.io.volume import SeriesGeometry, Volume
-from model.serving.checkpoint import DEFAULT_THRESHOLD, CheckpointError, load_checkpoint
-from model.serving.network import build_resnet50
+from model.serving.checkpoint import DEFAULT_THRESHOLD, CheckpointError, read_checkpoint
+from model.serving.domain import DomainModel
+from model.serving.network import build_resnet50, features_and_logits
 from model.serving.prediction import Prediction, prediction_from_probabilities
 from model.serving.preprocess import PreprocessParams, build_inputs, load_roi_volume
 from model.serving.roi import Roi
@@ -27,6 +31,14 @@ from model.serving.roi import Roi
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True, eq=False)
+class SliceScores:
+    """Per slice: the malignancy probability and (with a domain description) the domain score."""
+
+    probabilities: np.ndarray  # (n,) float32
+    domain_scores: np.ndarray | None  # (n,) float64
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,10 @@ class Classifier:
         device: torch.device,
         threshold: float | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        domain: DomainModel | None = None,
     ) -> None:
         self.meta = meta
+        self.domain = domain
         self.name: str = str(meta["name"])
         self.version: str = str(meta["version"])
         self.device_uid: str = str(meta["device_uid"])
@@ -77,7 +91,8 @@ class Classifier:
         cls, path: Path, *, device: str | None = None, threshold: float | None = None
     ) -> Classifier:
         """Load and verify a checkpoint; ``threshold`` overrides the checkpoint's (site policy)."""
-        state_dict, meta = load_checkpoint(Path(path))
+        loaded = read_checkpoint(Path(path))
+        state_dict, meta = loaded.state_dict, loaded.meta
         network = build_resnet50("random")
         try:
             network.load_state_dict(state_dict, strict=True)
@@ -93,7 +108,7 @@ class Classifier:
             meta["sha256"][:12],
             chosen,
         )
-        return cls(network, meta, device=chosen, threshold=threshold)
+        return cls(network, meta, device=chosen, threshold=threshold, domain=loaded.domain)
 
     @classmethod
     def shared(
@@ -112,6 +127,10 @@ class Classifier:
 
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Malignancy probabilities (n,) float32 for inputs of shape (n, 3, size, size)."""
+        return self.score_inputs(inputs).probabilities
+
+    def score_inputs(self, inputs: np.ndarray) -> SliceScores:
+        """Probabilities and domain scores for inputs of shape (n, 3, size, size), one pass."""
         array = np.asarray(inputs, dtype=np.float32)
         size = self.preprocess.input_size
         expected = (self.preprocess.channels, size, size)
@@ -119,6 +138,8 @@ class Classifier:
             raise ValueError(f"inputs: expected shape (n, {expected}), got {array.shape}")
         cuda = self.device.type == "cuda"
         probabilities: list[np.ndarray] = []
+        features: dict[str, list[np.ndarray]] = {}
+        wanted = self.domain.layer_names if self.domain is not None else ()
         with self._lock, torch.inference_mode():
             for start in range(0, len(array), self.batch_size):
                 batch = torch.from_numpy(array[start : start + self.batch_size])
@@ -127,20 +148,44 @@ class Classifier:
                 )
                 if cuda:
                     with torch.autocast("cuda", dtype=torch.bfloat16):
-                        logits = self._network(batch)
+                        stages, logits = features_and_logits(self._network, batch)
                 else:
-                    logits = self._network(batch)
+                    stages, logits = features_and_logits(self._network, batch)
                 probabilities.append(torch.sigmoid(logits.float()).reshape(-1).cpu().numpy())
+                for name in wanted:
+                    features.setdefault(name, []).append(stages[name].float().cpu().numpy())
         if not probabilities:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate(probabilities).astype(np.float32)
+            empty = np.zeros(0, dtype=np.float32)
+            return SliceScores(empty, None if self.domain is None else empty.astype(np.float64))
+        domain_scores = None
+        if self.domain is not None:
+            domain_scores = self.domain.scores(
+                {name: np.concatenate(parts) for name, parts in features.items()}
+            )
+        return SliceScores(np.concatenate(probabilities).astype(np.float32), domain_scores)
+
+    def prediction(
+        self,
+        x_mm: Sequence[float],
+        probabilities: Sequence[float],
+        domain_scores: Sequence[float] | None,
+    ) -> Prediction:
+        """The ROI's prediction from its slices' probabilities and domain scores."""
+        verdict = None
+        if self.domain is not None and domain_scores is not None:
+            verdict = self.domain.verdict(domain_scores)
+        return prediction_from_probabilities(
+            x_mm, list(probabilities), self.threshold, domain=verdict
+        )
 
     def classify(self, volume: Volume, roi: Roi) -> Classification:
         """Classify an ROI of a loaded volume: the network inputs and the answer for them."""
         inputs = build_inputs(volume, roi, self.preprocess)
-        probabilities = self.predict_inputs(inputs)
-        prediction = prediction_from_probabilities(
-            roi.slices_x_mm, probabilities.tolist(), self.threshold
+        scores = self.score_inputs(inputs)
+        prediction = self.prediction(
+            roi.slices_x_mm,
+            scores.probabilities.tolist(),
+            None if scores.domain_scores is None else scores.domain_scores.tolist(),
         )
         return Classification(inputs=inputs, prediction=prediction)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -60,3 +60,19 @@ def build_resnet50(
         logger.info("ResNet50 initialised from ImageNet weights %s", weights_name)
     model.fc = torch.nn.Linear(model.fc.in_features, 1)
     return model
+
+
+def features_and_logits(
+    network: torch.nn.Module, batch: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One forward pass of a ResNet50 built here, as torchvision's ``ResNet.forward`` runs it:
+    the global average of each residual stage's output (``layer1`` … ``layer4``, n × 256 …
+    n × 2048; ``layer4``'s is the penultimate layer) and the logits (n,)."""
+    net: Any = network  # torchvision's ResNet; its stages are attributes
+    x = net.maxpool(net.relu(net.bn1(net.conv1(batch))))
+    features: dict[str, torch.Tensor] = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = getattr(net, name)(x)
+        features[name] = x.mean(dim=(2, 3))
+    logits = net.fc(torch.flatten(net.avgpool(x), 1)).reshape(-1)
+    return features, logits

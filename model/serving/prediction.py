@@ -1,7 +1,10 @@
 """The classifier's answer for one ROI (pure values: no network, no torch).
 
 Per-slice probabilities, the ROI's probability (their maximum, as Li et al. take the patient's)
-and the call at the site's threshold: malignant / HIGH when the probability is at or above it.
+and the call at the site's threshold: malignant / HIGH when the probability is at or above it
+— unless the out-of-domain guard (:mod:`model.serving.domain`) puts the input outside the
+model's training domain: the probability and label are still reported, the priority is then
+ROUTINE whatever the probability, and ``in_domain`` says why.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from model.serving.domain import DomainVerdict
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,10 @@ class Prediction:
     Validated at construction, so every consumer (the SR, the result row, the worklist) can
     rely on it: one probability per slice, all in [0, 1], the maximum as the ROI's, and a
     label and priority that agree with the threshold.
+
+    ``domain_score`` / ``domain_threshold`` / ``in_domain``: the out-of-domain guard's ROI score
+    (the maximum over the slices), its threshold and the verdict; all None for a checkpoint
+    without a domain description. Outside the domain the priority is ROUTINE.
     """
 
     x_mm: tuple[float, ...]
@@ -27,6 +36,14 @@ class Prediction:
     label: Literal["malignant", "benign"]
     priority: Literal["HIGH", "ROUTINE"]
     threshold: float
+    domain_score: float | None = None
+    domain_threshold: float | None = None
+    in_domain: bool | None = None
+
+    @property
+    def outside_domain(self) -> bool:
+        """The input lies outside the model's training domain (never flagged)."""
+        return self.in_domain is False
 
     def __post_init__(self) -> None:
         if not self.x_mm or len(self.x_mm) != len(self.slice_probabilities):
@@ -41,21 +58,42 @@ class Prediction:
         malignant = self.patient_probability >= self.threshold
         if self.label != ("malignant" if malignant else "benign"):
             raise ValueError(f"label {self.label!r} contradicts probability and threshold")
-        if self.priority != ("HIGH" if malignant else "ROUTINE"):
-            raise ValueError(f"priority {self.priority!r} contradicts probability and threshold")
+        domain = (self.domain_score, self.domain_threshold, self.in_domain)
+        if any(value is None for value in domain) and any(value is not None for value in domain):
+            raise ValueError("domain score, threshold and verdict are given together or not at all")
+        if (
+            self.domain_score is not None
+            and self.domain_threshold is not None
+            and self.in_domain != (self.domain_score <= self.domain_threshold)
+        ):
+            raise ValueError("the domain verdict contradicts its score and threshold")
+        flagged = malignant and not self.outside_domain
+        if self.priority != ("HIGH" if flagged else "ROUTINE"):
+            raise ValueError(
+                f"priority {self.priority!r} contradicts probability, threshold and domain"
+            )
 
 
 def prediction_from_probabilities(
-    x_mm: Sequence[float], probabilities: Sequence[float], threshold: float
+    x_mm: Sequence[float],
+    probabilities: Sequence[float],
+    threshold: float,
+    *,
+    domain: DomainVerdict | None = None,
 ) -> Prediction:
-    """Per-patient probability = max over slices; malignant / HIGH when ≥ threshold."""
+    """Per-patient probability = max over slices; malignant / HIGH when ≥ threshold and the
+    input is not outside the training domain (``domain``: the guard's verdict, if any)."""
     patient = float(max(probabilities))
     malignant = patient >= threshold
+    flagged = malignant and (domain is None or domain.in_domain)
     return Prediction(
         x_mm=tuple(float(x) for x in x_mm),
         slice_probabilities=tuple(float(p) for p in probabilities),
         patient_probability=patient,
         label="malignant" if malignant else "benign",
-        priority="HIGH" if malignant else "ROUTINE",
+        priority="HIGH" if flagged else "ROUTINE",
         threshold=float(threshold),
+        domain_score=None if domain is None else float(domain.score),
+        domain_threshold=None if domain is None else float(domain.threshold),
+        in_domain=None if domain is None else bool(domain.in_domain),
     )

@@ -15,6 +15,10 @@ The checkpoint's task (:mod:`model.serving.checkpoint`) follows from the cohort:
 when it holds ROIs on normal vertebral bodies (the model then learns malignant vs benign or
 normal), ``reader-roi`` otherwise. Splits are by patient, so all ROIs of a patient are on one
 side.
+
+At the end ``main`` describes the training domain for the out-of-domain guard
+(:mod:`model.serving.domain`): Gaussians over the training slices' features, the threshold
+from the in-domain ROIs (validation patients and training ROIs), stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +38,12 @@ from torch import nn
 from tqdm import tqdm
 
 from model.serving.checkpoint import TASK_AUTOMATIC, TASK_READER_ROI, save_checkpoint
-from model.serving.network import PretrainedWeightsUnavailable, build_resnet50
+from model.serving.domain import FEATURE_LAYERS, DomainModel, fit_domain
+from model.serving.network import (
+    PretrainedWeightsUnavailable,
+    build_resnet50,
+    features_and_logits,
+)
 from model.training.augment import augment_batch
 from model.training.cohort import RoiInputs, has_normals, patient_labels, rois_by_patient
 from model.training.config import EarlyStopping, TrainConfig, with_overrides  # noqa: F401
@@ -335,6 +344,55 @@ def predict_rois(
     return result
 
 
+def roi_features(
+    model: nn.Module,
+    rois: Sequence[RoiInputs],
+    *,
+    device: torch.device | str,
+    layers: Sequence[str] = FEATURE_LAYERS,
+    batch_size: int = 64,
+) -> list[dict[str, np.ndarray]]:
+    """Each ROI's features per layer (layer → (slices, channels)), without augmentation."""
+    device = torch.device(device)
+    data = load_data(rois, device)
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            batch = data.inputs[start : start + batch_size].contiguous(
+                memory_format=torch.channels_last
+            )
+            if device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    stages, _ = features_and_logits(model, batch)
+            else:
+                stages, _ = features_and_logits(model, batch)
+            for name in layers:
+                parts[name].append(stages[name].float().cpu().numpy())
+    stacked = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    result, start = [], 0
+    for roi in rois:
+        end = start + len(roi.x_mm)
+        result.append({name: array[start:end] for name, array in stacked.items()})
+        start = end
+    return result
+
+
+def describe_domain(
+    model: nn.Module,
+    train_rois: Sequence[RoiInputs],
+    validation_rois: Sequence[RoiInputs],
+    *,
+    device: torch.device | str,
+) -> DomainModel:
+    """The out-of-domain guard's description: Gaussians over the training slices' features;
+    the threshold from the validation ROIs pooled with the training ROIs."""
+    training = roi_features(model, train_rois, device=device)
+    held_out = roi_features(model, validation_rois, device=device) if validation_rois else []
+    slices = {name: np.concatenate([roi[name] for roi in training]) for name in FEATURE_LAYERS}
+    return fit_domain(slices, [*held_out, *training], held_out_rois=len(held_out))
+
+
 @dataclass(frozen=True)
 class TrainingRun:
     checkpoint: Path
@@ -392,6 +450,10 @@ def main(
     result = fit(train_rois, validation_rois, config, progress=progress)
     version = version or default_version()
     validation = validation_metrics(result, validation_rois)
+    domain = describe_domain(result.model, train_rois, validation_rois, device=result.device)
+    logger.info(
+        "training domain: threshold %.3f (%s)", domain.threshold, json.dumps(domain.summary)
+    )
     task = training_task(patients)
     training = {
         "config": config.to_json(),
@@ -414,10 +476,11 @@ def main(
         "training": training,
         "demonstration": demonstration,
         "intended_use": intended_use,
+        "domain": domain.to_meta(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "model.pt"
-    sha256 = save_checkpoint(checkpoint, result.state_dict, meta)
+    sha256 = save_checkpoint(checkpoint, result.state_dict, meta, domain_arrays=domain.arrays())
     (out_dir / "config.json").write_text(
         json.dumps({**meta, "sha256": sha256}, indent=2) + "\n", encoding="utf-8"
     )
