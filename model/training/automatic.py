@@ -1,4 +1,4 @@
-"""The whole automatic path inside cross-validation (``evaluate --auto``).
+"""The whole automatic path on a labelled cohort (``evaluate --auto``, ``validate --auto``).
 
 The reader-ROI figures measure the classifier on ROIs a person (or the cohort's localiser rows)
 placed; a site switching on automatic triage needs the path it will run: localise every
@@ -16,6 +16,9 @@ the fold the patient is tested in:
   and specificity at the threshold, bodies per patient and the patients that could not be
   analysed; those count as not flagged (score 0, below any threshold), as the worker leaves
   such a study unflagged with "could not analyse".
+
+``validate --auto`` (:mod:`model.training.validate`) scores the same bodies with one fixed
+checkpoint (:func:`body_inputs`, :func:`automatic_predictions`).
 
 The series of a patient is the one its manifest row names (``series_dir`` and the ROI's
 ``series_instance_uid``): the fracture row's, the reader's first.
