@@ -94,8 +94,16 @@ def _worker_results(tmp_path: Path, case: SynthCase, checkpoint: Path) -> dict[s
                 r.id: (list(r.slice_probabilities), r.patient_probability, r.priority, r.bodies)
                 for r in session.scalars(select(TriageResult))
             }
+            domains = {
+                r.id: {"score": r.domain_score, "in_domain": r.in_domain}
+                for r in session.scalars(select(TriageResult))
+            }
         assert reader.result_id is not None and automatic.result_id is not None
-        return {"reader": rows[reader.result_id], "auto": rows[automatic.result_id]}
+        return {
+            "reader": rows[reader.result_id],
+            "auto": rows[automatic.result_id],
+            "reader_domain": domains[reader.result_id],
+        }
     finally:
         rt.close()
 
@@ -129,6 +137,8 @@ def test_classify_gives_the_workers_probabilities(
     assert reader["priority"] == priority
     assert reader["slice_x_mm"] == list(case.roi.slices_x_mm)
     assert set(reader["domain"]) == {"score", "threshold", "in_domain"}
+    assert reader["domain"]["in_domain"] == worker["reader_domain"]["in_domain"]
+    assert reader["domain"]["score"] == pytest.approx(worker["reader_domain"]["score"], rel=1e-5)
     sr = hd.sr.srread(sr_path)
     assert sr.StudyInstanceUID == case.roi.study_instance_uid
 

@@ -202,10 +202,12 @@ class Classified:
 
 def domain_of(prediction: Prediction | None) -> dict[str, Any]:
     """The out-of-domain guard's verdict on a prediction (null members without a guard)."""
+    if prediction is None:
+        return {"score": None, "threshold": None, "in_domain": None}
     return {
-        "score": getattr(prediction, "domain_score", None),
-        "threshold": getattr(prediction, "domain_threshold", None),
-        "in_domain": getattr(prediction, "in_domain", None),
+        "score": prediction.domain_score,
+        "threshold": prediction.domain_threshold,
+        "in_domain": prediction.in_domain,
     }
 
 
