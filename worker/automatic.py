@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
-from dicom_node.archive.schema import AutoJob, Instance, Study, TriageResult
+from dicom_node.archive.schema import AutoJob, Instance, RoiAnnotation, Study, TriageResult
 from dicom_node.archive.schema import Series as SeriesRow
 from dicom_node.broker.wake import DELIVERY, send_marked
 from dicom_node.dicom.ingest import SR_SOP_CLASSES
@@ -46,10 +46,11 @@ from model.serving.localiser import (
 from model.serving.prediction import Prediction, prediction_from_probabilities
 from model.serving.preprocess import build_inputs, roi_region
 from model.serving.roi import Roi
+from worker import shadow
 from worker.errors import PermanentError, TransientError
 from worker.pipeline import Outcome, describe_error, timed
 from worker.preview import render_overview_png
-from worker.runtime import WorkerRuntime
+from worker.runtime import LIVE, SHADOW, Role, WorkerRuntime
 from worker.series import Series, open_series
 from worker.sr import AlgorithmInfo, TriageFinding, sr_to_bytes
 from worker.sr_automatic import LocaliserInfo, build_automatic_sr
@@ -137,19 +138,21 @@ def run_automatic(rt: WorkerRuntime, job_id: int) -> AutomaticOutcome:
         result_id,
         sum(timings.values()),
     )
+    shadow_automatic(rt, job_id, job_key, series, overview, volume, proposals, bodies, result_id)
     return AutomaticOutcome(Outcome.DONE, job_id, result_id=result_id)
 
 
 # --- the steps -------------------------------------------------------------------------------
 
 
-def _require_automatic_model(rt: WorkerRuntime) -> None:
+def _require_automatic_model(rt: WorkerRuntime, classifier: Classifier | None = None) -> None:
     """A checkpoint trained only on readers' ROIs of fractures has never seen a normal
     vertebra: the maximum over a study's bodies would flag every study."""
-    task = checkpoint_task(rt.classifier.meta)
+    classifier = classifier or rt.classifier
+    task = checkpoint_task(classifier.meta)
     if task != "automatic":
         raise PermanentError(
-            f"model {rt.classifier.name} {rt.classifier.version} was trained for the task "
+            f"model {classifier.name} {classifier.version} was trained for the task "
             f"{task!r}, not for automatic triage (it has never seen normal vertebrae); "
             "train with normal bodies or set AUTO_ROI=off"
         )
@@ -290,11 +293,17 @@ class AutomaticReport:
 
 
 def write_report(
-    rt: WorkerRuntime, job_key: str, series: Series, overview: Volume, bodies: Sequence[Body]
+    rt: WorkerRuntime,
+    job_key: str,
+    series: Series,
+    overview: Volume,
+    bodies: Sequence[Body],
+    *,
+    classifier: Classifier | None = None,
 ) -> AutomaticReport:
     """One SR for the whole study (a group per body) and the sagittal overview with every
     box coloured by its probability, both stored durably."""
-    classifier = rt.classifier
+    classifier = classifier or rt.classifier
     algorithm = AlgorithmInfo(
         name=classifier.name,
         version=classifier.version,
@@ -330,22 +339,30 @@ def record_result(
     bodies: Sequence[Body],
     report: AutomaticReport,
     timings: dict[str, float],
+    *,
+    classifier: Classifier | None = None,
+    role: Role = LIVE,
+    annotation_ids: Sequence[int] | None = None,
 ) -> tuple[int, list[int]]:
     """The bodies as annotations, the result (on the most suspicious body), one delivery per
-    destination and the job done: one transaction."""
-    classifier = rt.classifier
+    destination and the job done: one transaction. A shadow result (the candidate's, role
+    shadow) names the live result's annotations of its bodies (``annotation_ids``, in the
+    order of ``bodies``) and is only recorded: no delivery, the job, done already, left alone."""
+    classifier = classifier or rt.classifier
     now = datetime.now(UTC)
+    live = role == LIVE
     try:
         with transaction(rt.sessions) as session:
-            if not lifecycle.holds_auto_job(session, job_id, rt.worker_id):
+            if live and not lifecycle.holds_auto_job(session, job_id, rt.worker_id):
                 raise TransientError("claim lost to another worker (lease expired)")
-            annotation_ids = lifecycle.propose_bodies(
-                session,
-                job_id,
-                [lifecycle.ProposedBody(body.roi, body.confidence) for body in bodies],
-                annotator=LOCALISER,
-                now=now,
-            )
+            if annotation_ids is None:
+                annotation_ids = lifecycle.propose_bodies(
+                    session,
+                    job_id,
+                    [lifecycle.ProposedBody(body.roi, body.confidence) for body in bodies],
+                    annotator=LOCALISER,
+                    now=now,
+                )
             result_id = session.scalar(
                 select(TriageResult.id).where(
                     TriageResult.auto_job_id == job_id,
@@ -359,6 +376,8 @@ def record_result(
                     auto_job_id=job_id,
                     model_name=classifier.name,
                     model_version=classifier.version,
+                    checkpoint_sha256=classifier.sha256 or None,
+                    role=role,
                     patient_probability=top.patient_probability,
                     slice_x_mm=list(top.x_mm),
                     slice_probabilities=list(top.slice_probabilities),
@@ -388,16 +407,83 @@ def record_result(
                 session.add(result)
                 session.flush()
                 result_id = result.id
-            delivery_ids = lifecycle.create_deliveries(
-                session, result_id, list(rt.settings.destinations), now=now
-            )
-            lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
-            lifecycle.complete_auto_job(
-                session, job_id, series_instance_uid=series_uid, localiser=LOCALISER, now=now
-            )
+            delivery_ids: list[int] = []
+            if live:
+                delivery_ids = lifecycle.create_deliveries(
+                    session, result_id, list(rt.settings.destinations), now=now
+                )
+                lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
+                lifecycle.complete_auto_job(
+                    session, job_id, series_instance_uid=series_uid, localiser=LOCALISER, now=now
+                )
     except IntegrityError as exc:  # a concurrent run recorded the same key first
         raise TransientError("result recorded concurrently") from exc
     return result_id, delivery_ids
+
+
+def shadow_automatic(
+    rt: WorkerRuntime,
+    job_id: int,
+    job_key: str,
+    series: Series,
+    overview: Volume,
+    volume: Volume,
+    proposals: Sequence[Proposal],
+    live_bodies: Sequence[Body],
+    live_result_id: int,
+) -> None:
+    """Shadow mode: the candidate on the same proposed bodies and decoded volume; its result
+    (on its own most suspicious body) recorded with role shadow, its SR and overview stored,
+    never delivered. Never raises (:func:`worker.shadow.run_candidate`)."""
+
+    def run(candidate: Classifier) -> int:
+        _require_automatic_model(rt, candidate)
+        timings: dict[str, float] = {}
+        with timed(timings, "load_bodies_s"):
+            reach = rt.classifier.preprocess.lateral_reach_mm
+            seen = (
+                volume
+                if candidate.preprocess.lateral_reach_mm <= reach
+                else load_bodies(candidate, series, overview, proposals)
+            )
+        with timed(timings, "inference_s"):
+            annotation_of = dict(
+                zip((body.roi for body in live_bodies), _body_annotations(rt, job_id), strict=True)
+            )
+            bodies = [
+                b for b in classify_bodies(candidate, seen, proposals) if b.roi in annotation_of
+            ]
+            if not bodies:
+                raise PermanentError("the candidate kept none of the bodies the live model judged")
+        with timed(timings, "report_s"):
+            report = write_report(rt, job_key, series, overview, bodies, classifier=candidate)
+        with timed(timings, "record_s"):
+            result_id, _ = record_result(
+                rt,
+                job_id,
+                overview.series_instance_uid,
+                bodies,
+                report,
+                timings,
+                classifier=candidate,
+                role=SHADOW,
+                annotation_ids=[annotation_of[body.roi] for body in bodies],
+            )
+        return result_id
+
+    shadow.run_candidate(rt, live_result_id, f"automatic job {job_id}", run)
+
+
+def _body_annotations(rt: WorkerRuntime, job_id: int) -> list[int]:
+    """The annotations the live result made of the job's bodies, in the live bodies' order."""
+    with rt.sessions() as session:
+        return list(
+            session.scalars(
+                select(RoiAnnotation.id)
+                .where(RoiAnnotation.auto_job_id == job_id)
+                .order_by(RoiAnnotation.id)
+            )
+        )
 
 
 # --- end states ------------------------------------------------------------------------------

@@ -14,3 +14,9 @@ class TransientError(TriageError):
 class PermanentError(TriageError):
     """Retrying cannot help (unreadable series, ROI outside the volume, a peer's refusal):
     fail the job or delivery and keep the reason."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

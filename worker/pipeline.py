@@ -27,12 +27,13 @@ from dicom_node.archive.db import transaction
 from dicom_node.archive.schema import RoiAnnotation, TriageResult
 from dicom_node.broker.wake import DELIVERY, send_marked
 from model.io.volume import SeriesError, Volume
-from model.serving.inference import Classification
+from model.serving.inference import Classification, Classifier
 from model.serving.prediction import Prediction
 from model.serving.roi import Roi
-from worker.errors import PermanentError, TransientError
+from worker import shadow
+from worker.errors import PermanentError, TransientError, describe_error
 from worker.preview import render_preview_png, sagittal_context
-from worker.runtime import WorkerRuntime
+from worker.runtime import LIVE, SHADOW, Role, WorkerRuntime
 from worker.series import Series, open_series
 from worker.sr import AlgorithmInfo, TriageFinding, build_triage_sr, sr_to_bytes
 
@@ -126,6 +127,7 @@ def run_triage(rt: WorkerRuntime, annotation_id: int) -> TriageOutcome:
         recorded.result_id,
         sum(timings.values()),
     )
+    shadow_triage(rt, job, series, volume, recorded.result_id)
     return TriageOutcome(Outcome.DONE, annotation_id, result_id=recorded.result_id)
 
 
@@ -157,19 +159,28 @@ def load_volume(rt: WorkerRuntime, series: Series, roi: Roi) -> Volume:
         raise TransientError(f"stored file missing: {exc.filename}") from exc
 
 
-def classify(rt: WorkerRuntime, volume: Volume, roi: Roi) -> Classification:
-    """The network inputs (METHOD.md) and the model's answer for them."""
+def classify(
+    rt: WorkerRuntime, volume: Volume, roi: Roi, *, classifier: Classifier | None = None
+) -> Classification:
+    """The network inputs (METHOD.md) and the model's answer for them (the live model's
+    unless ``classifier`` is given)."""
     try:
-        return rt.classifier.classify(volume, roi)
+        return (classifier or rt.classifier).classify(volume, roi)
     except SeriesError as exc:  # e.g. the ROI lies partly outside the volume
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def write_report(
-    rt: WorkerRuntime, job: Job, series: Series, volume: Volume, classification: Classification
+    rt: WorkerRuntime,
+    job: Job,
+    series: Series,
+    volume: Volume,
+    classification: Classification,
+    *,
+    classifier: Classifier | None = None,
 ) -> Report:
     """The SR (built with highdicom) and the preview PNG, both stored durably."""
-    classifier = rt.classifier
+    classifier = classifier or rt.classifier
     prediction = classification.prediction
     algorithm = AlgorithmInfo(
         name=classifier.name,
@@ -206,14 +217,24 @@ def write_report(
 
 
 def record_result(
-    rt: WorkerRuntime, job: Job, prediction: Prediction, report: Report, timings: dict[str, float]
+    rt: WorkerRuntime,
+    job: Job,
+    prediction: Prediction,
+    report: Report,
+    timings: dict[str, float],
+    *,
+    classifier: Classifier | None = None,
+    role: Role = LIVE,
 ) -> Recorded:
-    """Result row, one delivery per destination and the annotation done: one transaction."""
-    classifier = rt.classifier
+    """Result row, one delivery per destination and the annotation done: one transaction.
+    A shadow result (the candidate's, ``role`` shadow) is only recorded: no delivery, and the
+    annotation, done already, is left alone."""
+    classifier = classifier or rt.classifier
     now = datetime.now(UTC)
     try:
         with transaction(rt.sessions) as session:
-            if not lifecycle.holds_claim(session, job.annotation_id, rt.worker_id):
+            live = role == LIVE
+            if live and not lifecycle.holds_claim(session, job.annotation_id, rt.worker_id):
                 raise TransientError("claim lost to another worker (lease expired)")
             result_id = _existing_result(session, job.annotation_id, classifier.version)
             if result_id is None:
@@ -221,6 +242,8 @@ def record_result(
                     annotation_id=job.annotation_id,
                     model_name=classifier.name,
                     model_version=classifier.version,
+                    checkpoint_sha256=classifier.sha256 or None,
+                    role=role,
                     patient_probability=prediction.patient_probability,
                     slice_x_mm=list(prediction.x_mm),
                     slice_probabilities=list(prediction.slice_probabilities),
@@ -238,14 +261,46 @@ def record_result(
                 session.add(result)
                 session.flush()
                 result_id = result.id
-            delivery_ids = lifecycle.create_deliveries(
-                session, result_id, list(rt.settings.destinations), now=now
-            )
-            lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
-            lifecycle.complete_annotation(session, job.annotation_id, now=now)
+            delivery_ids: list[int] = []
+            if live:
+                delivery_ids = lifecycle.create_deliveries(
+                    session, result_id, list(rt.settings.destinations), now=now
+                )
+                lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
+                lifecycle.complete_annotation(session, job.annotation_id, now=now)
     except IntegrityError as exc:  # a concurrent run recorded the same key first
         raise TransientError("result recorded concurrently") from exc
     return Recorded(result_id, tuple(delivery_ids))
+
+
+def shadow_triage(
+    rt: WorkerRuntime, job: Job, series: Series, volume: Volume, live_result_id: int
+) -> None:
+    """Shadow mode: the candidate on the same ROI and volume; its result recorded (role
+    shadow) with its SR and preview stored, never delivered. Never raises: a failure is
+    logged and recorded on the live result (:func:`worker.shadow.run_candidate`)."""
+
+    def run(candidate: Classifier) -> int:
+        timings: dict[str, float] = {}
+        with timed(timings, "load_s"):
+            reach = rt.classifier.preprocess.lateral_reach_mm
+            seen = (
+                volume
+                if candidate.preprocess.lateral_reach_mm <= reach
+                else candidate.load_volume(series.geometry, job.roi)
+            )
+        with timed(timings, "inference_s"):
+            classification = classify(rt, seen, job.roi, classifier=candidate)
+        with timed(timings, "report_s"):
+            report = write_report(rt, job, series, seen, classification, classifier=candidate)
+        with timed(timings, "record_s"):
+            prediction = classification.prediction
+            recorded = record_result(
+                rt, job, prediction, report, timings, classifier=candidate, role=SHADOW
+            )
+        return recorded.result_id
+
+    shadow.run_candidate(rt, live_result_id, f"annotation {job.annotation_id}", run)
 
 
 def _existing_result(session: Session, annotation_id: int, model_version: str) -> int | None:
@@ -294,11 +349,6 @@ def _retry_or_fail(
         delay,
     )
     return TriageOutcome(Outcome.RETRY, annotation_id, reason=reason, retry_in_s=delay)
-
-
-def describe_error(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class timed:

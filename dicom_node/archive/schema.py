@@ -268,6 +268,9 @@ class TriageResult(Base):
     # live: the configured model (flags, delivers); shadow: a candidate run beside it, recorded
     # for comparison only (never flagged, never delivered).
     role: Mapped[str] = mapped_column(String(16), default="live", server_default="live", index=True)
+    # On a live result, in shadow mode: why the candidate could not run on the same job
+    # ("<name> <version>: <reason>"); the live result stands regardless.
+    shadow_failure: Mapped[str | None] = mapped_column(Text)
     # Out-of-domain guard: the input's distance from the model's training inputs, the
     # checkpoint's threshold, and the verdict (None: the checkpoint has no domain description).
     domain_score: Mapped[float | None] = mapped_column(Float)

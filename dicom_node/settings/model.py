@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from dicom_node.settings.base import CommaList, SettingsGroup, split_list
+
+
+def _sha256(value: str) -> str:
+    text = value.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError("expected a sha256: 64 hexadecimal digits")
+    return text
+
+
+Sha256 = Annotated[str, AfterValidator(_sha256)]
 
 
 class ModelSettings(SettingsGroup):
@@ -19,6 +29,25 @@ class ModelSettings(SettingsGroup):
             "Checkpoint the workers serve. Empty: the demonstration model (trained on synthetic "
             "data on first use and cached under VAR_DIR/models; not for clinical use)."
         ),
+    )
+    model_checkpoint_sha256: Sha256 | None = Field(
+        None,
+        description="The sha256 the live checkpoint must carry (its identity beside its name "
+        "and version; `spine-triage models show` prints it). A worker refuses to start with, "
+        "or to load, a checkpoint whose sha256 differs. Empty: not pinned.",
+    )
+    candidate_checkpoint: Path | None = Field(
+        None,
+        description="Shadow mode: a candidate checkpoint run beside the live one on every job. "
+        "Its results are recorded with its version (role shadow) for `spine-triage models "
+        "compare`; it delivers nothing, flags nothing and its failure never fails a job. Its "
+        "version must differ from the live model's. Promotion: make it MODEL_CHECKPOINT. "
+        "Empty: no shadow.",
+    )
+    candidate_checkpoint_sha256: Sha256 | None = Field(
+        None,
+        description="The sha256 the candidate checkpoint must carry (as MODEL_CHECKPOINT_SHA256 "
+        "for the live one). Empty: not pinned.",
     )
     threshold: float | None = Field(
         None,
@@ -42,6 +71,11 @@ class ModelSettings(SettingsGroup):
         description="Rules a series must meet to be used as the CT of an ROI, KEY=REGEX pairs "
         "matched case-insensitively against DICOM attributes.",
     )
+
+    @field_validator("model_checkpoint_sha256", "candidate_checkpoint_sha256", mode="before")
+    @classmethod
+    def _empty_is_unpinned(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("series_selection", mode="before")
     @classmethod

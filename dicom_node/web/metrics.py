@@ -154,11 +154,16 @@ def _database_metrics(session: Session) -> Iterator[Metric]:
     yield age
 
     results = CounterMetricFamily(
-        f"{PREFIX}_results", "Triage results recorded, by priority.", labels=["priority"]
+        f"{PREFIX}_results",
+        "Triage results recorded by the live model, by priority (shadow mode's candidate "
+        "results are not counted: they flag nothing).",
+        labels=["priority"],
     )
     by_priority = dict(
         session.execute(
-            select(TriageResult.priority, func.count()).group_by(TriageResult.priority)
+            select(TriageResult.priority, func.count())
+            .where(TriageResult.role == "live")
+            .group_by(TriageResult.priority)
         ).all()
     )
     for priority in sorted({"HIGH", "ROUTINE", *by_priority}):
@@ -195,7 +200,7 @@ def _inference_histogram(session: Session) -> HistogramMetricFamily:
     seconds = TriageResult.timings["inference_s"].as_float()
     columns = [func.count(seconds), func.coalesce(func.sum(seconds), 0.0)]
     columns += [func.sum(case((seconds <= bound, 1), else_=0)) for bound in INFERENCE_BUCKETS_S]
-    row = session.execute(select(*columns)).one()
+    row = session.execute(select(*columns).where(TriageResult.role == "live")).one()
     count, total = int(row[0] or 0), float(row[1] or 0.0)
     buckets = [
         (_bound_label(bound), float(value or 0))

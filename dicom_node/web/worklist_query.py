@@ -10,6 +10,11 @@ Reading order (``GET /worklist``):
    could not analyse the study: no spine in view, too few slices, …; the reason is shown),
    then **awaiting_roi** (images complete, no ROI yet); newest first.
 
+Only live results count (``role`` live): a shadow candidate's results (shadow mode,
+:mod:`worker.shadow`) never flag, order or describe a study; the detail lists them apart,
+under ``shadow``. Every result names the model that produced it: name, version and the
+checkpoint's sha256.
+
 A study has up to two lines of work: its newest reader's ROI (REST, SR, CSV) with that
 annotation's newest result (a newer model version supersedes an older one), and its automatic
 job (every body the localiser found) with that job's newest result. Each gets a state as above;
@@ -49,6 +54,7 @@ from dicom_node.archive.schema import (
 )
 
 _R = TypeVar("_R")
+LIVE_ROLE = "live"  # the results that count; "shadow": a candidate's, for comparison only
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
 
@@ -112,6 +118,7 @@ class _ResultRow:
     threshold: float
     model_name: str
     model_version: str
+    checkpoint_sha256: str | None
     demonstration_model: bool
     preview_path: str | None
     created_at: datetime
@@ -165,7 +172,11 @@ LATEST_ANNOTATIONS = (
     .where(RoiAnnotation.auto_job_id.is_(None))
     .group_by(RoiAnnotation.study_instance_uid)
 )
-LATEST_RESULTS = select(func.max(TriageResult.id)).group_by(TriageResult.annotation_id)
+LATEST_RESULTS = (
+    select(func.max(TriageResult.id))
+    .where(TriageResult.role == LIVE_ROLE)
+    .group_by(TriageResult.annotation_id)
+)
 
 
 def _delivery_counts(session: Session, result_ids: Any) -> dict[int, dict[str, int]]:
@@ -358,6 +369,7 @@ def _item(entry: _Entry, deliveries: dict[str, int] | None) -> dict[str, Any]:
             {
                 "name": result.model_name,
                 "version": result.model_version,
+                "sha256": result.checkpoint_sha256,
                 "demonstration": result.demonstration_model,
             }
             if result
@@ -477,7 +489,7 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
     if annotation is not None:
         result = session.scalar(
             select(TriageResult)
-            .where(TriageResult.annotation_id == annotation.id)
+            .where(TriageResult.annotation_id == annotation.id, TriageResult.role == LIVE_ROLE)
             .order_by(TriageResult.id.desc())
             .limit(1)
         )
@@ -485,7 +497,7 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
     if job is not None:
         auto_result = session.scalar(
             select(TriageResult)
-            .where(TriageResult.auto_job_id == job.id)
+            .where(TriageResult.auto_job_id == job.id, TriageResult.role == LIVE_ROLE)
             .order_by(TriageResult.id.desc())
             .limit(1)
         )
@@ -523,7 +535,26 @@ def build_study_detail(session: Session, study_uid: str) -> dict[str, Any] | Non
     detail["sr_sop_instance_uid"] = shown.sr_sop_instance_uid if shown else None
     detail["delivery_list"] = [_plain(d, DELIVERY_FIELDS) for d in deliveries]
     detail["annotations"] = [_plain(a, ANNOTATION_FIELDS) for a in readers]
+    detail["shadow"] = _shadow_results(session, shown)
+    detail["shadow_failure"] = shown.shadow_failure if shown else None
     return detail
+
+
+def _shadow_results(session: Session, shown: TriageResult | None) -> list[dict[str, Any]]:
+    """Shadow mode: what candidate checkpoints answered on the job of the shown result."""
+    if shown is None:
+        return []
+    same_job = (
+        TriageResult.auto_job_id == shown.auto_job_id
+        if shown.auto_job_id is not None
+        else TriageResult.annotation_id == shown.annotation_id
+    )
+    rows = session.scalars(
+        select(TriageResult)
+        .where(same_job, TriageResult.role != LIVE_ROLE)
+        .order_by(TriageResult.id)
+    )
+    return [_plain(row, SHADOW_FIELDS) for row in rows]
 
 
 DELIVERY_FIELDS = [
@@ -538,6 +569,16 @@ DELIVERY_FIELDS = [
     "delivered_at",
 ]
 ANNOTATION_FIELDS = ["id", "state", "source", "created_at", "failure_reason"]
+SHADOW_FIELDS = [
+    "id",
+    "model_name",
+    "model_version",
+    "checkpoint_sha256",
+    "patient_probability",
+    "priority",
+    "threshold",
+    "created_at",
+]
 
 
 def _plain(row: object, names: Sequence[str]) -> dict[str, Any]:

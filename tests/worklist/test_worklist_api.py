@@ -101,7 +101,12 @@ def test_item_carries_patient_model_result_and_delivery_summary(service: Worklis
     assert item["state"] == "flagged"
     assert item["probability"] == 0.9
     assert (item["label"], item["priority"], item["threshold"]) == ("malignant", "HIGH", 0.5)
-    assert item["model"] == {"name": "li2021-resnet50", "version": "1.0.0", "demonstration": True}
+    assert item["model"] == {
+        "name": "li2021-resnet50",
+        "version": "1.0.0",
+        "sha256": None,  # a row seeded without its checkpoint's sha256
+        "demonstration": True,
+    }
     assert item["result_id"] == result_id
     assert item["preview_url"] == f"/results/{result_id}/preview.png"
     assert item["deliveries"] == {

@@ -76,6 +76,10 @@ COMMANDS: dict[str, Command] = {
         "worker.commands.validate",
         "score a fixed checkpoint on a labelled cohort (no training), with the paper's table",
     ),
+    "models": Command(
+        "worker.commands.models",
+        "the configured checkpoints (name, version, sha256); shadow mode's live vs candidate",
+    ),
     "demo-model": Command(
         "worker.commands.training",
         "train (once) and cache the demonstration model on synthetic phantoms",

@@ -7,9 +7,10 @@ from typing import Any
 
 from dicom_node.broker.wake import DELIVERY_QUEUE, TRIAGE_QUEUE
 from dicom_node.settings import load_settings
+from model.serving.checkpoint import CheckpointError
 from worker.celery_app import make_app
 from worker.commands import COMMANDS
-from worker.runtime import default_checkpoint
+from worker.runtime import CheckpointRefused, default_checkpoint, verify_checkpoints
 
 
 def register(subparsers: Any) -> None:
@@ -23,7 +24,9 @@ def register(subparsers: Any) -> None:
             "(SPINE_TRIAGE_BROKER_URL; embedded mode: a local folder). Start as many as you "
             "like, on any machine that reaches the database, the broker and the storage. "
             "The model is loaded once per worker process (SPINE_TRIAGE_MODEL_CHECKPOINT; "
-            "default: the demonstration model, trained on first use)."
+            "default: the demonstration model, trained on first use); a worker refuses to "
+            "start when a configured checkpoint differs from its pinned sha256 "
+            "(SPINE_TRIAGE_MODEL_CHECKPOINT_SHA256, SPINE_TRIAGE_CANDIDATE_CHECKPOINT_SHA256)."
         ),
     )
     parser.add_argument(
@@ -48,6 +51,11 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = load_settings()
     if TRIAGE_QUEUE in args.queues.split(","):
         default_checkpoint(settings)  # a demonstration model is trained before taking jobs
+        try:
+            for model in verify_checkpoints(settings):
+                print(f"{model.role} model: {model.name} {model.version} sha256 {model.sha256}")
+        except (CheckpointRefused, CheckpointError, OSError) as exc:
+            raise SystemExit(f"spine-triage worker: refusing to start: {exc}") from exc
     app = make_app(settings)
     argv = [
         "worker",

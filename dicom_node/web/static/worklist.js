@@ -90,7 +90,12 @@ function renderRow(item) {
   }
   row.append(state);
   const probability = element("td", probabilityText(item.probability), "number");
-  if (item.model && item.model.demonstration) probability.title = "demonstration model";
+  if (item.model) {
+    // which model produced this result (name and version; the checkpoint's sha256 on hover)
+    const model = element("span", `${item.model.name} ${item.model.version}`, "sub-line model");
+    model.title = `${item.model.demonstration ? "demonstration model; " : ""}checkpoint sha256 ${item.model.sha256 || "not recorded"}`;
+    probability.append(model);
+  }
   row.append(probability);
   const patient = element("td", patientName(item.patient_name), "patient");
   patient.append(element("span", item.patient_id || "—", "sub-line"));
@@ -236,6 +241,12 @@ function renderDetail(detail) {
   }
   fact(facts, "Model", detail.model ?
     `${detail.model.name} ${detail.model.version}${detail.model.demonstration ? " (demonstration)" : ""}` : null);
+  fact(facts, "Checkpoint sha256", detail.model ? detail.model.sha256 : null);
+  for (const candidate of detail.shadow || []) {
+    fact(facts, "Shadow candidate", `${candidate.model_name} ${candidate.model_version}: ` +
+      `${probabilityText(candidate.patient_probability)} (${candidate.priority}; recorded only, never delivered)`);
+  }
+  if (detail.shadow_failure) fact(facts, "Shadow candidate failed", detail.shadow_failure);
   fact(facts, "Received", localTime(detail.received_at));
   fact(facts, "Result", localTime(detail.result_at));
   renderChart(detail);
