@@ -75,21 +75,59 @@ def score_rois(
     description: str = "scoring",
 ) -> list[np.ndarray]:
     """The slice probabilities of each ROI (in order), the inputs run in batches."""
+    return score_rois_and_domain(classifier, rois, progress=progress, description=description)[0]
+
+
+def score_rois_and_domain(
+    classifier: Classifier,
+    rois: Sequence[RoiInputs],
+    *,
+    progress: bool = False,
+    description: str = "scoring",
+) -> tuple[list[np.ndarray], list[float] | None]:
+    """Each ROI's slice probabilities and (with an out-of-domain guard) its domain score
+    (the maximum over its slices, as the worker takes it), from one pass."""
     if not rois:
-        return []
+        return [], None
     flat = np.concatenate([roi.inputs for roi in rois])
     scored: list[np.ndarray] = []
+    distances: list[np.ndarray] = []
     with tqdm(total=len(flat), desc=description, unit="slice", disable=not progress) as bar:
         for start in range(0, len(flat), SCORING_CHUNK):
             chunk = flat[start : start + SCORING_CHUNK]
-            scored.append(classifier.predict_inputs(chunk))
+            scores = classifier.score_inputs(chunk)
+            scored.append(scores.probabilities)
+            if scores.domain_scores is not None:
+                distances.append(scores.domain_scores)
             bar.update(len(chunk))
     probabilities = np.concatenate(scored)
-    result, start = [], 0
+    domain = np.concatenate(distances) if distances else None
+    result, roi_domain, start = [], [], 0
     for roi in rois:
-        result.append(probabilities[start : start + len(roi.x_mm)])
-        start += len(roi.x_mm)
-    return result
+        end = start + len(roi.x_mm)
+        result.append(probabilities[start:end])
+        if domain is not None:
+            roi_domain.append(float(domain[start:end].max()))
+        start = end
+    return result, roi_domain if domain is not None else None
+
+
+def domain_distribution(classifier: Classifier, roi_scores: Sequence[float] | None) -> list[str]:
+    """The report's paragraph on the cohort's domain scores (the out-of-domain guard)."""
+    if classifier.domain is None or roi_scores is None:
+        return ["The checkpoint has no description of its training domain: no out-of-domain guard."]
+    scores = np.asarray(roi_scores, dtype=np.float64)
+    threshold = classifier.domain.threshold
+    outside = int((scores > threshold).sum())
+    quartiles = np.percentile(scores, [25, 50, 75, 95])
+    return [
+        f"**Out-of-domain guard** (checkpoint threshold {threshold:.3f}, "
+        f"{classifier.meta['domain']['method']}): domain scores of the {scores.size} ROIs "
+        f"min {scores.min():.3f}, quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / "
+        f"{quartiles[2]:.3f}, 95th percentile {quartiles[3]:.3f}, max {scores.max():.3f}; "
+        f"**{outside} of {scores.size} ROIs outside the model's training domain** (the worker "
+        "would report them and flag none of them)."
+    ]
 
 
 def checkpoint_notes(classifier: Classifier, rois: Sequence[RoiInputs], auto: bool) -> list[str]:
@@ -124,7 +162,8 @@ def validate(
     """Score every ROI (and, with ``automatic``, every body of every patient's series) with
     ``classifier`` and write the evaluation folder into ``out_dir``."""
     started = time.perf_counter()
-    predictions = slice_predictions(rois, score_rois(classifier, rois, progress=progress), FOLD)
+    probabilities, roi_domain = score_rois_and_domain(classifier, rois, progress=progress)
+    predictions = slice_predictions(rois, probabilities, FOLD)
     automatic_rows: list[AutomaticPrediction] | None = None
     if automatic is not None:
         patients = list(automatic.values())
@@ -136,6 +175,7 @@ def validate(
         )
     seconds = time.perf_counter() - started
     notes = checkpoint_notes(classifier, rois, automatic is not None)
+    notes.extend(domain_distribution(classifier, roi_domain))
     meta = classifier.meta
     model = {
         "path": str(checkpoint),
@@ -192,6 +232,7 @@ def validate(
             "validation": config.to_json(),
             "preprocessing": classifier.preprocess.to_json(),
             "cohort": cohort_description(rois),
+            "domain_scores": roi_domain,
             "source": source,
             "device": str(classifier.device),
             "torch": torch.__version__,

@@ -118,6 +118,14 @@ def test_the_report_is_what_its_predictions_give(validation: Path, demo_checkpoi
         assert (validation / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((validation / "config.json").read_text())
     assert config["checkpoint"]["sha256"] == Classifier.load(demo_checkpoint).sha256
+    # the out-of-domain guard's score distribution over the cohort's ROIs (held-out phantoms)
+    domain_scores = config["domain_scores"]
+    guard = Classifier.load(demo_checkpoint).domain
+    assert guard is not None and len(domain_scores) == config["cohort"]["rois"]
+    outside = sum(score > guard.threshold for score in domain_scores)
+    assert f"**{outside} of {len(domain_scores)} ROIs outside the model's training domain**" in (
+        report
+    )
 
     # the whole automatic path: per patient, max over the bodies found
     automatic = list(csv.DictReader((validation / "automatic_predictions.csv").open()))
