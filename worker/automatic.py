@@ -43,7 +43,7 @@ from model.serving.localiser import (
     localise,
     propose_rois,
 )
-from model.serving.prediction import Prediction, prediction_from_probabilities
+from model.serving.prediction import Prediction
 from model.serving.preprocess import build_inputs, roi_region
 from model.serving.roi import Roi
 from worker import shadow
@@ -271,16 +271,24 @@ def classify_bodies(
         kept.append(proposal)
     if not kept:
         raise Unanalysable("the field of view cuts every vertebral body found")
-    probabilities = classifier.predict_inputs(np.concatenate(inputs))
+    scores = classifier.score_inputs(np.concatenate(inputs))
     bodies, start = [], 0
     for proposal, body_inputs in zip(kept, inputs, strict=True):
         end = start + len(body_inputs)
-        prediction = prediction_from_probabilities(
-            proposal.roi.slices_x_mm, probabilities[start:end].tolist(), classifier.threshold
+        domain = None if scores.domain_scores is None else scores.domain_scores[start:end]
+        prediction = classifier.prediction(
+            proposal.roi.slices_x_mm,
+            scores.probabilities[start:end].tolist(),
+            None if domain is None else domain.tolist(),
         )
         bodies.append(Body(proposal.roi, proposal.confidence, prediction))
         start = end
-    bodies.sort(key=lambda body: -body.prediction.patient_probability)
+    # A flagged body first (a body outside the training domain is never flagged), then by
+    # probability: the result names the most suspicious body the model may judge, and says so
+    # when even that one lies outside the training domain.
+    bodies.sort(
+        key=lambda body: (body.prediction.priority != "HIGH", -body.prediction.patient_probability)
+    )
     return bodies
 
 
@@ -384,6 +392,9 @@ def record_result(
                     label=top.label,
                     priority=top.priority,
                     threshold=top.threshold,
+                    domain_score=top.domain_score,
+                    domain_threshold=top.domain_threshold,
+                    in_domain=top.in_domain,
                     demonstration_model=bool(classifier.meta.get("demonstration", False)),
                     sr_series_instance_uid=report.sr_series_instance_uid,
                     sr_sop_instance_uid=report.sr_sop_instance_uid,
@@ -399,6 +410,8 @@ def record_result(
                             "priority": body.prediction.priority,
                             "slice_x_mm": list(body.prediction.x_mm),
                             "slice_probabilities": list(body.prediction.slice_probabilities),
+                            "domain_score": body.prediction.domain_score,
+                            "in_domain": body.prediction.in_domain,
                         }
                         for annotation_id, body in zip(annotation_ids, bodies, strict=True)
                     ],

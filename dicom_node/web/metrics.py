@@ -9,8 +9,9 @@ Two kinds, because the node and the workers are separate processes:
   stores one of its instances (it remembers the last 10 000 studies it saw);
 - **read from the database at each scrape** (the archive of record, shared by every
   process, so what any worker did is counted): studies by state, jobs (ROI annotations) by
-  state and the age of the oldest pending one, results by priority, the inference time of
-  every result (a histogram built from ``TriageResult.timings["inference_s"]`` in one
+  state and the age of the oldest pending one, results by priority and by the out-of-domain
+  guard's verdict (``spine_triage_results_by_domain_total{domain="outside"}``), the inference
+  time of every result (a histogram built from ``TriageResult.timings["inference_s"]`` in one
   aggregate query), and deliveries by state, destination and kind. When the database cannot
   be read the scrape still answers, with ``spine_triage_database_up 0``.
 """
@@ -169,6 +170,27 @@ def _database_metrics(session: Session) -> Iterator[Metric]:
     for priority in sorted({"HIGH", "ROUTINE", *by_priority}):
         results.add_metric([priority], float(by_priority.get(priority, 0)))
     yield results
+
+    domain = CounterMetricFamily(
+        f"{PREFIX}_results_by_domain",
+        "Live triage results by the out-of-domain guard's verdict: inside or outside the "
+        "model's training domain (outside: never flagged), or unguarded (a model without a "
+        "domain description).",
+        labels=["domain"],
+    )
+    verdict = case(
+        (TriageResult.in_domain.is_(None), "unguarded"),
+        (TriageResult.in_domain.is_(True), "inside"),
+        else_="outside",
+    )
+    by_domain: dict[str, int] = dict(
+        session.execute(
+            select(verdict, func.count()).where(TriageResult.role == "live").group_by(verdict)
+        ).all()
+    )
+    for name in ("inside", "outside", "unguarded"):
+        domain.add_metric([name], float(by_domain.get(name, 0)))
+    yield domain
 
     yield _inference_histogram(session)
 

@@ -116,6 +116,9 @@ class _ResultRow:
     label: str
     priority: str
     threshold: float
+    domain_score: float | None
+    domain_threshold: float | None
+    in_domain: bool | None
     model_name: str
     model_version: str
     checkpoint_sha256: str | None
@@ -195,6 +198,9 @@ def _delivery_counts(session: Session, result_ids: Any) -> dict[int, dict[str, i
     return counts
 
 
+OUTSIDE_DOMAIN = "outside the model's training domain"
+
+
 def classify(
     study: _StudyRow | None, annotation: _AnnotationRow | None, result: _ResultRow | None
 ) -> tuple[WorklistState, str]:
@@ -208,6 +214,8 @@ def classify(
     if annotation.state is AnnotationState.DONE and result is not None:
         if result.priority == "HIGH":
             return WorklistState.FLAGGED, "probability at or above the threshold"
+        if result.in_domain is False:
+            return WorklistState.ROUTINE, f"{OUTSIDE_DOMAIN}: not flagged"
         return WorklistState.ROUTINE, "probability below the threshold"
     if study is None:
         return WorklistState.WAITING, "ROI received, images not yet"
@@ -226,6 +234,8 @@ def classify_automatic(job: _AutoJobRow, result: _ResultRow | None) -> tuple[Wor
         on = f" on {result.flagged_vertebra}" if result.flagged_vertebra else ""
         if result.priority == "HIGH":
             return WorklistState.FLAGGED, f"automatic: probability at or above the threshold{on}"
+        if result.in_domain is False:
+            return WorklistState.ROUTINE, f"automatic: {OUTSIDE_DOMAIN}{on}: not flagged"
         return WorklistState.ROUTINE, "automatic: every body below the threshold"
     if job.state is AutoJobState.UNANALYSABLE:
         return WorklistState.NOT_ANALYSED, f"could not analyse: {job.unanalysable_reason}"
@@ -365,6 +375,17 @@ def _item(entry: _Entry, deliveries: dict[str, int] | None) -> dict[str, Any]:
         "label": result.label if result else None,
         "priority": result.priority if result else None,
         "threshold": result.threshold if result else None,
+        # The out-of-domain guard (None: the model has none): outside its training domain a
+        # result is shown as such and never flagged.
+        "domain": (
+            {
+                "score": result.domain_score,
+                "threshold": result.domain_threshold,
+                "in_domain": result.in_domain,
+            }
+            if result and result.in_domain is not None
+            else None
+        ),
         "model": (
             {
                 "name": result.model_name,

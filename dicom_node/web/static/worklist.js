@@ -74,6 +74,16 @@ function renderCounts(counts, total) {
   return total;
 }
 
+const OUTSIDE_DOMAIN = "outside the model's training domain";
+
+// The out-of-domain guard's verdict in words (null when the model has no guard).
+function domainText(domain) {
+  if (!domain) return null;
+  const figures = `score ${domain.score.toFixed(2)}, threshold ${domain.threshold.toFixed(2)}`;
+  return domain.in_domain ? `inside the model's training domain (${figures})`
+    : `${OUTSIDE_DOMAIN} (${figures}): not flagged, whatever the probability`;
+}
+
 function renderRow(item) {
   const row = element("tr", null, `row row-${item.state}`);
   row.dataset.uid = item.study_instance_uid;
@@ -95,6 +105,11 @@ function renderRow(item) {
     const model = element("span", `${item.model.name} ${item.model.version}`, "sub-line model");
     model.title = `${item.model.demonstration ? "demonstration model; " : ""}checkpoint sha256 ${item.model.sha256 || "not recorded"}`;
     probability.append(model);
+  }
+  if (item.domain && !item.domain.in_domain) {
+    const outside = element("span", OUTSIDE_DOMAIN, "sub-line out-of-domain");
+    outside.title = domainText(item.domain);
+    probability.append(outside);
   }
   row.append(probability);
   const patient = element("td", patientName(item.patient_name), "patient");
@@ -228,6 +243,7 @@ function renderDetail(detail) {
   fact(facts, "State", `${STATE_LABELS[detail.state] || detail.state} — ${detail.activity}`);
   fact(facts, "Probability", detail.probability === null ? null :
     `${probabilityText(detail.probability)} (threshold ${detail.threshold}; ${detail.label}, priority ${detail.priority})`);
+  fact(facts, "Training domain", domainText(detail.domain));
   fact(facts, "Vertebra", detail.vertebra);
   fact(facts, "Source", detail.source === "automatic"
     ? "automatic analysis (ROI placed by the localiser)" : "reader's ROI");
@@ -237,7 +253,8 @@ function renderDetail(detail) {
   }
   if (detail.bodies && detail.bodies.length) {
     fact(facts, "Bodies", detail.bodies
-      .map((b, i) => `${b.vertebra || `#${i + 1}`} ${probabilityText(b.probability)}`).join(" · "));
+      .map((b, i) => `${b.vertebra || `#${i + 1}`} ${probabilityText(b.probability)}` +
+        (b.in_domain === false ? ` (${OUTSIDE_DOMAIN})` : "")).join(" · "));
   }
   fact(facts, "Model", detail.model ?
     `${detail.model.name} ${detail.model.version}${detail.model.demonstration ? " (demonstration)" : ""}` : null);
