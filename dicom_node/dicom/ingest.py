@@ -36,6 +36,7 @@ from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedSRStorage,
+    LegacyConvertedEnhancedCTImageStorage,
 )
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -58,7 +59,11 @@ from dicom_node.dicom.storage import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SOP_CLASSES: tuple[UID, ...] = (CTImageStorage, EnhancedCTImageStorage)
+IMAGE_SOP_CLASSES: tuple[UID, ...] = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
 SR_SOP_CLASSES: frozenset[UID] = frozenset(
     (EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage)
 )

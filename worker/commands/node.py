@@ -23,11 +23,12 @@ def register(subparsers: Any) -> None:
         "node",
         help=COMMANDS["node"].help,
         description=(
-            "Run the node: a DICOM service accepting C-ECHO and C-STORE (CT, Enhanced CT, and "
-            "SR for ROI annotations) that acknowledges an instance only once it is fsynced "
-            "and indexed; the scheduler that marks studies complete after the quiet period "
-            "and wakes workers; and the HTTP service (REST API, worklist page, metrics). "
-            "Settings come from SPINE_TRIAGE_* variables; the options below override them."
+            "Run the node: a DICOM service accepting C-ECHO and C-STORE (CT, Enhanced CT, Legacy "
+            "Converted Enhanced CT, and SR for ROI annotations) that acknowledges an instance "
+            "only once it is fsynced and indexed; the scheduler that marks studies complete "
+            "after the quiet period and wakes workers; and the HTTP service (REST API, "
+            "worklist page, metrics). Settings come from SPINE_TRIAGE_* variables; the options "
+            "below override them."
         ),
     )
     add_node_options(parser)
