@@ -7,6 +7,7 @@ is re-sent by the node's sweep, a duplicate one finds nothing to claim.
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import Task, shared_task
 
@@ -17,6 +18,13 @@ from worker.pipeline import Outcome, run_triage
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
+
+# One automatic job at a time per worker process: it holds a whole series in memory (about
+# 1.4 GiB of the process at 300 × 512 × 512) and decodes on every core, so a second one beside
+# it would double the worker's memory without finishing either sooner. The worker's other
+# threads still take reader-ROI jobs and deliveries; more throughput comes from more worker
+# processes or hosts.
+AUTOMATIC_SLOTS = threading.BoundedSemaphore(1)
 
 
 @shared_task(name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -29,7 +37,8 @@ def triage_annotation(self: Task, annotation_id: int) -> str:
 
 @shared_task(name=AUTO_TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def triage_study(self: Task, job_id: int) -> str:
-    result = run_automatic(get_runtime(), int(job_id))
+    with AUTOMATIC_SLOTS:
+        result = run_automatic(get_runtime(), int(job_id))
     if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
         raise self.retry(countdown=result.retry_in_s, max_retries=None)
     return result.outcome.value
