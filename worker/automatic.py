@@ -31,8 +31,7 @@ from dicom_node.archive.schema import AutoJob, Instance, RoiAnnotation, Study, T
 from dicom_node.archive.schema import Series as SeriesRow
 from dicom_node.broker.wake import DELIVERY, send_marked
 from dicom_node.dicom.ingest import SR_SOP_CLASSES
-from model.io.pixels import JPEG2000_TRANSFER_SYNTAXES
-from model.io.volume import PatientBox, SeriesError, Volume, load_volume
+from model.io.volume import SeriesError, Volume
 from model.serving.checkpoint import checkpoint_task
 from model.serving.inference import Classifier
 from model.serving.localiser import (
@@ -43,8 +42,10 @@ from model.serving.localiser import (
     localise,
     propose_rois,
 )
+from model.serving.overview import load_for_rois
+from model.serving.overview import load_overview as read_overview
 from model.serving.prediction import Prediction
-from model.serving.preprocess import build_inputs, roi_region
+from model.serving.preprocess import build_inputs
 from model.serving.roi import Roi
 from worker import shadow
 from worker.errors import PermanentError, TransientError
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 LOCALISER = f"{LOCALISER_NAME} {LOCALISER_VERSION}"
 SLICES_PER_BODY = 5
-OVERVIEW_SPACING_MM = 2.0  # the localiser's working grid
 
 
 @dataclass(frozen=True)
@@ -190,24 +190,11 @@ def choose_series(rt: WorkerRuntime, study_instance_uid: str) -> str:
     return str(row.series_instance_uid)
 
 
-def overview_reduction(series: Series) -> int:
-    """How much a JPEG 2000 series is reduced for localisation (0: decoded whole, once).
-
-    The localiser works on a grid of about 2 mm; JPEG 2000 decodes at 1/2 or 1/4 resolution
-    directly, much faster than the whole image. Other codecs cost the same whole or reduced,
-    so they are decoded whole once, for the localiser and the classifier alike.
-    """
-    first = series.geometry.frames[0]
-    if first.transfer_syntax_uid not in JPEG2000_TRANSFER_SYNTAXES:
-        return 0
-    pixel = min(series.geometry.spacing[1:])
-    return int(np.clip(np.floor(np.log2(OVERVIEW_SPACING_MM / pixel)), 0, 2))
-
-
 def load_overview(series: Series) -> Volume:
-    """The whole series, at reduced resolution when that is cheaper to decode."""
+    """The whole series as the localiser reads it (:func:`model.serving.overview.overview_plan`:
+    JPEG 2000 at reduced resolution and slice density, other codecs whole, once)."""
     try:
-        return load_volume(series.geometry, reduce=overview_reduction(series))
+        return read_overview(series.geometry)
     except SeriesError as exc:
         raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
     except FileNotFoundError as exc:
@@ -226,21 +213,12 @@ def propose(localisation: Localisation, overview: Volume) -> list[Proposal]:
 def load_bodies(
     classifier: Classifier, series: Series, overview: Volume, proposals: Sequence[Proposal]
 ) -> Volume:
-    """The full-resolution voxels the classifier needs: the overview itself when it is full
-    resolution, else one region covering every proposed ROI (JPEG 2000 decodes only it)."""
-    if overview.spacing == series.geometry.spacing:
-        return overview
-    regions = [
-        roi_region(p.roi, lateral_reach_mm=classifier.preprocess.lateral_reach_mm)
-        for p in proposals
-    ]
-    union = PatientBox(
-        x_mm=(min(r.x_mm[0] for r in regions), max(r.x_mm[1] for r in regions)),
-        y_mm=(min(r.y_mm[0] for r in regions), max(r.y_mm[1] for r in regions)),
-        z_mm=(min(r.z_mm[0] for r in regions), max(r.z_mm[1] for r in regions)),
-    )
+    """The full-resolution voxels the classifier needs: the overview itself when it is the
+    whole series at full resolution, else one region covering every proposed ROI."""
     try:
-        return load_volume(series.geometry, region=union)
+        return load_for_rois(
+            series.geometry, overview, [p.roi for p in proposals], classifier.preprocess
+        )
     except SeriesError as exc:
         raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
     except FileNotFoundError as exc:
