@@ -1,9 +1,10 @@
-"""Ingest benchmark: the node against DCMTK's storescp, side by side in one run.
+"""Ingest benchmark: the node against Orthanc and DCMTK's storescp, side by side in one run.
 
 Makes N synthetic CT instances (512×512 int16, ~0.5 MiB each), then alternately sends them
-with DCMTK ``storescu`` (one association) to ``storescp`` and to the node (a fresh node
-process each run: new SQLite database and storage, so every instance is really written,
-fsynced and indexed), and prints instances/s and the node/storescp ratio (medians).
+with DCMTK ``storescu`` (one association) to ``storescp``, to Orthanc and to the node (a fresh
+node process each run: new SQLite database and storage, so every instance is really written,
+fsynced and indexed), and prints instances/s and every receiver's ratio to Orthanc with
+``SyncStorageArea`` on, the durable archive sites run (and to storescp), as medians.
 
     python benchmarks/bench_ingest.py [--instances 300] [--runs 5] [--senders 1]
         [--listeners 1] [--database-url postgresql+psycopg2://...] [--set NAME=VALUE]
@@ -15,6 +16,13 @@ TCP_NODELAY=1 is set for the DCMTK tools (see shared PERFORMANCE.md).
 Each run also sends to two bare pynetdicom receivers (``bare_scp.py``, unless ``--no-bare``):
 one whose handler does nothing and one that writes ``event.encoded_dataset()`` without fsync
 or index. They bound what any node built on pynetdicom can reach on this machine.
+
+Orthanc (``/usr/sbin/Orthanc``, unless ``--no-orthanc``) runs twice per run, each time a fresh
+process with its own temporary configuration, storage and SQLite index: ``SyncStorageArea``
+true (its default: each file fsynced, the index committed per instance) and false. It embeds
+DCMTK, so it too runs with TCP_NODELAY=1 in its environment (Orthanc 1.10 has no setting for
+its DICOM sockets; without it each instance stalls on a delayed ACK). Its thread pool
+(``DicomThreadsCount`` 4) serves concurrent associations.
 """
 
 from __future__ import annotations
@@ -31,12 +39,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.dicom_factory import write_ct_series  # noqa: E402
+from tests.services import Orthanc  # noqa: E402
 
 DCMTK = Path("/usr/bin")
 
@@ -142,6 +152,29 @@ def _time_receiver(
         shutil.rmtree(out, ignore_errors=True)
 
 
+def run_orthanc(chunks: list[list[Path]], sync_storage: bool) -> float:
+    """Seconds for a fresh Orthanc (own config, storage and index) to take every chunk."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-orthanc-"))
+    orthanc = Orthanc(
+        folder,
+        aet="ORTHANC",
+        extra_config={"SyncStorageArea": sync_storage, "DicomThreadsCount": 4},
+        environment=dcmtk_env(),
+    )
+    try:
+        orthanc.start()
+        wait_port(orthanc.dicom_port)
+        seconds = send(orthanc.dicom_port, "ORTHANC", chunks)
+        with orthanc.client() as client:
+            stored = int(client.get("/statistics").json()["CountInstances"])
+        if stored != sum(len(chunk) for chunk in chunks):
+            raise RuntimeError(f"Orthanc stored {stored} of {sum(map(len, chunks))} instances")
+        return seconds
+    finally:
+        orthanc.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_node(
     chunks: list[list[Path]],
     listeners: int,
@@ -234,64 +267,89 @@ def main() -> int:
         action="store_true",
         help="skip the bare pynetdicom receivers (bare_scp.py) in each run",
     )
+    parser.add_argument(
+        "--no-orthanc",
+        action="store_true",
+        help="skip Orthanc (SyncStorageArea true and false) in each run",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
     overrides = dict(item.split("=", 1) for item in args.set)
+    fork = args.senders > 1
+    node_name = "node ({}, {} listener(s))".format(
+        "postgresql" if args.database_url else "sqlite", args.listeners
+    )
+    # receiver key → (printed name, how to time it on the chunks); the order of every run
+    receivers: dict[str, tuple[str, Callable[[list[list[Path]]], float]]] = {
+        "storescp": (
+            "storescp --fork" if fork else "storescp",
+            partial(run_storescp, fork=fork),
+        ),
+    }
+    if not args.no_bare:
+        for handler in ("nothing", "write"):
+            receivers[f"bare_{handler}"] = (
+                f"bare pynetdicom, handler: {handler}",
+                partial(run_bare, handler=handler),
+            )
+    if not args.no_orthanc:
+        for key, sync in (("orthanc", True), ("orthanc_nosync", False)):
+            receivers[key] = (
+                f"Orthanc, SyncStorageArea {'on' if sync else 'off'}",
+                partial(run_orthanc, sync_storage=sync),
+            )
+    receivers["node"] = (
+        node_name,
+        partial(
+            run_node,
+            listeners=args.listeners,
+            database_url=args.database_url,
+            overrides=overrides,
+        ),
+    )
+
+    times: dict[str, list[float]] = {key: [] for key in receivers}
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         files = write_ct_series(data, args.instances, rows=512, columns=512)
         size = sum(p.stat().st_size for p in files)
         chunks = [files[i :: args.senders] for i in range(args.senders)]
-        fork = args.senders > 1
-        reference, node = [], []
-        bare: dict[str, list[float]] = {} if args.no_bare else {"nothing": [], "write": []}
         for run in range(args.runs):
-            reference.append(run_storescp(chunks, fork))
-            for handler, times in bare.items():
-                times.append(run_bare(chunks, handler))
-            node.append(run_node(chunks, args.listeners, args.database_url, overrides))
-            bare_text = "".join(f", bare {h} {t[-1]:.2f} s" for h, t in bare.items())
-            print(
-                f"run {run + 1}: storescp {reference[-1]:.2f} s{bare_text}, node {node[-1]:.2f} s",
-                flush=True,
-            )
+            for key, (_, timed) in receivers.items():
+                times[key].append(timed(chunks))
+            text = ", ".join(f"{key} {times[key][-1]:.2f} s" for key in receivers)
+            print(f"run {run + 1}: {text}", flush=True)
     finally:
         shutil.rmtree(data, ignore_errors=True)
-    ref_s, node_s = statistics.median(reference), statistics.median(node)
-    bare_s = {handler: statistics.median(times) for handler, times in bare.items()}
-    figures = {
+
+    median = {key: statistics.median(values) for key, values in times.items()}
+    figures: dict[str, object] = {
         "instances": args.instances,
         "mib": round(size / 2**20, 1),
         "senders": args.senders,
         "listeners": args.listeners,
         "database": "postgresql" if args.database_url else "sqlite",
-        "storescp_s": round(ref_s, 3),
-        "storescp_inst_per_s": round(args.instances / ref_s, 1),
-        "node_s": round(node_s, 3),
-        "node_inst_per_s": round(args.instances / node_s, 1),
-        "ratio_node_to_storescp": round(ref_s / node_s, 3),
     }
-    for handler, seconds in bare_s.items():
-        figures[f"bare_{handler}_s"] = round(seconds, 3)
-        figures[f"ratio_bare_{handler}_to_storescp"] = round(ref_s / seconds, 3)
-    reference_name = "storescp --fork" if fork else "storescp"
+    # a ratio is the reference's time / this receiver's time: above 1 means faster
+    references = [key for key in ("orthanc", "storescp") if key in median]
+    for key, seconds in median.items():
+        figures[f"{key}_s"] = round(seconds, 3)
+        figures[f"{key}_inst_per_s"] = round(args.instances / seconds, 1)
+        for reference in references:
+            if key != reference:
+                figures[f"ratio_{key}_to_{reference}"] = round(median[reference] / seconds, 3)
+    header = "".join(f"  to {reference:<9}" for reference in references)
     lines = [
         f"\n{args.instances} instances ({figures['mib']} MiB), {args.senders} sender(s), "
-        f"median of {args.runs} (ratio: storescp's time / this one's):",
-        f"  {reference_name:<40} {ref_s:6.2f} s  {args.instances / ref_s:7.1f} inst/s",
+        f"median of {args.runs}; ratio = the reference's time / this one's "
+        "(Orthanc: SyncStorageArea on):",
+        f"  {'receiver':<40} {'time':>8}  {'inst/s':>7}{header}",
     ]
-    for handler, seconds in bare_s.items():
-        name = f"bare pynetdicom, handler: {handler}"
-        lines.append(
-            f"  {name:<40} {seconds:6.2f} s  {args.instances / seconds:7.1f} inst/s  "
-            f"ratio {ref_s / seconds:.2f}"
-        )
-    name = f"node ({figures['database']}, {args.listeners} listener(s))"
-    lines.append(
-        f"  {name:<40} {node_s:6.2f} s  {figures['node_inst_per_s']:7.1f} inst/s  "
-        f"ratio {figures['ratio_node_to_storescp']:.2f}"
-    )
+    for key, (name, _) in receivers.items():
+        seconds = median[key]
+        ratios = "".join(f"  {median[reference] / seconds:>12.2f}" for reference in references)
+        lines.append(f"  {name:<40} {seconds:6.2f} s  {args.instances / seconds:7.1f}{ratios}")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

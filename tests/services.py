@@ -37,6 +37,8 @@ class Orthanc:
     modalities: dict[str, list[Any]] = field(default_factory=dict)
     lua: str | None = None
     stable_age_s: int = 2
+    extra_config: dict[str, Any] = field(default_factory=dict)  # e.g. {"SyncStorageArea": False}
+    environment: dict[str, str] | None = None  # e.g. dcmtk_env(): TCP_NODELAY for its DICOM side
     user: str = "test"
     password: str = "test-password"
     http_port: int = field(default_factory=free_port)
@@ -93,11 +95,13 @@ class Orthanc:
             script = self.folder / "hooks.lua"
             script.write_text(self.lua)
             config["LuaScripts"] = [str(script)]
+        config.update(self.extra_config)
         (self.folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         logs = self.folder / "logs"
         logs.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
             [binary, f"--logdir={logs}", str(self.folder / "orthanc.json")],
+            env=self.environment,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

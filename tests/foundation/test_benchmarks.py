@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import require_dcmtk
+from tests.support import require_binary, require_dcmtk
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,18 +28,27 @@ def _run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def test_bench_ingest_measures_storescp_the_bare_receivers_and_the_node(tmp_path: Path) -> None:
+def test_bench_ingest_measures_storescp_the_bare_receivers_orthanc_and_the_node(
+    tmp_path: Path,
+) -> None:
     require_dcmtk("storescu")
     require_dcmtk("storescp")
+    require_binary("Orthanc")
     out = tmp_path / "ingest.json"
     result = _run_benchmark(
         "bench_ingest.py", "--instances", "4", "--runs", "1", "--json", str(out)
     )
     figures = json.loads(out.read_text())
     assert figures["instances"] == 4
-    for key in ("storescp_s", "bare_nothing_s", "bare_write_s", "node_s"):
-        assert figures[key] > 0, key
+    receivers = ("storescp", "bare_nothing", "bare_write", "orthanc", "orthanc_nosync", "node")
+    for key in receivers:
+        assert figures[f"{key}_s"] > 0, key
+    for key in receivers:  # every ratio is to Orthanc with SyncStorageArea on (and storescp)
+        if key != "orthanc":
+            assert figures[f"ratio_{key}_to_orthanc"] > 0, key
     assert "bare pynetdicom, handler: nothing" in result.stdout
+    assert "Orthanc, SyncStorageArea on" in result.stdout
+    assert "Orthanc, SyncStorageArea off" in result.stdout
     assert "node (sqlite, 1 listener(s))" in result.stdout
 
 
