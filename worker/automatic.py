@@ -48,6 +48,7 @@ from model.serving.prediction import Prediction
 from model.serving.preprocess import build_inputs
 from model.serving.roi import Roi
 from worker import shadow
+from worker.derived import slice_positions, write_review_series
 from worker.errors import PermanentError, TransientError
 from worker.pipeline import Outcome, describe_error, timed
 from worker.preview import render_overview_png
@@ -276,6 +277,8 @@ class AutomaticReport:
     sr_series_instance_uid: str
     sr_sop_instance_uid: str
     preview_path: str
+    review_series_instance_uid: str | None = None  # the review series sent with the SR
+    review_paths: tuple[str, ...] | None = None
 
 
 def write_report(
@@ -296,12 +299,21 @@ def write_report(
         device_uid=classifier.device_uid,
         demonstration=bool(classifier.meta.get("demonstration", False)),
     )
+    review = write_review_series(
+        rt,
+        series,
+        slice_positions([body.roi.slices_x_mm for body in bodies]),
+        classifier.preprocess,
+        job_key=job_key,
+        software_version=algorithm.software_version,
+    )
     sr = build_automatic_sr(
         list(series.headers),
         [TriageFinding(roi=body.roi, prediction=body.prediction) for body in bodies],
         algorithm,
         LocaliserInfo(name=LOCALISER_NAME, version=LOCALISER_VERSION),
         job_key=job_key,
+        review=review.series if review else None,
     )
     study_uid = overview.study_instance_uid
     stored = rt.store.write(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr))
@@ -315,6 +327,8 @@ def write_report(
         sr_series_instance_uid=str(sr.SeriesInstanceUID),
         sr_sop_instance_uid=str(sr.SOPInstanceUID),
         preview_path=preview_path,
+        review_series_instance_uid=review.series.series_instance_uid if review else None,
+        review_paths=review.paths if review else None,
     )
 
 
@@ -378,6 +392,8 @@ def record_result(
                     sr_sop_instance_uid=report.sr_sop_instance_uid,
                     sr_path=report.sr_path,
                     preview_path=report.preview_path,
+                    review_series_instance_uid=report.review_series_instance_uid,
+                    review_paths=list(report.review_paths) if report.review_paths else None,
                     timings={key: round(value, 4) for key, value in timings.items()},
                     bodies=[
                         {

@@ -79,6 +79,7 @@ def load_payload(
         demonstration=result.demonstration_model,
         vertebra=annotation.vertebra,
         result_created_at=result.created_at,
+        review_paths=tuple(rt.store.absolute(path) for path in result.review_paths or ()),
     )
 
 

@@ -31,6 +31,7 @@ from model.serving.inference import Classification, Classifier
 from model.serving.prediction import Prediction
 from model.serving.roi import Roi
 from worker import shadow
+from worker.derived import write_review_series
 from worker.errors import PermanentError, TransientError, describe_error
 from worker.preview import render_preview_png, sagittal_context
 from worker.runtime import LIVE, SHADOW, Role, WorkerRuntime
@@ -74,6 +75,8 @@ class Report:
     sr_series_instance_uid: str
     sr_sop_instance_uid: str
     preview_path: str
+    review_series_instance_uid: str | None = None  # the review series sent with the SR
+    review_paths: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -188,11 +191,20 @@ def write_report(
         device_uid=classifier.device_uid,
         demonstration=bool(classifier.meta.get("demonstration", False)),
     )
+    review = write_review_series(
+        rt,
+        series,
+        job.roi.slices_x_mm,
+        classifier.preprocess,
+        job_key=job.annotation_key,
+        software_version=algorithm.software_version,
+    )
     sr = build_triage_sr(
         series.headers_of(volume.sop_instance_uids),
         TriageFinding(roi=job.roi, prediction=prediction),
         algorithm,
         annotation_key=job.annotation_key,
+        review=review.series if review else None,
     )
     stored = rt.store.write(
         job.roi.study_instance_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr)
@@ -213,6 +225,8 @@ def write_report(
         sr_series_instance_uid=str(sr.SeriesInstanceUID),
         sr_sop_instance_uid=str(sr.SOPInstanceUID),
         preview_path=preview_path,
+        review_series_instance_uid=review.series.series_instance_uid if review else None,
+        review_paths=review.paths if review else None,
     )
 
 
@@ -258,6 +272,8 @@ def record_result(
                     sr_sop_instance_uid=report.sr_sop_instance_uid,
                     sr_path=report.sr_path,
                     preview_path=report.preview_path,
+                    review_series_instance_uid=report.review_series_instance_uid,
+                    review_paths=list(report.review_paths) if report.review_paths else None,
                     timings={key: round(value, 4) for key, value in timings.items()},
                     created_at=now,
                 )

@@ -61,7 +61,9 @@ from pydicom.uid import generate_uid
 from dicom_node.dicom.vertebrae import vertebra_code
 from model.serving.prediction import Prediction
 from model.serving.roi import Roi
+from worker.derived import ReviewSeries
 from worker.sr_evidence import frame_of_reference, in_utf8, with_type2_attributes
+from worker.sr_review import review_groups
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +170,10 @@ def build_triage_sr(
     *,
     annotation_key: str,
     institution_name: str | None = None,
+    review: ReviewSeries | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The result SR of ``finding`` for the CT instances ``source_images`` (its evidence)."""
+    """The result SR of ``finding`` for the CT instances ``source_images`` (its evidence);
+    with ``review``, each group also drawn on its review image (:mod:`worker.sr_review`)."""
     if not source_images:
         raise ValueError("the SR needs the CT instances it reports on as evidence")
     frame_of_reference_uid = frame_of_reference(source_images)
@@ -198,8 +202,15 @@ def build_triage_sr(
             finding.roi.slices_x_mm, finding.prediction.slice_probabilities, strict=True
         )
     )
+    if review is not None:
+        groups.extend(review_groups(groups, review))
     sr = measurement_document(
-        source_images, groups, algorithm, series_uid, sop_uid, institution_name
+        [*source_images, *(review.datasets if review else [])],
+        groups,
+        algorithm,
+        series_uid,
+        sop_uid,
+        institution_name,
     )
     logger.info(
         "built result SR sop_instance_uid=%s study=%s label=%s groups=%d",

@@ -35,6 +35,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from model.serving.roi import Roi
+from worker.derived import ReviewSeries
 from worker.sr import (
     FINDING_COMPRESSION_FRACTURE,
     AlgorithmInfo,
@@ -48,6 +49,7 @@ from worker.sr import (
     tracking_uid,
 )
 from worker.sr_evidence import frame_of_reference
+from worker.sr_review import review_groups
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +78,11 @@ def build_automatic_sr(
     *,
     job_key: str,
     institution_name: str | None = None,
+    review: ReviewSeries | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of an automatic job: ``findings`` one per body, in the localiser's order
-    (inferior to superior; they are reported most suspicious first)."""
+    (inferior to superior; they are reported most suspicious first). With ``review``, each
+    body's group also drawn on its review image (:mod:`worker.sr_review`)."""
     if not source_images:
         raise ValueError("the SR needs the CT instances it reports on as evidence")
     if not findings:
@@ -111,8 +115,15 @@ def build_automatic_sr(
         _body_group(findings[i], i, frame_of_reference_uid, classifier_id, localiser_id, job_key)
         for i in order
     ]
+    if review is not None:
+        groups.extend(review_groups(groups, review))
     sr = measurement_document(
-        source_images, groups, algorithm, series_uid, sop_uid, institution_name
+        [*source_images, *(review.datasets if review else [])],
+        groups,
+        algorithm,
+        series_uid,
+        sop_uid,
+        institution_name,
     )
     top = findings[order[0]]
     logger.info(

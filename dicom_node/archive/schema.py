@@ -276,6 +276,10 @@ class TriageResult(Base):
     domain_score: Mapped[float | None] = mapped_column(Float)
     domain_threshold: Mapped[float | None] = mapped_column(Float)
     in_domain: Mapped[bool | None] = mapped_column()
+    # The review series (worker.derived) delivered with the SR: its Series Instance UID and
+    # its files (relative to the storage root), right to left; None when the site sends none.
+    review_series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    review_paths: Mapped[list[str] | None] = mapped_column(JSON)
 
     annotation: Mapped[RoiAnnotation] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")

@@ -123,6 +123,14 @@ class DeliverySettings(SettingsGroup):
     delivery_backoff_max_s: float = Field(
         600.0, gt=0, description="Longest delay between two attempts of a delivery."
     )
+    review_series: bool = Field(
+        True,
+        description="Send with each result SR the review series: per analysed slice position "
+        "one sagittal CT image (DERIVED, the 3 mm slab the model saw, full field of view, in "
+        "the original study) on which the SR draws the ROI as a 2D region, so that viewers "
+        "without 3D SR support (OHIF) show it. About 0.2-0.5 MB per image; false keeps the "
+        "PACS to the SR alone (its ROI then only in 3D patient coordinates).",
+    )
 
     @field_validator("destinations")
     @classmethod

@@ -45,6 +45,7 @@ __all__ = [
     "build_inputs",
     "load_roi_volume",
     "roi_region",
+    "sagittal_slab",
     "sampling_points",
 ]
 
@@ -189,7 +190,7 @@ def sampling_points(
     half = params.channels // 2
     channel_offsets = (np.arange(params.channels) - half) * params.channel_spacing_mm
     s = params.samples_per_slab
-    slab_offsets = ((np.arange(s) + 0.5) / s - 0.5) * params.slab_thickness_mm
+    slab_offsets = _slab_offsets(params)
     xs = np.asarray(roi.slices_x_mm, dtype=np.float64)
     x = xs[:, None, None] + channel_offsets[None, :, None] + slab_offsets[None, None, :]
     size = params.input_size
@@ -198,6 +199,46 @@ def sampling_points(
     points[..., 1] = box.center_y + dy
     points[..., 2] = box.center_z + dz
     return points
+
+
+def _slab_offsets(params: PreprocessParams) -> np.ndarray:
+    """Lateral offsets (mm) of a slab's samples from its centre (midpoint rule)."""
+    s = params.samples_per_slab
+    return ((np.arange(s) + 0.5) / s - 0.5) * params.slab_thickness_mm
+
+
+def sagittal_slab(
+    volume: Volume,
+    x_mm: float,
+    y_mm: np.ndarray,
+    z_mm: np.ndarray,
+    params: PreprocessParams | None = None,
+    *,
+    outside_value: float = -1024.0,
+) -> np.ndarray:
+    """The sagittal slab centred at ``x_mm`` (the middle channel of :func:`build_inputs` at
+    that slice position, before z-scoring), sampled at the (y, z) positions ``y_mm``,
+    ``z_mm`` (arrays of one shape) and returned in HU (float32, that shape).
+
+    Same slab, same samples across its thickness, same trilinear interpolation as the network
+    inputs, so a review image made from it shows what the model saw. A position whose slab
+    reaches outside the volume (more than half a voxel past its edge) gets ``outside_value``.
+    """
+    params = params or PreprocessParams()
+    y = np.asarray(y_mm, dtype=np.float64)
+    z = np.asarray(z_mm, dtype=np.float64)
+    if y.shape != z.shape:
+        raise ValueError("y_mm and z_mm must have one shape")
+    offsets = _slab_offsets(params)
+    points = np.empty((len(offsets), *y.shape, 3), dtype=np.float64)
+    points[..., 0] = (x_mm + offsets).reshape((-1,) + (1,) * y.ndim)
+    points[..., 1] = y
+    points[..., 2] = z
+    indices = volume.patient_to_index(points)
+    limits = np.array(volume.shape, dtype=np.float64) - 0.5
+    inside = np.all((indices >= -0.5 - 1e-6) & (indices <= limits + 1e-6), axis=-1).all(axis=0)
+    slab = _trilinear(volume.voxels, indices).mean(axis=0, dtype=np.float64)
+    return np.where(inside, slab, outside_value).astype(np.float32)
 
 
 def _check_inside(volume: Volume, indices: np.ndarray) -> None:

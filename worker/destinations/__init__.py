@@ -5,7 +5,8 @@ accepted the result, raises :class:`~worker.errors.TransientError` when a later 
 succeed (peer down, timeout) and :class:`~worker.errors.PermanentError` when it cannot (a
 refusal that will not change). The outbox in :mod:`worker.delivery` does the retrying, so a
 destination never loops or sleeps itself. Sending the same payload twice must be harmless
-(the SR's SOP Instance UID is deterministic; flags are set, not toggled).
+(the SR's and the review images' SOP Instance UIDs are deterministic; flags are set, not
+toggled).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class DeliveryPayload:
     demonstration: bool
     vertebra: str | None
     result_created_at: datetime
+    # The review series' files (absolute), sent before the SR that draws on them (PACS
+    # destinations); empty when the site sends none.
+    review_paths: tuple[Path, ...] = ()
 
 
 class Destination(Protocol):

@@ -1,4 +1,5 @@
-"""A PACS that receives the result SR by DICOM C-STORE (pynetdicom SCU, optional TLS).
+"""A PACS that receives the result SR by DICOM C-STORE (pynetdicom SCU, optional TLS), with
+the review series it draws on (sent first, over the same association).
 
 The SR's SOP Instance UID is deterministic, so a re-send after a lost response stores the
 same instance again (PACS treat it as a duplicate or an update), never a second report.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from dicom_node.dicom.scu import StoreError, StorePeer, make_client_ssl_context, store_file
+from dicom_node.dicom.scu import StoreError, StorePeer, make_client_ssl_context, store_files
 from dicom_node.settings import CStoreDestination
 from worker.destinations import DeliveryPayload
 from worker.errors import PermanentError, TransientError
@@ -41,10 +42,11 @@ class CStoreSender:
         )
 
     def send(self, payload: DeliveryPayload) -> None:
-        if not payload.sr_path.is_file():
-            raise PermanentError(f"the SR file {payload.sr_path} does not exist")
-        try:
-            outcome = store_file(payload.sr_path, self.peer)
+        for path in (*payload.review_paths, payload.sr_path):
+            if not path.is_file():
+                raise PermanentError(f"the file {path} does not exist")
+        try:  # one association: the review images first, then the SR that draws on them
+            outcome = store_files([*payload.review_paths, payload.sr_path], self.peer)[-1]
         except StoreError as exc:
             error = TransientError if exc.transient else PermanentError
             raise error(f"{self.name}: {exc}") from exc

@@ -1,4 +1,5 @@
-"""A local folder that receives a copy of every result SR, as ``<SOPInstanceUID>.dcm``.
+"""A local folder that receives a copy of every result SR (and the review images it draws on),
+each as ``<SOPInstanceUID>.dcm``.
 
 The copy is atomic: written to a hidden temporary file in the same folder, fsynced, renamed
 over the final name and the folder fsynced, so a reader never sees half a file and a crash
@@ -13,6 +14,9 @@ import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
+
+import pydicom
+import pydicom.errors
 
 from dicom_node.dicom.storage import InvalidUidError, validate_uid
 from dicom_node.settings import FolderDestination
@@ -44,24 +48,37 @@ class FolderCopier:
         return self.folder / f"{uid}.dcm"
 
     def send(self, payload: DeliveryPayload) -> None:
-        target = self.target_path(payload.sr_sop_instance_uid)
+        for path in payload.review_paths:  # the review images the SR draws on, first
+            self._copy(path, self.target_path(_sop_instance_uid(path, self.name)))
+        self._copy(payload.sr_path, self.target_path(payload.sr_sop_instance_uid))
+        logger.info(
+            "%s: SR %s (and %d review image(s)) copied to %s delivery=%d",
+            self.name,
+            payload.sr_sop_instance_uid,
+            len(payload.review_paths),
+            self.folder,
+            payload.delivery_id,
+        )
+
+    def _copy(self, path: Path, target: Path) -> None:
         try:
-            source = payload.sr_path.open("rb")
+            source = path.open("rb")
         except OSError as exc:
-            raise PermanentError(f"{self.name}: cannot read the SR file: {exc}") from exc
+            raise PermanentError(f"{self.name}: cannot read {path}: {exc}") from exc
         with source:
             try:
                 copy_atomically(source, target)
             except OSError as exc:
                 error = PermanentError if exc.errno in _PERMANENT_ERRNOS else TransientError
                 raise error(f"{self.name}: cannot write {target}: {exc}") from exc
-        logger.info(
-            "%s: SR %s copied to %s delivery=%d",
-            self.name,
-            payload.sr_sop_instance_uid,
-            target,
-            payload.delivery_id,
-        )
+
+
+def _sop_instance_uid(path: Path, name: str) -> str:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(header.SOPInstanceUID)
+    except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+        raise PermanentError(f"{name}: cannot read the review image {path}: {exc}") from exc
 
 
 def copy_atomically(source: BinaryIO, target: Path) -> None:

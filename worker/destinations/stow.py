@@ -33,14 +33,14 @@ class StowSender:
         )
 
     def send(self, payload: DeliveryPayload) -> None:
-        try:
-            content = payload.sr_path.read_bytes()
+        try:  # the review images first, then the SR that draws on them: one request
+            contents = [path.read_bytes() for path in (*payload.review_paths, payload.sr_path)]
         except OSError as exc:
-            raise PermanentError(f"{self.name}: cannot read the SR file: {exc}") from exc
+            raise PermanentError(f"{self.name}: cannot read a result file: {exc}") from exc
         try:
             with DicomwebPeer(self.endpoint) as peer:
                 outcome = peer.store_instances(
-                    [content], study_instance_uid=payload.study_instance_uid
+                    contents, study_instance_uid=payload.study_instance_uid
                 )
         except DicomwebError as exc:
             error = TransientError if exc.transient else PermanentError
