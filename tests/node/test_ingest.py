@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
@@ -338,3 +339,30 @@ def test_transfer_syntax_preference_lossless_first_lossy_last(
     finally:
         assoc.release()
         ae.shutdown()
+
+
+def test_storescu_legacy_converted_enhanced_ct_is_stored_and_indexed(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """What highdicom's ``LegacyConvertedEnhancedCTImage`` writes (one multi-frame object
+    made of classic slices) is accepted like Enhanced CT, on both databases."""
+    node = node_factory()
+    slices = write_ct_series(tmp_path / "in", 6)
+    converted = LegacyConvertedEnhancedCTImage(
+        legacy_datasets=[pydicom.dcmread(path) for path in slices],
+        series_instance_uid=generate_uid(),
+        series_number=2,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    path = tmp_path / "legacy.dcm"
+    converted.save_as(path)
+    # --required: storescu's default proposal list lacks this SOP class
+    done = _storescu(node.port, "--required", "127.0.0.1", str(node.port), str(path))
+    assert done.returncode == 0, done.stderr
+    (row,) = _instances(node)
+    assert row.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.2"
+    assert row.sop_instance_uid == converted.SOPInstanceUID
+    stored = pydicom.dcmread(node.storage / row.path)
+    assert int(stored.NumberOfFrames) == 6
+    assert stored.PixelData == converted.PixelData
