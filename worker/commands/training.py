@@ -405,20 +405,32 @@ def _evaluate(args: argparse.Namespace) -> int:
         except SplitError as exc:
             print(f"cannot split the cohort: {exc}", file=sys.stderr)
             return 2
-    summary = result.summary
+    print_results(result.summary, result.automatic, result.automatic_csv)
+    print(f"initialisation: {result.initialisation}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def print_results(summary: Any, automatic: Any, automatic_csv: Path | None) -> None:
+    """The figures evaluate and validate print: the paper's table (and the automatic path's
+    when it ran), calibration, the threshold for the target sensitivity, the misclassified."""
     print(render_table(summary))
     print()
     if summary.automatic is not None:
         print(render_automatic_table(summary))
         print()
-    if result.automatic is not None:
-        print(render_automatic_path_table(result.automatic))
+    if automatic is not None:
+        print(render_automatic_path_table(automatic))
         print(
-            f"automatic path: {result.automatic.unanalysable} of "
-            f"{result.automatic.patient_count} patients could not be analysed (counted as not "
-            f"flagged); per patient: {result.automatic_csv}"
+            f"automatic path: {automatic.unanalysable} of {automatic.patient_count} patients "
+            f"could not be analysed (counted as not flagged); per patient: {automatic_csv}"
         )
         print()
+    calibration = summary.patient_calibration
+    print(
+        f"calibration (per patient): expected calibration error "
+        f"{calibration.expected_calibration_error:.3f}, Brier score {calibration.brier_score:.3f}"
+    )
     point = summary.operating_point
     if point is not None:
         print(
@@ -426,9 +438,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{point.threshold:.4f} (specificity {point.specificity or 0.0:.3f})"
         )
     print(f"misclassified patients: {len(summary.misclassified)} of {summary.patient_count}")
-    print(f"initialisation: {result.initialisation}")
-    print(f"report: {result.report}")
-    return 0
 
 
 def _demo_model(args: argparse.Namespace) -> int:

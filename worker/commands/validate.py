@@ -9,12 +9,11 @@ from typing import Any
 
 from model.serving.checkpoint import CheckpointError
 from model.serving.inference import Classifier
-from model.training.automatic import prepare_automatic, render_automatic_path_table
+from model.training.automatic import prepare_automatic
 from model.training.cohort import CohortError, load_cohort, read_manifest
-from model.training.report import render_automatic_table, render_table
 from model.training.validate import ValidationConfig, validate
 from worker.commands import COMMANDS
-from worker.commands.training import COHORT_HELP
+from worker.commands.training import COHORT_HELP, print_results
 
 DESCRIPTION = (
     """\
@@ -142,30 +141,6 @@ def run_validate(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"NOTE  {note}")
     print()
-    print(render_table(summary))
-    print()
-    if summary.automatic is not None:
-        print(render_automatic_table(summary))
-        print()
-    if outputs.automatic is not None:
-        print(render_automatic_path_table(outputs.automatic))
-        print(
-            f"automatic path: {outputs.automatic.unanalysable} of "
-            f"{outputs.automatic.patient_count} patients could not be analysed (counted as not "
-            f"flagged); per patient: {outputs.automatic_csv}"
-        )
-        print()
-    calibration = summary.patient_calibration
-    print(
-        f"calibration (per patient): expected calibration error "
-        f"{calibration.expected_calibration_error:.3f}, Brier score {calibration.brier_score:.3f}"
-    )
-    point = summary.operating_point
-    if point is not None:
-        print(
-            f"threshold for {100 * summary.target_sensitivity:.0f} % per-patient sensitivity: "
-            f"{point.threshold:.4f} (specificity {point.specificity or 0.0:.3f})"
-        )
-    print(f"misclassified patients: {len(summary.misclassified)} of {summary.patient_count}")
+    print_results(summary, outputs.automatic, outputs.automatic_csv)
     print(f"report: {outputs.report}")
     return 0
