@@ -116,8 +116,11 @@ def _check_sr(path: Path, result: TriageResult, study_uid: str) -> None:
     the most suspicious body first; and dciodvfy finds no error."""
     sr = hd.sr.srread(path)
     assert sr.StudyInstanceUID == study_uid and sr.SOPInstanceUID == result.sr_sop_instance_uid
-    groups = sr.content.get_planar_roi_measurement_groups()
-    assert result.bodies is not None and len(groups) == len(result.bodies) >= 3
+    every = sr.content.get_planar_roi_measurement_groups()
+    groups = [g for g in every if isinstance(g.roi, hd.sr.ImageRegion3D)]
+    drawn = [g for g in every if isinstance(g.roi, hd.sr.ImageRegion)]  # on the review images
+    assert result.bodies is not None and len(groups) == len(drawn) == len(result.bodies) >= 3
+    assert [g.tracking_uid for g in drawn] == [g.tracking_uid for g in groups]
     first = groups[0]
     probability = first.get_measurements(name=codes.DCM.ProbabilityOfCancer)
     values = [m.value for m in probability]
