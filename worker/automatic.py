@@ -44,11 +44,11 @@ from model.serving.localiser import (
 )
 from model.serving.overview import load_for_rois
 from model.serving.overview import load_overview as read_overview
-from model.serving.prediction import Prediction
+from model.serving.prediction import Prediction, suspicion_order
 from model.serving.preprocess import build_inputs
 from model.serving.roi import Roi
 from worker import shadow
-from worker.derived import slice_positions, write_review_series
+from worker.derived import review_region, slice_positions, write_review_series
 from worker.errors import PermanentError, TransientError
 from worker.pipeline import Outcome, describe_error, timed
 from worker.preview import render_overview_png
@@ -111,11 +111,13 @@ def run_automatic(rt: WorkerRuntime, job_id: int) -> AutomaticOutcome:
         with timed(timings, "localise_s"):
             proposals = propose(localise_bodies(overview), overview)
         with timed(timings, "load_bodies_s"):
-            volume = load_bodies(rt.classifier, series, overview, proposals)
+            volume = load_bodies(
+                rt.classifier, series, overview, proposals, review=rt.settings.review_series
+            )
         with timed(timings, "inference_s"):
             bodies = classify_bodies(rt.classifier, volume, proposals)
         with timed(timings, "report_s"):
-            report = write_report(rt, job_key, series, overview, bodies)
+            report = write_report(rt, job_key, series, overview, bodies, volume=volume)
         with timed(timings, "record_s"):
             result_id, delivery_ids = record_result(rt, job_id, series_uid, bodies, report, timings)
         send_marked(rt.sessions, rt.send, DELIVERY, delivery_ids)
@@ -212,14 +214,28 @@ def propose(localisation: Localisation, overview: Volume) -> list[Proposal]:
 
 
 def load_bodies(
-    classifier: Classifier, series: Series, overview: Volume, proposals: Sequence[Proposal]
+    classifier: Classifier,
+    series: Series,
+    overview: Volume,
+    proposals: Sequence[Proposal],
+    *,
+    review: bool = False,
 ) -> Volume:
     """The full-resolution voxels the classifier needs: the overview itself when it is the
-    whole series at full resolution, else one region covering every proposed ROI."""
-    try:
-        return load_for_rois(
-            series.geometry, overview, [p.roi for p in proposals], classifier.preprocess
+    whole series at full resolution, else one region covering every proposed ROI (and, with
+    the review series on, the columns its images need over the whole series: decoded once)."""
+    rois = [p.roi for p in proposals]
+    also = (
+        review_region(
+            series.geometry,
+            slice_positions([roi.slices_x_mm for roi in rois]),
+            classifier.preprocess,
         )
+        if review and rois
+        else None
+    )
+    try:
+        return load_for_rois(series.geometry, overview, rois, classifier.preprocess, also=also)
     except SeriesError as exc:
         raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
     except FileNotFoundError as exc:
@@ -262,12 +278,9 @@ def classify_bodies(
         )
         bodies.append(Body(proposal.roi, proposal.confidence, prediction))
         start = end
-    # A flagged body first (a body outside the training domain is never flagged), then by
-    # probability: the result names the most suspicious body the model may judge, and says so
-    # when even that one lies outside the training domain.
-    bodies.sort(
-        key=lambda body: (body.prediction.priority != "HIGH", -body.prediction.patient_probability)
-    )
+    # A flagged body first (a body outside the training domain is never flagged), then the
+    # bodies the model may judge by probability, then those outside its training domain.
+    bodies.sort(key=lambda body: suspicion_order(body.prediction))
     return bodies
 
 
@@ -289,6 +302,7 @@ def write_report(
     bodies: Sequence[Body],
     *,
     classifier: Classifier | None = None,
+    volume: Volume | None = None,
 ) -> AutomaticReport:
     """One SR for the whole study (a group per body) and the sagittal overview with every
     box coloured by its probability, both stored durably."""
@@ -306,6 +320,7 @@ def write_report(
         classifier.preprocess,
         job_key=job_key,
         software_version=algorithm.software_version,
+        volume=volume,
     )
     sr = build_automatic_sr(
         list(series.headers),
@@ -463,7 +478,9 @@ def shadow_automatic(
             if not bodies:
                 raise PermanentError("the candidate kept none of the bodies the live model judged")
         with timed(timings, "report_s"):
-            report = write_report(rt, job_key, series, overview, bodies, classifier=candidate)
+            report = write_report(
+                rt, job_key, series, overview, bodies, classifier=candidate, volume=seen
+            )
         with timed(timings, "record_s"):
             result_id, _ = record_result(
                 rt,

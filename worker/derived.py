@@ -45,7 +45,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from model.io.volume import PatientBox, SeriesError, SeriesGeometry, Volume, load_volume
+from model.io.volume import (
+    PatientBox,
+    SeriesError,
+    SeriesGeometry,
+    Volume,
+    load_volume,
+    region_index_bounds,
+)
 from model.serving.preprocess import PreprocessParams, sagittal_slab
 from worker.errors import PermanentError, TransientError
 from worker.sr_evidence import frame_of_reference, in_utf8
@@ -179,6 +186,21 @@ def review_extent(geometry: SeriesGeometry) -> PatientBox:
     )
 
 
+def review_region(
+    geometry: SeriesGeometry, xs_mm: Sequence[float], params: PreprocessParams
+) -> PatientBox:
+    """What the review images need: the slabs' lateral reach around ``xs_mm``, the series'
+    whole extent in y and z (a voxel of margin, so edge samples interpolate)."""
+    extent = review_extent(geometry)
+    margin = max(geometry.spacing)
+    reach = params.slab_thickness_mm / 2.0 + margin
+    return PatientBox(
+        x_mm=(min(xs_mm) - reach, max(xs_mm) + reach),
+        y_mm=(extent.y_mm[0] - margin, extent.y_mm[1] + margin),
+        z_mm=(extent.z_mm[0] - margin, extent.z_mm[1] + margin),
+    )
+
+
 def load_review_volume(
     geometry: SeriesGeometry,
     xs_mm: Sequence[float],
@@ -186,17 +208,30 @@ def load_review_volume(
     *,
     workers: int | None = None,
 ) -> Volume:
-    """The voxels the review images need: the slabs' lateral reach around ``xs_mm``, the
-    series' whole extent in y and z (a voxel of margin, so edge samples interpolate)."""
-    extent = review_extent(geometry)
-    margin = max(geometry.spacing)
-    reach = params.slab_thickness_mm / 2.0 + margin
-    region = PatientBox(
-        x_mm=(min(xs_mm) - reach, max(xs_mm) + reach),
-        y_mm=(extent.y_mm[0] - margin, extent.y_mm[1] + margin),
-        z_mm=(extent.z_mm[0] - margin, extent.z_mm[1] + margin),
+    """The voxels the review images need (:func:`review_region`)."""
+    return load_volume(geometry, region=review_region(geometry, xs_mm, params), workers=workers)
+
+
+def covers(volume: Volume, geometry: SeriesGeometry, region: PatientBox) -> bool:
+    """Whether ``volume`` (decoded from ``geometry`` at full resolution, whole or in part)
+    holds every voxel ``region`` needs, so nothing has to be decoded again."""
+    if volume.spacing != geometry.spacing:
+        return False
+    bounds = region_index_bounds(geometry, region)
+    offset = volume.source_offset
+    return all(
+        offset[axis] <= low and high <= offset[axis] + volume.shape[axis] - 1
+        for axis, (low, high) in enumerate(bounds)
     )
-    return load_volume(geometry, region=region, workers=workers)
+
+
+def union(*boxes: PatientBox) -> PatientBox:
+    """The smallest box holding every one of ``boxes``."""
+    return PatientBox(
+        x_mm=(min(b.x_mm[0] for b in boxes), max(b.x_mm[1] for b in boxes)),
+        y_mm=(min(b.y_mm[0] for b in boxes), max(b.y_mm[1] for b in boxes)),
+        z_mm=(min(b.z_mm[0] for b in boxes), max(b.z_mm[1] for b in boxes)),
+    )
 
 
 def build_review_series(
@@ -279,13 +314,17 @@ def write_review_series(
     *,
     job_key: str,
     software_version: str = "",
+    volume: Volume | None = None,
 ) -> StoredReview | None:
     """The review series of a job at the slice positions ``xs_mm``, stored durably; None
-    when the site turned it off (``REVIEW_SERIES=false``)."""
+    when the site turned it off (``REVIEW_SERIES=false``). Built from ``volume`` (what the job
+    decoded) when that holds what the images need, else from the series decoded again."""
     if not rt.settings.review_series:
         return None
     try:
-        volume = load_review_volume(series.geometry, xs_mm, params)
+        needed = review_region(series.geometry, xs_mm, params)
+        if volume is None or not covers(volume, series.geometry, needed):
+            volume = load_volume(series.geometry, region=needed)
     except SeriesError as exc:
         raise PermanentError(f"review series: {type(exc).__name__}: {exc}") from exc
     except FileNotFoundError as exc:

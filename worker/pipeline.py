@@ -27,11 +27,13 @@ from dicom_node.archive.db import transaction
 from dicom_node.archive.schema import RoiAnnotation, TriageResult
 from dicom_node.broker.wake import DELIVERY, send_marked
 from model.io.volume import SeriesError, Volume
+from model.io.volume import load_volume as load_series_region
 from model.serving.inference import Classification, Classifier
 from model.serving.prediction import Prediction
+from model.serving.preprocess import roi_region
 from model.serving.roi import Roi
 from worker import shadow
-from worker.derived import write_review_series
+from worker.derived import review_region, union, write_review_series
 from worker.errors import PermanentError, TransientError, describe_error
 from worker.preview import render_preview_png, sagittal_context
 from worker.runtime import LIVE, SHADOW, Role, WorkerRuntime
@@ -153,9 +155,18 @@ def load_job(rt: WorkerRuntime, claim: lifecycle.Claim) -> Job:
 
 
 def load_volume(rt: WorkerRuntime, series: Series, roi: Roi) -> Volume:
-    """Decode only the slices the ROI needs; geometry problems fail the job."""
+    """Decode only what the job needs, once: the ROI's slices, and with the review series on
+    (``REVIEW_SERIES``) the slabs' columns over the whole series; geometry problems fail the
+    job."""
     try:
-        return rt.classifier.load_volume(series.geometry, roi)
+        if not rt.settings.review_series:
+            return rt.classifier.load_volume(series.geometry, roi)
+        params = rt.classifier.preprocess
+        needed = union(
+            roi_region(roi, lateral_reach_mm=params.lateral_reach_mm),
+            review_region(series.geometry, roi.slices_x_mm, params),
+        )
+        return load_series_region(series.geometry, region=needed)
     except SeriesError as exc:
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
     except FileNotFoundError as exc:
@@ -198,6 +209,7 @@ def write_report(
         classifier.preprocess,
         job_key=job.annotation_key,
         software_version=algorithm.software_version,
+        volume=volume,
     )
     sr = build_triage_sr(
         series.headers_of(volume.sop_instance_uids),

@@ -34,6 +34,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
+from model.serving.prediction import suspicion_order
 from model.serving.roi import Roi
 from worker.derived import ReviewSeries
 from worker.sr import (
@@ -110,7 +111,7 @@ def build_automatic_sr(
         parameters=["ROI placed automatically on each vertebral body found"],
         manufacturer=localiser.manufacturer,
     )
-    order = sorted(range(len(findings)), key=lambda i: -findings[i].prediction.patient_probability)
+    order = sorted(range(len(findings)), key=lambda i: suspicion_order(findings[i].prediction))
     groups = [
         _body_group(findings[i], i, frame_of_reference_uid, classifier_id, localiser_id, job_key)
         for i in order

@@ -59,16 +59,20 @@ def load_for_rois(
     rois: Sequence[Roi],
     params: PreprocessParams,
     *,
+    also: PatientBox | None = None,
     workers: int | None = None,
 ) -> Volume:
-    """The full-resolution voxels the classifier needs for ``rois``: the overview itself when
-    it is the whole series at full resolution, else one region covering every ROI (JPEG 2000
-    decodes only its code-blocks)."""
+    """The full-resolution voxels the classifier needs for ``rois`` (and ``also``, a further
+    region the caller needs from the same decoding): the overview itself when it is the whole
+    series at full resolution, else one region covering every ROI (JPEG 2000 decodes only its
+    code-blocks)."""
     if overview.spacing == geometry.spacing and overview.shape == geometry.shape:
         return overview
     if not rois:
         raise ValueError("no ROI to load")
     regions = [roi_region(roi, lateral_reach_mm=params.lateral_reach_mm) for roi in rois]
+    if also is not None:
+        regions.append(also)
     union = PatientBox(
         x_mm=(min(r.x_mm[0] for r in regions), max(r.x_mm[1] for r in regions)),
         y_mm=(min(r.y_mm[0] for r in regions), max(r.y_mm[1] for r in regions)),

@@ -97,3 +97,15 @@ def prediction_from_probabilities(
         domain_threshold=None if domain is None else float(domain.threshold),
         in_domain=None if domain is None else bool(domain.in_domain),
     )
+
+
+def suspicion_order(prediction: Prediction) -> tuple[bool, bool, float]:
+    """Sort key, most suspicious first: a flagged answer, then answers inside the model's
+    training domain by probability, then those outside it (never flagged, shown as such).
+    The automatic job's result names the first body in this order and its SR lists the bodies
+    in it, so a study is reported "outside the training domain" only when every body is."""
+    return (
+        prediction.priority != "HIGH",
+        prediction.in_domain is False,
+        -prediction.patient_probability,
+    )

@@ -1,6 +1,7 @@
 """A job reads each file of its series' headers once: the series is one value
 (:class:`worker.series.Series`) that the selection rules, the volume and the SR's evidence
-share. Counted as file opens while a real job runs in-process (SQLite, no broker)."""
+share; and it decodes each slice at most once, for the classifier and the review series
+alike. Counted as file opens while a real job runs in-process (SQLite, no broker)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from worker.pipeline import Outcome, run_triage
 from worker.runtime import WorkerRuntime
 
 
+@pytest.mark.parametrize("review_series", [False, True])
 def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
+    review_series: bool,
     tmp_path: Path,
     checkpoint_path: Path,
     synthetic_cases: list[Any],
@@ -35,6 +38,7 @@ def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
         var_dir=tmp_path / "var",
         database_url=url,
         model_checkpoint=checkpoint_path,
+        review_series=review_series,
     )
     rt = WorkerRuntime.from_settings(settings)
     case = synthetic_cases[0]
@@ -64,4 +68,7 @@ def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
     assert len(opened) == len(case_files(case)), "every stored file of the series is read"
     assert max(opened.values()) == 2, opened  # its header once, then its pixels if needed
     decoded = [name for name, count in opened.items() if count == 2]
-    assert 0 < len(decoded) < len(case_files(case)), "pixels only of the slices the ROI needs"
+    if review_series:  # the review images span the whole series: every slice, decoded once
+        assert len(decoded) == len(case_files(case))
+    else:
+        assert 0 < len(decoded) < len(case_files(case)), "pixels only of the slices the ROI needs"

@@ -154,7 +154,11 @@ def test_shadow_mode_two_checkpoints_one_job_two_results_one_delivery(
     assert [d.result_id for d in deliveries] == [live.id]  # one delivery: the live result's
     _deliver_all(rt)
     sent = [pydicom.dcmread(p) for p in (tmp_path / "pacs").glob("*.dcm")]
-    assert [ds.SOPInstanceUID for ds in sent] == [live.sr_sop_instance_uid]
+    # the live SR and its review series, nothing of the candidate's
+    assert [ds.SOPInstanceUID for ds in sent if ds.Modality == "SR"] == [live.sr_sop_instance_uid]
+    assert {ds.SeriesInstanceUID for ds in sent if ds.Modality != "SR"} <= {
+        live.review_series_instance_uid
+    }
 
     # the candidate's SR is stored for review (never delivered) and names its model
     candidate_sr = hd.sr.srread(rt.store.absolute(shadow.sr_path))
