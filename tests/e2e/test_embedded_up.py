@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pydicom
 
 from tests.support import free_port
 
@@ -53,7 +54,12 @@ def test_up_demo_fills_the_worklist_and_the_results_folder(
                 items = body["items"]
             except httpx.HTTPError:
                 items = []
-            results = list((tmp_path / "var" / "results").glob("*.dcm"))
+            # the results folder gets each study's SR and its review series
+            results = [
+                path
+                for path in (tmp_path / "var" / "results").glob("*.dcm")
+                if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR"
+            ]
             done = [i for i in items if i["state"] in ("flagged", "routine")]
             if len(done) == 4 and len(results) == 4:
                 break
