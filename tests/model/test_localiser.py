@@ -31,6 +31,7 @@ from model.serving.localiser import (
 from model.serving.roi import Roi
 from model.synthetic.cases import make_case
 from model.synthetic.phantom import SpinePhantom
+from tests.phantom_variants import VARIANTS
 from tests.real_ct import REAL_CT_PATIENT_ID, write_real_ct_series
 from worker.cli import main
 
@@ -108,20 +109,6 @@ def _check_bodies(localisation: Localisation) -> None:
         assert body.x_range_mm[0] < body.centre_mm[0] < body.x_range_mm[1]
         assert len(body.outline_yz_mm) >= 3
         assert body.label is None  # phantoms have no sacrum: no anchor, no labels
-
-
-VARIANTS: list[dict[str, Any]] = [
-    {"feet_first": False, "reverse_order": False},
-    {"feet_first": True, "reverse_order": False},
-    {"feet_first": False, "reverse_order": True},
-    {"feet_first": True, "reverse_order": True},
-    {"multiframe": True},
-    {"transfer_syntax": "j2k"},
-    {"transfer_syntax": "rle", "feet_first": True},
-    {"slice_spacing_mm": 1.0, "pixel_spacing_mm": 0.9},
-    {"slice_spacing_mm": 3.0, "pixel_spacing_mm": 0.6},
-    {"slice_spacing_mm": 2.0, "pixel_spacing_mm": 0.75},
-]
 
 
 def test_phantoms_of_every_variant(tmp_path: Path) -> None:

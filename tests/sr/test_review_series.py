@@ -20,6 +20,7 @@ from model.serving.preprocess import PreprocessParams, build_inputs
 from model.serving.roi import Roi
 from model.synthetic.cases import make_case
 from tests.findings import make_finding
+from tests.phantom_variants import VARIANTS
 from tests.support import require_binary
 from worker.derived import (
     IMAGE_ORIENTATION,
@@ -33,19 +34,6 @@ from worker.derived import (
 from worker.sr import AlgorithmInfo, build_triage_sr, sr_to_bytes
 from worker.sr_automatic import LocaliserInfo, build_automatic_sr
 
-# tests/model/test_localiser.py's orientation and encoding variants of the phantoms
-VARIANTS: list[dict[str, Any]] = [
-    {"feet_first": False, "reverse_order": False},
-    {"feet_first": True, "reverse_order": False},
-    {"feet_first": False, "reverse_order": True},
-    {"feet_first": True, "reverse_order": True},
-    {"multiframe": True},
-    {"transfer_syntax": "j2k"},
-    {"transfer_syntax": "rle", "feet_first": True},
-    {"slice_spacing_mm": 1.0, "pixel_spacing_mm": 0.9},
-    {"slice_spacing_mm": 3.0, "pixel_spacing_mm": 0.6},
-    {"slice_spacing_mm": 2.0, "pixel_spacing_mm": 0.75},
-]
 PARAMS = PreprocessParams()
 ALGORITHM = AlgorithmInfo(
     name="resnet50-li2021", version="1.2.0", device_uid="1.2.826.0.1.3680043.8.498.4711"
