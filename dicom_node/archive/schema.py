@@ -314,3 +314,29 @@ class Delivery(Base):
         UniqueConstraint("result_id", "destination", name="uq_delivery_key"),
         Index("ix_delivery_due", "state", "next_attempt_at"),
     )
+
+
+class AuditEvent(Base):
+    """One audit event after DICOM PS3.15 Annex A.5 (IHE ATNA): append-only.
+
+    Written by :mod:`dicom_node.audit` only, never updated or deleted (on SQLite and
+    PostgreSQL a trigger refuses both); ``message`` is the DICOM audit message XML exactly as
+    sent to the site's audit repository. The audit trail is the one place PHI-bearing access
+    records live: ``patient_id`` is here so the security officer can ask "who saw this
+    patient's study", never in application logs."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_time: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    # our name for the event: user-authentication, instances-transferred, ...
+    event_type: Mapped[str] = mapped_column(String(32), index=True)
+    event_id_code: Mapped[str] = mapped_column(String(16))  # DCM code, e.g. 110104
+    event_action: Mapped[str] = mapped_column(String(1))  # C R U D E
+    outcome: Mapped[int] = mapped_column(Integer)  # 0 4 8 12
+    user_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    client_address: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    source_id: Mapped[str] = mapped_column(String(64))  # the audit source: node or worker
+    message: Mapped[str] = mapped_column(Text)
