@@ -252,7 +252,9 @@ class TriageResult(Base):
     demonstration_model: Mapped[bool] = mapped_column(default=False)
     sr_series_instance_uid: Mapped[str] = mapped_column(UID)
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
-    sr_path: Mapped[str] = mapped_column(String(512))  # relative to the storage root
+    # The SR file, relative to the storage root; None while the report is being written (an
+    # automatic job records its result and sends its flag first, then writes the report).
+    sr_path: Mapped[str | None] = mapped_column(String(512))
     # PNG of what the model saw (the three-channel inputs per slice), relative to the root
     preview_path: Mapped[str | None] = mapped_column(String(512))
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
@@ -280,6 +282,9 @@ class TriageResult(Base):
     # its files (relative to the storage root), right to left; None when the site sends none.
     review_series_instance_uid: Mapped[str | None] = mapped_column(UID)
     review_paths: Mapped[list[str] | None] = mapped_column(JSON)
+    # The key image (Secondary Capture: the review image with the box and the probability
+    # burned in) delivered before the SR that references it; None when the site sends none.
+    key_image_path: Mapped[str | None] = mapped_column(String(512))
 
     annotation: Mapped[RoiAnnotation] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
