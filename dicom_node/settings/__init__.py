@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from dicom_node.settings.archive import ArchiveSettings
+from dicom_node.settings.audit import AuditSettings
 from dicom_node.settings.base import ENV_PREFIX, CommaList, SettingsGroup
 from dicom_node.settings.delivery import (
     DESTINATION_KINDS,
@@ -37,6 +38,7 @@ __all__ = [
     "DESTINATION_KINDS",
     "ENV_PREFIX",
     "ArchiveSettings",
+    "AuditSettings",
     "AutoRoiPolicy",
     "CStoreDestination",
     "CommaList",
@@ -59,6 +61,7 @@ __all__ = [
 
 
 class Settings(
+    AuditSettings,
     WebSettings,
     DeliverySettings,
     ModelSettings,
