@@ -1,26 +1,22 @@
-"""Who may do what on the HTTP service, and the state every route reads.
+"""The state every route of the HTTP service reads, and the site's own API token.
 
-Every write needs ``Authorization: Bearer <token>`` (SPINE_TRIAGE_API_TOKEN; in embedded mode
-a random token is made on first start and kept in VAR_DIR/api-token). The check runs in a
-middleware before anything reads the body, and again as a route dependency so the OpenAPI
-schema documents the scheme.
+Who may call which route is :mod:`dicom_node.web.auth`'s: the site's token
+(SPINE_TRIAGE_API_TOKEN; in embedded mode a random token made on first start and kept in
+VAR_DIR/api-token) is one API token with the admin role.
 """
 
 from __future__ import annotations
 
-import hmac
+import os
 import secrets
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Header, HTTPException, Request, status
+from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.ingest import StoreContext
 from dicom_node.settings import Settings
-
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @dataclass
@@ -46,23 +42,7 @@ def api_token(settings: Settings) -> str:
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
-    path.write_text(token + "\n")
-    path.chmod(0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
     return token
-
-
-def token_matches(authorization: str | None, expected: str) -> bool:
-    scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    )
-
-
-def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Documents the bearer scheme in the OpenAPI schema (the middleware enforces it first)."""
-    if not token_matches(authorization, api_state(request).token):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a bearer token is required for writes",
-            headers={"WWW-Authenticate": "Bearer"},
-        )

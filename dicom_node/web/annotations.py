@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response, status
+from fastapi import FastAPI, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,7 +21,8 @@ from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
 from dicom_node.archive.schema import Delivery, RoiAnnotation, Study, TriageResult
 from dicom_node.broker.wake import TRIAGE, send_marked
-from dicom_node.web.access import ApiState, api_state, require_token
+from dicom_node.web.access import ApiState, api_state
+from dicom_node.web.auth import ANNOTATOR, READER, requires
 from model.serving.roi import (
     MAX_POLYGON_POINTS,
     MAX_SLICES,
@@ -110,7 +111,7 @@ def register_annotations(app: FastAPI) -> None:
     @app.post(
         "/annotations",
         status_code=status.HTTP_201_CREATED,
-        dependencies=[Depends(require_token)],
+        dependencies=[requires(ANNOTATOR)],
         summary="Submit a radiologist's ROI on the most abnormal vertebra",
     )
     def post_annotation(
@@ -141,11 +142,15 @@ def register_annotations(app: FastAPI) -> None:
             response.status_code = status.HTTP_200_OK
         return annotation_view(api, stored.id)
 
-    @app.get("/annotations/{annotation_id}", summary="An annotation, its state and result")
+    @app.get(
+        "/annotations/{annotation_id}",
+        dependencies=[requires(READER)],
+        summary="An annotation, its state and result",
+    )
     def get_annotation(annotation_id: int, request: Request) -> dict[str, Any]:
         return annotation_view(api_state(request), annotation_id)
 
-    @app.get("/annotations", summary="Annotations, newest first")
+    @app.get("/annotations", dependencies=[requires(READER)], summary="Annotations, newest first")
     def list_annotations(
         request: Request, state: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:

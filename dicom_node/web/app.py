@@ -1,7 +1,8 @@
 """The node's HTTP service: REST API, STOW-RS ingest, worklist, health and metrics (FastAPI).
 
-Writes need the API token (:mod:`dicom_node.web.access`). Reads are open on the configured
-address (loopback by default). OpenAPI schema at ``/openapi.json``.
+Every route but health, metrics and the sign-in page needs a signed-in browser or a bearer
+token, and the role the route names (:mod:`dicom_node.web.auth`). HTTPS when the settings
+name a certificate and key. OpenAPI schema at ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -25,8 +27,11 @@ from dicom_node.archive.schema import Study
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.ingest import StoreContext
 from dicom_node.settings import Settings
-from dicom_node.web.access import WRITE_METHODS, ApiState, api_state, api_token, token_matches
+from dicom_node.web.access import ApiState, api_state, api_token
+from dicom_node.web.admin import register_admin
 from dicom_node.web.annotations import register_annotations
+from dicom_node.web.auth import READER, Authenticator, install_guard, requires
+from dicom_node.web.auth.login import register_login
 from dicom_node.web.metrics import register_metrics
 from dicom_node.web.stow import register_stow
 from dicom_node.web.worklist import register_worklist
@@ -52,19 +57,9 @@ def create_app(state: ApiState) -> FastAPI:
         version="0.1.0",
     )
     app.state.api = state
-
-    @app.middleware("http")
-    async def _writes_need_the_token(request: Request, call_next: Any) -> Any:
-        # Before anything reads the body: an unauthenticated write learns nothing else.
-        if request.method in WRITE_METHODS and not token_matches(
-            request.headers.get("authorization"), state.token
-        ):
-            return JSONResponse(
-                {"detail": "a bearer token is required for writes"},
-                status_code=status.HTTP_401_UNAUTHORIZED,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return await call_next(request)
+    # Before anything reads the body: a caller without a credential learns nothing else.
+    authenticator = Authenticator(state.settings, state.sessions, state.token)
+    install_guard(app, authenticator)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -72,7 +67,11 @@ def create_app(state: ApiState) -> FastAPI:
         detail = _finite_json(jsonable_encoder(exc.errors()))
         return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.get("/studies", summary="Studies received, newest first (no patient data)")
+    @app.get(
+        "/studies",
+        dependencies=[requires(READER)],
+        summary="Studies received, newest first (no patient data)",
+    )
     def list_studies(request: Request, limit: int = 100) -> list[dict[str, Any]]:
         with api_state(request).sessions() as session:
             studies = session.scalars(
@@ -98,7 +97,9 @@ def create_app(state: ApiState) -> FastAPI:
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "ok" if healthy else "unavailable", **checks}
 
+    register_login(app, authenticator)
     register_annotations(app)
+    register_admin(app)
     register_stow(app)
     register_worklist(app)
     register_metrics(app)
@@ -128,10 +129,26 @@ def _check_broker(settings: Settings) -> str:
 
 
 class HttpServer:
-    """uvicorn in a background thread."""
+    """uvicorn in a background thread; HTTPS only when given a certificate and key."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        *,
+        tls_certificate: Path | None = None,
+        tls_private_key: Path | None = None,
+    ) -> None:
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=str(tls_certificate) if tls_certificate else None,
+            ssl_keyfile=str(tls_private_key) if tls_private_key else None,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 
@@ -169,6 +186,13 @@ def start_http(
         token=api_token(settings),
         store_context=store_context,
     )
-    server = HttpServer(create_app(state), settings.http_host, settings.http_port).start()
-    log.info("HTTP service on http://%s:%d/", settings.http_host, server.port)
+    server = HttpServer(
+        create_app(state),
+        settings.http_host,
+        settings.http_port,
+        tls_certificate=settings.http_tls_certificate,
+        tls_private_key=settings.http_tls_private_key,
+    ).start()
+    scheme = "https" if settings.http_tls_enabled else "http"
+    log.info("HTTP service on %s://%s:%d/", scheme, settings.http_host, server.port)
     return server

@@ -15,11 +15,12 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from dicom_node.dicom.ingest import store_instance
-from dicom_node.web.access import api_state, require_token
+from dicom_node.web.access import api_state
+from dicom_node.web.auth import ANNOTATOR, requires
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _item(sop_class: str | None, sop_instance: str | None, failure: int | None) 
 def register_stow(app: FastAPI) -> None:
     @app.post(
         "/dicomweb/studies",
-        dependencies=[Depends(require_token)],
+        dependencies=[requires(ANNOTATOR)],
         summary="STOW-RS: store instances (multipart/related; type=application/dicom)",
         response_class=JSONResponse,
     )

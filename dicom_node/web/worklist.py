@@ -18,6 +18,7 @@ from sqlalchemy import select
 from dicom_node.archive.schema import (
     TriageResult,
 )
+from dicom_node.web.auth import READER, requires
 from dicom_node.web.worklist_query import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -62,7 +63,11 @@ def _storage_root(request: Request) -> Path:
 def register_worklist(app: FastAPI) -> None:
     """Add the worklist JSON, the study detail, the preview pictures and the page to ``app``."""
 
-    @app.get("/worklist", summary="Studies in reading order: flagged first (see the module doc)")
+    @app.get(
+        "/worklist",
+        dependencies=[requires(READER)],
+        summary="Studies in reading order: flagged first (see the module doc)",
+    )
     def get_worklist(
         request: Request,
         state: Annotated[
@@ -81,7 +86,11 @@ def register_worklist(app: FastAPI) -> None:
         with _sessions(request)() as session:
             return build_worklist(session, selection)
 
-    @app.get("/worklist/{study_instance_uid}", summary="One study: slices, ROI, deliveries")
+    @app.get(
+        "/worklist/{study_instance_uid}",
+        dependencies=[requires(READER)],
+        summary="One study: slices, ROI, deliveries",
+    )
     def get_worklist_study(study_instance_uid: str, request: Request) -> dict[str, Any]:
         with _sessions(request)() as session:
             detail = build_study_detail(session, study_instance_uid)
@@ -91,6 +100,7 @@ def register_worklist(app: FastAPI) -> None:
 
     @app.get(
         "/results/{result_id}/preview.png",
+        dependencies=[requires(READER)],
         summary="The picture of what the model saw for a result (PNG)",
         response_class=FileResponse,
         responses={200: {"content": {"image/png": {}}}},
@@ -110,7 +120,7 @@ def register_worklist(app: FastAPI) -> None:
             path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"}
         )
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", include_in_schema=False, dependencies=[requires(READER)])
     def get_page() -> FileResponse:
         return FileResponse(
             STATIC_DIR / "index.html",

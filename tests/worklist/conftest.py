@@ -14,6 +14,8 @@ from dicom_node.archive.migrate import upgrade
 from dicom_node.settings import Settings
 from dicom_node.web.app import ApiState, create_app
 
+TOKEN = "secret"  # the site's API token (admin role): every read needs a credential
+
 
 @dataclass
 class WorklistService:
@@ -42,8 +44,8 @@ def _service(tmp_path: Path, url: str) -> Iterator[WorklistService]:
     settings = make_settings(tmp_path, url)
     engine = make_engine(url)
     sessions = make_session_factory(engine)
-    app = create_app(ApiState(settings=settings, sessions=sessions, send=None, token="secret"))
-    with TestClient(app) as client:
+    app = create_app(ApiState(settings=settings, sessions=sessions, send=None, token=TOKEN))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield WorklistService(settings, sessions, client)
     engine.dispose()
 

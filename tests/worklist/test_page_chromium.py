@@ -1,16 +1,15 @@
 """The worklist page in headless Chromium against the real node HTTP service.
 
-The page loads, the flagged study with the highest probability is the first row, and the
-detail view (``/#study=UID``) shows its per-slice probabilities and the picture of what the
-model saw (an <img> whose URL answers 200 with a PNG).
+The reader signs in through the page's form; the page loads, the flagged study with the
+highest probability is the first row, and the detail view (``/#study=UID``) shows its
+per-slice probabilities and the picture of what the model saw (an <img> whose URL answers 200
+with a PNG).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import subprocess
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,26 +22,17 @@ from PIL import Image
 from dicom_node.archive.db import make_engine, make_session_factory, transaction
 from dicom_node.archive.migrate import upgrade
 from dicom_node.archive.schema import AnnotationState, DeliveryState, StudyState
+from dicom_node.web.access import api_token
 from dicom_node.web.app import HttpServer, start_http
 from model.serving.preprocess import build_inputs, load_roi_volume
 from model.synthetic.cases import make_case
 from tests.support import free_port, require_binary
+from tests.worklist.browser import PAGE_READY, add_reader, browser, signed_in_dom
 from tests.worklist.conftest import make_settings
-from tests.worklist.dom import Element, parse_html
+from tests.worklist.dom import Element
 from tests.worklist.rows import Seeder
 from worker.preview import render_preview_png, sagittal_context
 
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-)
 # Per-slice probabilities of the flagged study, in slice order (as many as its ROI has slices).
 FLAGGED_PROBABILITIES = (0.41, 0.88, 0.93, 0.67, 0.35, 0.22, 0.18)
 
@@ -56,24 +46,13 @@ class RunningPage:
     result_id: int
     slices_x_mm: tuple[float, ...]
     probabilities: tuple[float, ...]
+    login: tuple[str, str]
+    token: str
 
 
-def chromium(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    binary = require_binary("chromium")
-    with tempfile.TemporaryDirectory(prefix="st-chromium-") as profile:
-        return subprocess.run(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-
-
-def dump_dom(url: str) -> Element:
-    done = chromium("--virtual-time-budget=5000", "--dump-dom", url)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return parse_html(done.stdout)
+def dump_dom(url: str, login: tuple[str, str]) -> Element:
+    """The page at ``url`` once rendered, signed in through its form with ``login``."""
+    return signed_in_dom(url, *login)
 
 
 def _preview_png(folder: Path) -> tuple[bytes, tuple[float, ...], tuple[float, ...]]:
@@ -137,6 +116,7 @@ def running_page(tmp_path: Path) -> Iterator[RunningPage]:
         for rid in (routine_id, second_id, result_id):
             seed.delivery(rid, "pacs", DeliveryState.DELIVERED)
         seed.delivery(result_id, "ris", DeliveryState.PENDING, kind="hl7")
+    login = add_reader(sessions)
     server: HttpServer = start_http(settings, sessions, None)
     try:
         yield RunningPage(
@@ -147,6 +127,8 @@ def running_page(tmp_path: Path) -> Iterator[RunningPage]:
             result_id=result_id,
             slices_x_mm=xs,
             probabilities=probabilities,
+            login=login,
+            token=api_token(settings),
         )
     finally:
         server.stop()
@@ -162,7 +144,7 @@ def test_page_lists_flagged_first_and_shows_the_detail_with_its_picture(
     running_page: RunningPage,
 ) -> None:
     page = running_page
-    dom = dump_dom(f"{page.base_url}/#study={page.flagged_uid}")
+    dom = dump_dom(f"{page.base_url}/#study={page.flagged_uid}", page.login)
 
     rows = _rows(dom)
     assert len(rows) == 7
@@ -194,7 +176,11 @@ def test_page_lists_flagged_first_and_shows_the_detail_with_its_picture(
     assert not dom.by_id("preview-figure").hidden
     assert image.attrs["src"] == f"/results/{page.result_id}/preview.png"
     assert "L3" in (image.attrs.get("alt") or "")
-    with urllib.request.urlopen(page.base_url + (image.attrs["src"] or "")) as response:
+    picture_request = urllib.request.Request(
+        page.base_url + (image.attrs["src"] or ""),
+        headers={"Authorization": f"Bearer {page.token}"},
+    )
+    with urllib.request.urlopen(picture_request) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "image/png"
         picture = Image.open(io.BytesIO(response.read()))
@@ -204,7 +190,7 @@ def test_page_lists_flagged_first_and_shows_the_detail_with_its_picture(
 
 
 def test_page_without_a_study_selected_hides_the_detail(running_page: RunningPage) -> None:
-    dom = dump_dom(running_page.base_url + "/")
+    dom = dump_dom(running_page.base_url + "/", running_page.login)
     assert dom.by_id("detail").hidden
     rows = _rows(dom)
     assert rows[0].attrs["data-uid"] == running_page.flagged_uid
@@ -212,7 +198,7 @@ def test_page_without_a_study_selected_hides_the_detail(running_page: RunningPag
 
 
 def test_routine_study_detail_has_no_picture_and_is_not_flagged(running_page: RunningPage) -> None:
-    dom = dump_dom(f"{running_page.base_url}/#study={running_page.routine_uid}")
+    dom = dump_dom(f"{running_page.base_url}/#study={running_page.routine_uid}", running_page.login)
     assert dom.by_id("preview-figure").hidden
     assert not dom.by_id("no-preview").hidden
     assert dom.by_id("detail").attrs.get("data-state") == "routine"
@@ -222,13 +208,11 @@ def test_screenshot_shows_the_flagged_row_highlighted(
     running_page: RunningPage, tmp_path: Path
 ) -> None:
     shot = tmp_path / "worklist.png"
-    done = chromium(
-        f"--screenshot={shot}",
-        "--window-size=1280,1500",
-        "--virtual-time-budget=5000",
-        f"{running_page.base_url}/#study={running_page.flagged_uid}",
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    with browser() as page:
+        page.sign_in(running_page.base_url, *running_page.login)
+        page.goto(f"{running_page.base_url}/#study={running_page.flagged_uid}")
+        page.wait_for(PAGE_READY, "the worklist page to render")
+        page.screenshot(shot, 1280, 1500)
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 1500)
     if os.environ.get("WORKLIST_SCREENSHOT_TO"):  # how docs/worklist.png is made

@@ -51,6 +51,12 @@ COMMANDS: dict[str, Command] = {
     "deliveries": Command(
         "worker.commands.deliveries", "list result deliveries; re-send failed ones"
     ),
+    "users": Command(
+        "worker.commands.users", "add, list, disable users of the worklist; set a password"
+    ),
+    "tokens": Command(
+        "worker.commands.users", "create, list, revoke API tokens for clients (PACS, scripts)"
+    ),
     "synth": Command(
         "worker.commands.model", "write synthetic spine CT studies with ROI and label"
     ),

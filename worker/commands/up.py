@@ -6,18 +6,22 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_node.archive.db import make_engine, make_session_factory, transaction
 from dicom_node.archive.migrate import upgrade
 from dicom_node.broker.app import TaskSender, make_celery
 from dicom_node.dicom.scu import StorePeer, store_files
 from dicom_node.node import start_node
-from dicom_node.settings import FolderDestination
+from dicom_node.settings import FolderDestination, Settings
 from dicom_node.web.access import api_token
 from dicom_node.web.app import start_http
+from dicom_node.web.auth import ADMIN, accounts
 from model.synthetic.cases import make_cohort
 from worker.commands import COMMANDS
 from worker.commands.node import add_node_options, settings_from_args, wait_for_signal
@@ -35,6 +39,12 @@ progress bars in a terminal, one log line per epoch otherwise); later runs start
 It is NOT for clinical use, and every result it produces says so.
 
 Without configured destinations, each Structured Report is also copied to var/results/.
+
+Signing in: the worklist shows patient data, so it asks for a user. On the first start (no
+user in the database yet) a user `admin` is made with a random password, written to
+var/admin-password (mode 0600) and named on the screen; change it with `spine-triage users
+passwd admin`, add people with `spine-triage users add NAME --role reader`. Scripts send the
+API token in var/api-token as `Authorization: Bearer <token>`.
 
 With --demo, synthetic spine CT studies are sent through the real path - C-STORE to this
 node - and a reader's ROI is posted by the REST API for every other one; the others are
@@ -75,6 +85,7 @@ def run_up(args: argparse.Namespace) -> int:
         env["SPINE_TRIAGE_DESTINATIONS"] = json.dumps([folder.model_dump(mode="json")])
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
+    sign_in = first_admin(settings)
 
     if settings.model_checkpoint is None:
         print(
@@ -98,11 +109,14 @@ def run_up(args: argparse.Namespace) -> int:
         env=env,
     )
     host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
-    url = f"http://{host}:{http.port}/"
+    scheme = "https" if settings.http_tls_enabled else "http"
+    url = f"{scheme}://{host}:{http.port}/"
     print(
         f"\n  worklist:  {url}\n"
+        f"  sign in:   {sign_in}\n"
         f"  DICOM:     AE {settings.ae_title} on port {node.dicom_address[1]}\n"
-        f"  API token: {(settings.var_dir / 'api-token').resolve()} (needed for writes)\n"
+        f"  API token: {(settings.var_dir / 'api-token').resolve()} "
+        "(Authorization: Bearer, admin role)\n"
         f"  results:   {', '.join(d.name for d in settings.destinations)}\n"
         "  stop with Ctrl-C\n",
         flush=True,
@@ -121,6 +135,30 @@ def run_up(args: argparse.Namespace) -> int:
         node.stop()
         sender.close()
     return 0
+
+
+def first_admin(settings: Settings) -> str:
+    """Make the user ``admin`` with a random password (in VAR_DIR/admin-password, 0600) when
+    the database has no user yet; how to sign in, in words."""
+    password_file = (settings.var_dir / "admin-password").resolve()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            if accounts.count_users(session) == 0:
+                password = secrets.token_urlsafe(18)
+                accounts.add_user(session, "admin", password, ADMIN, now=datetime.now(UTC))
+                password_file.unlink(missing_ok=True)
+                descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as file:
+                    file.write(password + "\n")
+    finally:
+        engine.dispose()
+    if password_file.exists():
+        return (
+            f"user admin, password in {password_file} (made on the first start; "
+            "change it: spine-triage users passwd admin)"
+        )
+    return "your user (an admin adds one: spine-triage users add NAME --role reader)"
 
 
 def run_demo(settings: Any, dicom_port: int, url: str, studies: int, seed: int) -> None:

@@ -13,7 +13,7 @@ const STATE_LABELS = {
   awaiting_roi: "awaiting ROI",
 };
 
-const page = { filter: "", timer: null, detailUid: null, previewSrc: null };
+const page = { filter: "", timer: null, detailUid: null, previewSrc: null, csrfToken: null };
 
 function $(id) {
   return document.getElementById(id);
@@ -59,8 +59,25 @@ function deliveryCell(d) {
 
 async function getJson(url) {
   const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (response.status === 401) {
+    window.location.assign("/login"); // the session has ended
+    throw new Error("signed out");
+  }
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
   return response.json();
+}
+
+// Who is signed in, and the CSRF token every write from this page sends.
+async function showSession() {
+  const session = await getJson("/session");
+  page.csrfToken = session.csrf_token;
+  $("user-name").textContent = session.name;
+  $("signed-in").hidden = false;
+}
+
+async function signOut() {
+  await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": page.csrfToken || "" } });
+  window.location.assign("/login");
 }
 
 function renderCounts(counts, total) {
@@ -315,6 +332,8 @@ document.addEventListener("DOMContentLoaded", () => {
     history.replaceState(null, "", window.location.pathname + window.location.search);
     refreshDetail();
   });
+  $("sign-out").addEventListener("click", signOut);
+  showSession().catch(() => {});
   window.addEventListener("hashchange", refreshDetail);
   page.detailUid = uidFromHash();
   tick();
