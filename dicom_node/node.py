@@ -25,6 +25,8 @@ from dicom_node.archive import lifecycle
 from dicom_node.archive.db import make_engine, make_session_factory, writer_lock
 from dicom_node.archive.migrate import require_current_schema
 from dicom_node.archive.schema import Instance
+from dicom_node.audit import AuditTrail
+from dicom_node.audit.dicom import AssociationAudit
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.ingest import SrReceived, StoreContext
 from dicom_node.dicom.scp import DicomService
@@ -94,6 +96,7 @@ class Node:
     service: DicomService
     scheduler: Scheduler | None
     children: list[Any] = field(default_factory=list)
+    audit: AuditTrail | None = None
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -107,7 +110,16 @@ class Node:
         if self.scheduler is not None:
             self.scheduler.stop()
         self.service.stop()
+        if self.audit is not None:
+            self.audit.application_stopped(self.settings.ae_title)
+            self.audit.close()
         self.engine.dispose()
+
+
+def _association_audit(settings: Settings, trail: AuditTrail) -> AssociationAudit:
+    return AssociationAudit(
+        trail, ae_title=settings.ae_title, allowed_calling_aes=settings.allowed_calling_aes
+    )
 
 
 def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool = True) -> Node:
@@ -117,6 +129,9 @@ def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool
     sessions = make_session_factory(engine)
     store = make_store(settings)
     store.sweep_incoming()
+    audit = AuditTrail.from_settings(
+        settings, sessions, source_id=settings.ae_title, writer_lock=writer_lock(engine)
+    )
     service = DicomService(
         settings,
         StoreContext(
@@ -126,8 +141,10 @@ def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool
             on_stored=count_instance_received,
             writer_lock=writer_lock(engine),
         ),
+        audit=_association_audit(settings, audit),
     )
     service.start()
+    audit.application_started(settings.ae_title)
     children = []
     if settings.listener_processes > 1:
         if settings.dicom_port == 0:
@@ -146,7 +163,7 @@ def start_node(settings: Settings, *, send: SendTask | None, run_scheduler: bool
     if run_scheduler and send is not None:
         scheduler = Scheduler(settings, sessions, send)
         scheduler.start()
-    return Node(settings, engine, sessions, store, service, scheduler, children)
+    return Node(settings, engine, sessions, store, service, scheduler, children, audit)
 
 
 def _listener_main(settings_data: dict[str, Any]) -> None:
@@ -156,6 +173,9 @@ def _listener_main(settings_data: dict[str, Any]) -> None:
     engine = make_engine(settings.resolved_database_url)
     sessions = make_session_factory(engine)
     store = make_store(settings)
+    audit = AuditTrail.from_settings(
+        settings, sessions, source_id=settings.ae_title, writer_lock=writer_lock(engine)
+    )
     service = DicomService(
         settings,
         StoreContext(
@@ -165,10 +185,12 @@ def _listener_main(settings_data: dict[str, Any]) -> None:
             on_stored=count_instance_received,
             writer_lock=writer_lock(engine),
         ),
+        audit=_association_audit(settings, audit),
     )
     service.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     service.stop()
+    audit.close()
     engine.dispose()

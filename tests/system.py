@@ -230,7 +230,9 @@ def system_factory(tmp_path: Path, checkpoint_path: Path) -> Iterator[Callable[.
         )
         sender = TaskSender(make_celery(settings, "test_node"))
         node = start_node(settings, send=sender)
-        http = start_http(settings, node.sessions, sender, store_context=node.service.context)
+        http = start_http(
+            settings, node.sessions, sender, store_context=node.service.context, audit=node.audit
+        )
         system = System(settings, env, node, http, sender, token="test-token")
         systems.append(system)
         return system

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
 from dicom_node.archive.schema import Delivery, RoiAnnotation, Study, TriageResult
+from worker import audit as delivery_audit
 from worker.destinations import DeliveryPayload
 from worker.errors import PermanentError, TransientError
 
@@ -109,6 +110,7 @@ def run_delivery(rt: WorkerRuntime, delivery_id: int) -> DeliveryResult:
 
     with transaction(rt.sessions) as session:
         lifecycle.delivery_sent(session, delivery_id, now=datetime.now(UTC))
+    delivery_audit.delivery_sent(rt, payload, name)
     log.info("delivery %d to %s done (attempt %d)", delivery_id, name, claim.attempt)
     return DeliveryResult(DeliveryOutcome.DELIVERED, delivery_id)
 

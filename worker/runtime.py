@@ -23,7 +23,8 @@ from typing import Final, Literal
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.archive.db import make_engine, make_session_factory
+from dicom_node.archive.db import make_engine, make_session_factory, writer_lock
+from dicom_node.audit import AuditTrail
 from dicom_node.broker.app import TaskSender, make_celery
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.storage import FileStore
@@ -171,6 +172,7 @@ class WorkerRuntime:
     _classifier: Classifier | None = None
     _candidate: Classifier | None = None
     _destinations: dict[str, Destination] | None = None
+    _audit: AuditTrail | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -217,7 +219,22 @@ class WorkerRuntime:
                 }
             return self._destinations
 
+    @property
+    def audit(self) -> AuditTrail:
+        """This worker's audit trail (its audit source is the worker id)."""
+        with self._lock:
+            if self._audit is None:
+                self._audit = AuditTrail.from_settings(
+                    self.settings,
+                    self.sessions,
+                    source_id=self.worker_id,
+                    writer_lock=writer_lock(self.engine),
+                )
+            return self._audit
+
     def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
         self.engine.dispose()
 
 

@@ -19,7 +19,9 @@ from dicom_node.audit.http import (
     export,
     instances_accessed,
     query,
+    result_accessed,
     security_alert,
+    study_accessed,
     study_ref,
     user_authentication,
 )
@@ -41,7 +43,9 @@ __all__ = [
     "export",
     "instances_accessed",
     "query",
+    "result_accessed",
     "security_alert",
+    "study_accessed",
     "study_ref",
     "user_authentication",
 ]

@@ -11,11 +11,15 @@ server is told to trust its forwarded headers).
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
+from sqlalchemy import select
 from starlette.requests import Request
 
+from dicom_node.archive.schema import RoiAnnotation, Study, TriageResult
 from dicom_node.audit import messages
 from dicom_node.audit.messages import Code, Codes, StudyRef
 from dicom_node.audit.trail import AuditTrail
@@ -80,17 +84,78 @@ def instances_accessed(request: Request, study: StudyRef) -> None:
     )
 
 
+def study_accessed(request: Request, study_instance_uid: str) -> None:
+    """A study's detail opened: who, which study (its patient read from the index)."""
+    trail = trail_of(request)
+    if trail is None:
+        return
+    instances_accessed(request, _known_study(trail, study_instance_uid))
+
+
+def result_accessed(request: Request, result_id: int) -> None:
+    """A result's picture or data opened: the study it belongs to."""
+    trail = trail_of(request)
+    if trail is None:
+        return
+    try:
+        with trail.sessions() as session:
+            uid = session.scalar(
+                select(RoiAnnotation.study_instance_uid)
+                .join(TriageResult, TriageResult.annotation_id == RoiAnnotation.id)
+                .where(TriageResult.id == result_id)
+            )
+    except Exception:  # recorded without the study rather than not at all
+        uid = None
+    instances_accessed(request, _known_study(trail, uid or f"result {result_id}"))
+
+
+def _known_study(trail: AuditTrail, study_instance_uid: str) -> StudyRef:
+    try:
+        with trail.sessions() as session:
+            study = session.scalar(
+                select(Study).where(Study.study_instance_uid == study_instance_uid)
+            )
+    except Exception:
+        study = None
+    if study is None:
+        return StudyRef(study_instance_uid)
+    return study_ref(study)
+
+
+# The worklist page refreshes its list every few seconds: the same query by the same caller
+# from the same address within this long is one event, not one per refresh.
+QUERY_REPEAT_S = 60.0
+_last_queries: dict[tuple[int, tuple[str, str, str]], float] = {}
+_last_queries_lock = threading.Lock()
+
+
+def _repeated(trail: AuditTrail, key: tuple[str, str, str]) -> bool:
+    now = time.monotonic()
+    with _last_queries_lock:
+        if len(_last_queries) > 10_000:
+            _last_queries.clear()
+        previous = _last_queries.get((id(trail), key))
+        if previous is not None and now - previous < QUERY_REPEAT_S:
+            return True
+        _last_queries[(id(trail), key)] = now
+        return False
+
+
 def query(request: Request, *, patient_id: str | None = None) -> None:
-    """A list or search of studies (the worklist); the query is the path and parameters."""
+    """A list or search of studies (the worklist); the query is the path and parameters.
+    A refresh of the same query within :data:`QUERY_REPEAT_S` is not recorded again."""
     trail = trail_of(request)
     if trail is None:
         return
     text = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    user, address = caller(request), client_address(request)
+    if _repeated(trail, (user, address or "", text)):
+        return
     trail.record(
         messages.query(
             trail.source,
-            user=caller(request),
-            client_address=client_address(request),
+            user=user,
+            client_address=address,
             responder=trail.source.source_id,
             query_text=text,
             patient_id=patient_id,

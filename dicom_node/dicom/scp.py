@@ -28,6 +28,7 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.audit.dicom import AssociationAudit, association_refused
 from dicom_node.dicom.ingest import (
     SR_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
@@ -124,8 +125,12 @@ _IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")
 _IMPLEMENTATION_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
 
 
-def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
-    """C-STORE: store the bytes durably, index them, then (only then) answer Success."""
+def handle_store(
+    event: evt.Event, context: StoreContext, audit: AssociationAudit | None = None
+) -> int | Dataset:
+    """C-STORE: store the bytes durably, index them, then (only then) answer Success.
+
+    With ``audit``, the outcome is noted for the association's audit message."""
     request = cast(C_STORE, event.request)
     transfer_syntax = str(event.context.transfer_syntax)
     source = event.assoc.requestor.ae_title
@@ -151,6 +156,15 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         source=source,
         expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
     )
+    if audit is not None:
+        audit.stored(
+            event.assoc,
+            calling_ae=source,
+            peer_address=event.assoc.requestor.address,
+            study_instance_uid=outcome.study_instance_uid,
+            sop_class_uid=outcome.sop_class_uid,
+            ok=outcome.ok,
+        )
     if outcome.status == STATUS_SUCCESS:
         return STATUS_SUCCESS
     return _status(outcome.status, outcome.comment)
@@ -158,6 +172,21 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
 
 def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
+
+
+def handle_conn_close(event: evt.Event, audit: AssociationAudit) -> None:
+    """The association ended: its studies' audit messages."""
+    audit.closed(event.assoc)
+
+
+def handle_rejected(event: evt.Event, audit: AssociationAudit) -> None:
+    """An association request refused: a security alert."""
+    request = event.assoc.requestor.primitive
+    audit.refused(
+        calling_ae=event.assoc.requestor.ae_title,
+        called_ae=str(getattr(request, "called_ae_title", "") or "").strip(),
+        peer_address=event.assoc.requestor.address,
+    )
 
 
 def handle_conn_open(event: evt.Event, poll_interval_s: float | None = None) -> None:
@@ -188,6 +217,8 @@ class ReusePortServer(ThreadedAssociationServer):
     where one peer that connects and stays silent stops every other connection.
     """
 
+    audit: AssociationAudit | None = None  # a failed TLS handshake is a security alert
+
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -209,6 +240,13 @@ class ReusePortServer(ThreadedAssociationServer):
                 request = self.ssl_context.wrap_socket(request, server_side=True)
             except OSError as exc:  # ssl.SSLError, a timeout, a reset: this peer only
                 log.warning("TLS handshake failed: %s", type(exc).__name__)
+                if self.audit is not None:
+                    association_refused(
+                        self.audit.trail,
+                        calling_ae="unknown",
+                        peer_address=str(client_address[0]) if client_address else None,
+                        description=f"TLS handshake failed ({type(exc).__name__})",
+                    )
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
@@ -251,19 +289,25 @@ def make_ae(settings: Settings) -> AE:
 class DicomService:
     """One listener: a pynetdicom AE serving on ``(host, port)`` in background threads."""
 
-    def __init__(self, settings: Settings, context: StoreContext) -> None:
+    def __init__(
+        self, settings: Settings, context: StoreContext, audit: AssociationAudit | None = None
+    ) -> None:
         self.settings = settings
         self.context = context
+        self.audit = audit
         self.ae = make_ae(settings)
         self._server: ReusePortServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> tuple[str, int]:
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, handle_store, [self.context]),
+            (evt.EVT_C_STORE, handle_store, [self.context, self.audit]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_CONN_OPEN, handle_conn_open, [self.settings.dicom_poll_interval_ms / 1000]),
         ]
+        if self.audit is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, handle_conn_close, [self.audit]))
+            handlers.append((evt.EVT_REJECTED, handle_rejected, [self.audit]))
         server = self.ae.make_server(
             (self.settings.dicom_host, self.settings.dicom_port),
             ssl_context=make_ssl_context(self.settings),
@@ -271,6 +315,7 @@ class DicomService:
             server_class=ReusePortServer,
         )
         assert isinstance(server, ReusePortServer)
+        server.audit = self.audit
         # Registered with the AE as AE.start_server does, so AE.shutdown() stops it and aborts
         # its associations.
         register_server(self.ae, server)

@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.schema import Study
+from dicom_node.audit import AuditTrail
 from dicom_node.broker.wake import SendTask
 from dicom_node.dicom.ingest import StoreContext
 from dicom_node.settings import Settings
@@ -178,7 +179,10 @@ def start_http(
     send: SendTask | None,
     *,
     store_context: StoreContext | None = None,
+    audit: AuditTrail | None = None,
 ) -> HttpServer:
+    """Serve the app; its reads and refusals are audited to ``audit`` (the node's trail),
+    else to a trail of its own."""
     state = ApiState(
         settings=settings,
         sessions=sessions,
@@ -186,8 +190,12 @@ def start_http(
         token=api_token(settings),
         store_context=store_context,
     )
+    app = create_app(state)
+    app.state.audit = audit or AuditTrail.from_settings(
+        settings, sessions, source_id=settings.ae_title, type_code="3"
+    )
     server = HttpServer(
-        create_app(state),
+        app,
         settings.http_host,
         settings.http_port,
         tls_certificate=settings.http_tls_certificate,

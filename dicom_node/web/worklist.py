@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 
+from dicom_node import audit
 from dicom_node.archive.schema import (
     TriageResult,
 )
@@ -84,7 +85,9 @@ def register_worklist(app: FastAPI) -> None:
     ) -> dict[str, Any]:
         selection = WorklistFilter(_parse_states(state), since, until, date_basis, limit)
         with _sessions(request)() as session:
-            return build_worklist(session, selection)
+            worklist = build_worklist(session, selection)
+        audit.query(request)
+        return worklist
 
     @app.get(
         "/worklist/{study_instance_uid}",
@@ -96,6 +99,7 @@ def register_worklist(app: FastAPI) -> None:
             detail = build_study_detail(session, study_instance_uid)
         if detail is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "study not known to this node")
+        audit.study_accessed(request, study_instance_uid)
         return detail
 
     @app.get(
@@ -116,6 +120,7 @@ def register_worklist(app: FastAPI) -> None:
         path = (root / relative).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             raise HTTPException(status.HTTP_404_NOT_FOUND, "preview file not found")
+        audit.result_accessed(request, result_id)
         return FileResponse(
             path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"}
         )

@@ -80,7 +80,9 @@ def run_node(args: argparse.Namespace) -> int:
         return 2
     http = None
     if not args.no_http:
-        http = start_http(settings, node.sessions, sender, store_context=node.service.context)
+        http = start_http(
+            settings, node.sessions, sender, store_context=node.service.context, audit=node.audit
+        )
     try:
         wait_for_signal()
     finally:

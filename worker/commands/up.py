@@ -98,7 +98,9 @@ def run_up(args: argparse.Namespace) -> int:
 
     sender = TaskSender(make_celery(settings, "spine_triage_up"))
     node = start_node(settings, send=sender)
-    http = start_http(settings, node.sessions, sender, store_context=node.service.context)
+    http = start_http(
+        settings, node.sessions, sender, store_context=node.service.context, audit=node.audit
+    )
     for key, value in {
         "SPINE_TRIAGE_AE_TITLE": settings.ae_title,
         "SPINE_TRIAGE_QUIET_PERIOD_S": str(settings.quiet_period_s),

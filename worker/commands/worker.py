@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 from dicom_node.broker.wake import DELIVERY_QUEUE, TRIAGE_QUEUE
@@ -10,7 +11,12 @@ from dicom_node.settings import load_settings
 from model.serving.checkpoint import CheckpointError
 from worker.celery_app import make_app
 from worker.commands import COMMANDS
-from worker.runtime import CheckpointRefused, default_checkpoint, verify_checkpoints
+from worker.runtime import (
+    CheckpointRefused,
+    default_checkpoint,
+    get_runtime,
+    verify_checkpoints,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -68,5 +74,12 @@ def run_worker(args: argparse.Namespace) -> int:
     ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
-    app.worker_main(argv)
+    trail = get_runtime().audit
+    name = f"spine-triage worker {args.hostname or socket.gethostname()}"
+    trail.application_started(name)
+    try:
+        app.worker_main(argv)
+    finally:
+        trail.application_stopped(name)
+        trail.close()
     return 0
