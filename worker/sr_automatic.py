@@ -117,7 +117,7 @@ def build_automatic_sr(
         for i in order
     ]
     if review is not None:
-        groups.extend(review_groups(groups, review))
+        groups = [*review_groups(groups, review), *groups]  # drawn first: see sr_review
     sr = measurement_document(
         [*source_images, *(review.datasets if review else [])],
         groups,

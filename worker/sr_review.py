@@ -7,6 +7,14 @@ group (SCOORD or SCOORD3D, PS3.16), so each group gets a twin: the same tracking
 and tracking UID (the same ROI), the same finding, finding site, algorithm identification,
 measurements and evaluations, and as its region the ROI as a closed SCOORD POLYLINE on the
 review image of the group's slice position. The SCOORD3D groups stay for viewers that do 3D.
+
+The twins come first in the report (:func:`worker.sr.build_triage_sr`,
+:func:`worker.sr_automatic.build_automatic_sr`). OHIF 3 (its dicom-sr extension) merges the
+groups that share a tracking UID into one measurement and draws the first SCOORD or SCOORD3D
+of the merged content: with the SCOORD3D group first, it drew nothing ("Unsupported
+GraphicType: POLYGON") and its SR viewport failed jumping to a region on no image. With the
+twin first it draws the ROI on the review image, labelled with the group's measurements
+(each shown twice, once per group). ``tests/viewer/test_ohif_sr.py`` checks this in OHIF.
 """
 
 from __future__ import annotations
