@@ -16,6 +16,7 @@ from pathlib import Path
 from dicom_node.audit.http import (
     caller,
     client_address,
+    credential_refused,
     export,
     instances_accessed,
     query,
@@ -40,6 +41,7 @@ __all__ = [
     "StudyRef",
     "caller",
     "client_address",
+    "credential_refused",
     "export",
     "instances_accessed",
     "query",

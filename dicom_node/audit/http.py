@@ -19,12 +19,13 @@ from typing import Any
 from sqlalchemy import select
 from starlette.requests import Request
 
-from dicom_node.archive.schema import RoiAnnotation, Study, TriageResult
+from dicom_node.archive.schema import RoiAnnotation, Study, TriageResult, WebUser
 from dicom_node.audit import messages
 from dicom_node.audit.messages import Code, Codes, StudyRef
 from dicom_node.audit.trail import AuditTrail
 
 ANONYMOUS = "anonymous"
+UNKNOWN_ACCOUNT = "unknown account"
 
 
 def trail_of(request: Request) -> AuditTrail | None:
@@ -171,10 +172,15 @@ def user_authentication(
     logout: bool = False,
     description: str | None = None,
 ) -> None:
-    """Sign-in (or sign-out) of ``user``, success or failure; never the password."""
+    """Sign-in (or sign-out) of ``user``, success or failure; never the password.
+
+    A failed sign-in names the account only when it exists: what was typed in the user box
+    of a failed attempt is often a password."""
     trail = trail_of(request)
     if trail is None:
         return
+    if not success and not _is_account(trail, user):
+        user = UNKNOWN_ACCOUNT
     trail.record(
         messages.user_authentication(
             trail.source,
@@ -186,6 +192,21 @@ def user_authentication(
             description=description,
         )
     )
+
+
+def _is_account(trail: AuditTrail, user: str) -> bool:
+    try:
+        with trail.sessions() as session:
+            return session.scalar(select(WebUser.id).where(WebUser.username == user)) is not None
+    except Exception:
+        return False
+
+
+def credential_refused(request: Request, reason: str) -> None:
+    """A bearer token (API token, OIDC token) refused; a request without any is not an
+    alert (a browser on its way to the sign-in page)."""
+    if request.headers.get("authorization"):
+        security_alert(request, description=f"credential refused: {reason}", user=ANONYMOUS)
 
 
 def security_alert(

@@ -32,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from dicom_node import audit
 from dicom_node.archive.db import transaction
 from dicom_node.settings import Settings
 from dicom_node.web.auth import accounts
@@ -170,12 +171,14 @@ def install_guard(app: FastAPI, authenticator: Authenticator) -> None:
             return await call_next(request)
         outcome = await run_in_threadpool(authenticator.authenticate, request)
         if outcome.principal is None:
+            await run_in_threadpool(audit.credential_refused, request, outcome.refusal)
             return _refuse(request, outcome)
         if (
             outcome.by_cookie
             and request.method not in SAFE_METHODS
             and not _csrf_ok(request, outcome.csrf_token)
         ):
+            await run_in_threadpool(audit.security_alert, request, description="CSRF refused")
             return JSONResponse(
                 {"detail": f"a write from the page needs its {CSRF_HEADER} header"},
                 status_code=status.HTTP_403_FORBIDDEN,

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node import audit
 from dicom_node.archive.db import transaction
 from dicom_node.web.auth import accounts
 from dicom_node.web.auth.guard import (
@@ -135,6 +136,7 @@ def register_login(app: FastAPI, authenticator: Authenticator) -> None:
         wait = throttle.retry_after(username, address)
         if wait > 0:
             log.warning("sign-in refused: too many failures (from %s)", address)
+            audit.user_authentication(request, user=username, success=False)
             response = _login_page(
                 "Too many failed sign-ins: try again later.", status.HTTP_429_TOO_MANY_REQUESTS
             )
@@ -159,9 +161,11 @@ def register_login(app: FastAPI, authenticator: Authenticator) -> None:
             raise HTTPException(503, "database unavailable, retry later") from exc
         if verified is None or opened is None:
             throttle.failed(username, address)
+            audit.user_authentication(request, user=username, success=False, description="refused")
             log.info("sign-in failed (from %s)", address)
             return _login_page("Wrong user name or password.", status.HTTP_401_UNAUTHORIZED)
         throttle.succeeded(username)
+        audit.user_authentication(request, user=verified[1].name, success=True)
         log.info("signed in: %s (from %s)", verified[1].name, address)
         signed_in = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
         signed_in.set_cookie(
@@ -186,6 +190,7 @@ def register_login(app: FastAPI, authenticator: Authenticator) -> None:
         if cookie:
             with transaction(authenticator.sessions) as session:
                 accounts.close_session(session, cookie)
+        audit.user_authentication(request, user=audit.caller(request), success=True, logout=True)
         response = Response(status_code=status.HTTP_204_NO_CONTENT)
         response.delete_cookie(
             SESSION_COOKIE,
