@@ -6,6 +6,11 @@ node process each run: new SQLite database and storage, so every instance is rea
 fsynced and indexed), and prints instances/s and every receiver's ratio to Orthanc with
 ``SyncStorageArea`` on, the durable archive sites run (and to storescp), as medians.
 
+Beside the wall time, each receiver's CPU seconds per instance: user + system time of the
+receiving process and its descendants (listener processes, ``storescp --fork`` children) over
+the send, read from ``/proc``. On a machine shared with other work the CPU figure is the stable
+one: wall time waits on whatever else runs.
+
     python benchmarks/bench_ingest.py [--instances 300] [--runs 5] [--senders 1]
         [--listeners 1] [--database-url postgresql+psycopg2://...] [--set NAME=VALUE]
 
@@ -74,13 +79,40 @@ def dcmtk_env() -> dict[str, str]:
     return env
 
 
-def send(port: int, ae: str, chunks: list[list[Path]]) -> float:
-    """Seconds to send every chunk, one storescu association per chunk, concurrently.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live descendants, with the time of the
+    children they reaped, from ``/proc``."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # after the command: state(0) … utime(11) stime(12) cutime(13) cstime(14)
+        total += sum(int(value) for value in fields[11:15]) / _CLOCK_TICKS
+        children = {
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        }
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(process_tree_cpu(child) for child in children)
+
+
+Timing = tuple[float, float]
+"""(wall seconds, receiver CPU seconds) of one send."""
+
+
+def send(port: int, ae: str, chunks: list[list[Path]], receiver_pid: int | None = None) -> Timing:
+    """Seconds to send every chunk, one storescu association per chunk, concurrently, and
+    the CPU seconds the receiver (``receiver_pid`` and its descendants) used meanwhile.
 
     Dirty pages and pending discards of the previous run are flushed first, so neither
     receiver pays for the other's writes.
     """
     os.sync()
+    cpu_before = process_tree_cpu(receiver_pid) if receiver_pid else 0.0
     start = time.perf_counter()
     processes = [
         subprocess.Popen(
@@ -104,10 +136,12 @@ def send(port: int, ae: str, chunks: list[list[Path]]) -> float:
         _, err = process.communicate(timeout=600)
         if process.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    cpu = process_tree_cpu(receiver_pid) - cpu_before if receiver_pid else float("nan")
+    return seconds, cpu
 
 
-def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
+def run_storescp(chunks: list[list[Path]], fork: bool) -> Timing:
     port = free_port()
     args = [str(DCMTK / "storescp"), "-aet", "STORESCP", *(["--fork"] if fork else [])]
     return _time_receiver(
@@ -115,7 +149,7 @@ def run_storescp(chunks: list[list[Path]], fork: bool) -> float:
     )
 
 
-def run_bare(chunks: list[list[Path]], handler: str) -> float:
+def run_bare(chunks: list[list[Path]], handler: str) -> Timing:
     """Seconds for a bare pynetdicom receiver (``bare_scp.py``) to take every chunk."""
     port = free_port()
     script = str(Path(__file__).with_name("bare_scp.py"))
@@ -136,7 +170,7 @@ def _time_receiver(
     ae: str,
     chunks: list[list[Path]],
     env: dict[str, str] | None = None,
-) -> float:
+) -> Timing:
     """Start a reference receiver (``command`` of its output folder), time the sends to it,
     stop it and remove what it wrote."""
     out = Path(tempfile.mkdtemp(prefix="bench-receiver-"))
@@ -145,14 +179,14 @@ def _time_receiver(
     )
     try:
         wait_port(port)
-        return send(port, ae, chunks)
+        return send(port, ae, chunks, server.pid)
     finally:
         server.terminate()
         server.wait(timeout=10)
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_orthanc(chunks: list[list[Path]], sync_storage: bool) -> float:
+def run_orthanc(chunks: list[list[Path]], sync_storage: bool) -> Timing:
     """Seconds for a fresh Orthanc (own config, storage and index) to take every chunk."""
     folder = Path(tempfile.mkdtemp(prefix="bench-orthanc-"))
     orthanc = Orthanc(
@@ -164,12 +198,13 @@ def run_orthanc(chunks: list[list[Path]], sync_storage: bool) -> float:
     try:
         orthanc.start()
         wait_port(orthanc.dicom_port)
-        seconds = send(orthanc.dicom_port, "ORTHANC", chunks)
+        assert orthanc.process is not None
+        timing = send(orthanc.dicom_port, "ORTHANC", chunks, orthanc.process.pid)
         with orthanc.client() as client:
             stored = int(client.get("/statistics").json()["CountInstances"])
         if stored != sum(len(chunk) for chunk in chunks):
             raise RuntimeError(f"Orthanc stored {stored} of {sum(map(len, chunks))} instances")
-        return seconds
+        return timing
     finally:
         orthanc.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -180,7 +215,7 @@ def run_node(
     listeners: int,
     database_url: str | None,
     overrides: dict[str, str] | None = None,
-) -> float:
+) -> Timing:
     port = free_port()
     var = Path(tempfile.mkdtemp(prefix="bench-node-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_TRIAGE_")}
@@ -212,7 +247,7 @@ def run_node(
     try:
         wait_port(port)
         time.sleep(0.5 if listeners > 1 else 0.1)  # let the extra listeners bind
-        return send(port, "SPINE_TRIAGE", chunks)
+        return send(port, "SPINE_TRIAGE", chunks, node.pid)
     finally:
         node.terminate()
         node.wait(timeout=30)
@@ -240,6 +275,11 @@ def _drop_pg_database(server_url: str, url: str) -> None:
     with engine.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
+
+
+def _ratio(reference: float, value: float) -> float:
+    """``reference / value``; NaN when ``value`` is 0 (the clock ticks 10 ms: a short run)."""
+    return reference / value if value > 0 else float("nan")
 
 
 def main() -> int:
@@ -281,7 +321,7 @@ def main() -> int:
         "postgresql" if args.database_url else "sqlite", args.listeners
     )
     # receiver key → (printed name, how to time it on the chunks); the order of every run
-    receivers: dict[str, tuple[str, Callable[[list[list[Path]]], float]]] = {
+    receivers: dict[str, tuple[str, Callable[[list[list[Path]]], Timing]]] = {
         "storescp": (
             "storescp --fork" if fork else "storescp",
             partial(run_storescp, fork=fork),
@@ -310,6 +350,7 @@ def main() -> int:
     )
 
     times: dict[str, list[float]] = {key: [] for key in receivers}
+    cpus: dict[str, list[float]] = {key: [] for key in receivers}
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         files = write_ct_series(data, args.instances, rows=512, columns=512)
@@ -317,13 +358,19 @@ def main() -> int:
         chunks = [files[i :: args.senders] for i in range(args.senders)]
         for run in range(args.runs):
             for key, (_, timed) in receivers.items():
-                times[key].append(timed(chunks))
-            text = ", ".join(f"{key} {times[key][-1]:.2f} s" for key in receivers)
+                seconds, cpu = timed(chunks)
+                times[key].append(seconds)
+                cpus[key].append(cpu)
+            text = ", ".join(
+                f"{key} {times[key][-1]:.2f} s ({cpus[key][-1] / args.instances * 1e3:.1f} ms CPU)"
+                for key in receivers
+            )
             print(f"run {run + 1}: {text}", flush=True)
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
     median = {key: statistics.median(values) for key, values in times.items()}
+    cpu_ms = {key: statistics.median(values) / args.instances * 1e3 for key, values in cpus.items()}
     figures: dict[str, object] = {
         "instances": args.instances,
         "mib": round(size / 2**20, 1),
@@ -336,20 +383,31 @@ def main() -> int:
     for key, seconds in median.items():
         figures[f"{key}_s"] = round(seconds, 3)
         figures[f"{key}_inst_per_s"] = round(args.instances / seconds, 1)
+        figures[f"{key}_cpu_ms_per_inst"] = round(cpu_ms[key], 3)
         for reference in references:
             if key != reference:
                 figures[f"ratio_{key}_to_{reference}"] = round(median[reference] / seconds, 3)
+                figures[f"cpu_ratio_{key}_to_{reference}"] = round(
+                    _ratio(cpu_ms[reference], cpu_ms[key]), 3
+                )
     header = "".join(f"  to {reference:<9}" for reference in references)
     lines = [
         f"\n{args.instances} instances ({figures['mib']} MiB), {args.senders} sender(s), "
         f"median of {args.runs}; ratio = the reference's time / this one's "
-        "(Orthanc: SyncStorageArea on):",
-        f"  {'receiver':<40} {'time':>8}  {'inst/s':>7}{header}",
+        "(Orthanc: SyncStorageArea on); CPU: the receiver's CPU ms per instance and the "
+        "reference's CPU / this one's:",
+        f"  {'receiver':<40} {'time':>8}  {'inst/s':>7}{header}  {'CPU ms':>7}{header}",
     ]
     for key, (name, _) in receivers.items():
         seconds = median[key]
         ratios = "".join(f"  {median[reference] / seconds:>12.2f}" for reference in references)
-        lines.append(f"  {name:<40} {seconds:6.2f} s  {args.instances / seconds:7.1f}{ratios}")
+        cpu_ratios = "".join(
+            f"  {_ratio(cpu_ms[reference], cpu_ms[key]):>12.2f}" for reference in references
+        )
+        lines.append(
+            f"  {name:<40} {seconds:6.2f} s  {args.instances / seconds:7.1f}{ratios}"
+            f"  {cpu_ms[key]:7.2f}{cpu_ratios}"
+        )
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

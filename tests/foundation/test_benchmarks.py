@@ -43,6 +43,7 @@ def test_bench_ingest_measures_storescp_the_bare_receivers_orthanc_and_the_node(
     receivers = ("storescp", "bare_nothing", "bare_write", "orthanc", "orthanc_nosync", "node")
     for key in receivers:
         assert figures[f"{key}_s"] > 0, key
+        assert figures[f"{key}_cpu_ms_per_inst"] >= 0, key  # the receiver's CPU, from /proc
     for key in receivers:  # every ratio is to Orthanc with SyncStorageArea on (and storescp)
         if key != "orthanc":
             assert figures[f"ratio_{key}_to_orthanc"] > 0, key
