@@ -57,6 +57,10 @@ COMMANDS: dict[str, Command] = {
     "tokens": Command(
         "worker.commands.users", "create, list, revoke API tokens for clients (PACS, scripts)"
     ),
+    "audit": Command(
+        "worker.commands.audit",
+        "the audit trail: who received, sent, opened or searched which patient's data, when",
+    ),
     "synth": Command(
         "worker.commands.model", "write synthetic spine CT studies with ROI and label"
     ),
