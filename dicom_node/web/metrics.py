@@ -6,7 +6,10 @@ Two kinds, because the node and the workers are separate processes:
   ``spine_triage_instances_received_total`` and ``spine_triage_studies_received_total``,
   incremented by :func:`count_instance_received`, which the ingest path calls for every
   instance it stored (C-STORE or STOW-RS). A study counts once, when this process first
-  stores one of its instances (it remembers the last 10 000 studies it saw);
+  stores one of its instances (it remembers the last 10 000 studies it saw); and the audit
+  trail's ``spine_triage_audit_*`` (events recorded, messages sent to the audit repository,
+  dropped because its queue was full, failed attempts, still queued:
+  :class:`dicom_node.audit.AuditCounters`);
 - **read from the database at each scrape** (the archive of record, shared by every
   process, so what any worker did is counted): studies by state, jobs (ROI annotations) by
   state and the age of the oldest pending one, results by priority and by the out-of-domain
@@ -46,6 +49,7 @@ from dicom_node.archive.schema import (
     StudyState,
     TriageResult,
 )
+from dicom_node.audit import AuditCounters
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +249,7 @@ def make_registry(sessions: Callable[[], sessionmaker[Session]]) -> CollectorReg
     """A registry of the node's metrics; one per app, so several apps can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCounters())
+    registry.register(AuditCounters())
     registry.register(DatabaseMetrics(sessions))
     ProcessCollector(namespace=PREFIX, registry=registry)
     return registry
