@@ -166,6 +166,8 @@ class TlsTransport:
     def close(self) -> None:
         if self._socket is not None:
             try:
+                with contextlib.suppress(OSError, ValueError):
+                    self._socket.unwrap()  # close_notify: the repository sees a clean end
                 self._socket.close()
             finally:
                 self._socket = None
