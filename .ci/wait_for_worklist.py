@@ -1,6 +1,8 @@
 """Wait until the worklist at URL shows N finished studies (flagged, routine or not analysed).
 
-Exits 1 when the process PID ends first or after the timeout (seconds, default 600).
+Reads as the node's API token: SPINE_TRIAGE_API_TOKEN, else var/api-token of the current
+folder (embedded mode writes it on start). Exits 1 when the process PID ends first or after
+the timeout (seconds, default 600).
 """
 
 from __future__ import annotations
@@ -11,6 +13,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+
+def api_token() -> str:
+    token = os.environ.get("SPINE_TRIAGE_API_TOKEN", "")
+    path = Path(os.environ.get("SPINE_TRIAGE_VAR_DIR", "var")) / "api-token"
+    if not token and path.exists():
+        token = path.read_text().strip()
+    return token
 
 
 def alive(pid: int) -> bool:
@@ -29,7 +40,10 @@ def main(url: str, expected: int, pid: int, timeout_s: float = 600.0) -> int:
             print("the run command ended before the worklist filled")
             return 1
         try:
-            with urllib.request.urlopen(f"{url}/worklist", timeout=5) as answer:
+            request = urllib.request.Request(
+                f"{url}/worklist", headers={"Authorization": f"Bearer {api_token()}"}
+            )
+            with urllib.request.urlopen(request, timeout=5) as answer:
                 states = [item["state"] for item in json.load(answer)["items"]]
         except (urllib.error.URLError, OSError, ValueError):
             states = []

@@ -147,7 +147,7 @@ def test_health_checks_and_start_order() -> None:
 
 
 def test_http_port_is_published_on_loopback_only() -> None:
-    """The worklist shows patient data and reads need no token."""
+    """The worklist shows patient data: loopback only unless the site sets up HTTPS."""
     services = load_compose()["services"]
     http = [port for port in services["node"]["ports"] if port.endswith(":8080")]
     assert http and all(port.startswith("127.0.0.1:") for port in http)

@@ -1,7 +1,9 @@
 """The README's run command as a newcomer uses it: ``spine-triage up --demo`` in an empty
 folder starts node and worker in embedded mode, feeds synthetic studies through the real path,
 and within minutes the worklist shows flagged and routine studies and the SRs sit in
-var/results. Stopped with Ctrl-C, it shuts down cleanly."""
+var/results. It says how to sign in: the first start made the user admin, whose password is
+in var/admin-password (0600); reads need a credential (the API token in var/api-token here).
+Stopped with Ctrl-C, it shuts down cleanly."""
 
 from __future__ import annotations
 
@@ -50,9 +52,14 @@ def test_up_demo_fills_the_worklist_and_the_results_folder(
             if process.poll() is not None:
                 raise AssertionError((tmp_path / "up.log").read_text()[-3000:])
             try:
-                body = httpx.get(f"http://127.0.0.1:{http_port}/worklist", timeout=5).json()
+                token = (tmp_path / "var" / "api-token").read_text().strip()
+                body = httpx.get(
+                    f"http://127.0.0.1:{http_port}/worklist",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=5,
+                ).json()
                 items = body["items"]
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError, KeyError):
                 items = []
             # the results folder gets each study's SR and its review series
             results = [
@@ -74,6 +81,18 @@ def test_up_demo_fills_the_worklist_and_the_results_folder(
         output = (tmp_path / "up.log").read_text()
         assert f"worklist:  http://127.0.0.1:{http_port}/" in output
         assert (tmp_path / "var" / "spine-triage.db").exists()
+        password_file = tmp_path / "var" / "admin-password"
+        assert f"sign in:   user admin, password in {password_file}" in output
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        anonymous = httpx.get(f"http://127.0.0.1:{http_port}/worklist", timeout=5)
+        assert anonymous.status_code == 401
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as browser:
+            signed = browser.post(
+                "/login",
+                data={"username": "admin", "password": password_file.read_text().strip()},
+            )
+            assert signed.status_code == 303
+            assert len(browser.get("/worklist").json()["items"]) == 4
     finally:
         process.send_signal(signal.SIGINT)
         try:

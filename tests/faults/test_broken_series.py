@@ -53,7 +53,11 @@ def test_broken_series_fail_with_their_reason_while_a_good_study_is_done(
         what="every annotation to reach its end state",
     )
     views = {
-        name: httpx.get(f"{system.api}/annotations/{annotation}", timeout=10).json()
+        name: httpx.get(
+            f"{system.api}/annotations/{annotation}",
+            headers={"Authorization": f"Bearer {system.token}"},
+            timeout=10,
+        ).json()
         for name, annotation in ids.items()
     }
     assert views["GOOD"]["state"] == "done" and len(views["GOOD"]["results"]) == 1

@@ -29,6 +29,7 @@ from model.io.volume import load_series
 from model.serving.localiser import localise, propose_rois
 from tests.real_ct import REAL_CT_PATIENT_ID, write_real_ct_series
 from tests.support import free_port, require_binary
+from tests.worklist.browser import add_reader
 from tests.worklist.test_page_chromium import dump_dom
 from worker.automatic import run_automatic
 from worker.pipeline import Outcome, run_triage
@@ -141,10 +142,11 @@ def test_the_sr_says_the_input_is_outside_the_training_domain(triaged: Triaged) 
 
 def test_the_worklist_page_and_metrics_say_so(triaged: Triaged) -> None:
     require_binary("chromium")
+    login = add_reader(triaged.rt.sessions)
     server = start_http(triaged.settings, triaged.rt.sessions, None)
     try:
         base = f"http://127.0.0.1:{server.port}"
-        dom = dump_dom(f"{base}/#study={triaged.study_uid}")
+        dom = dump_dom(f"{base}/#study={triaged.study_uid}", login)
         [body] = dom.by_id("worklist").find_all("tbody")
         [row] = body.find_all("tr")
         assert "row-flagged" not in (row.attrs["class"] or "")

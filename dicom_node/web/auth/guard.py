@@ -157,7 +157,7 @@ def _refuse(request: Request, outcome: Authentication) -> Response:
         return RedirectResponse(LOGIN_PATH, status_code=status.HTTP_303_SEE_OTHER)
     headers = {}
     if outcome.status == status.HTTP_401_UNAUTHORIZED:
-        headers["WWW-Authenticate"] = 'Bearer realm="spine-triage"'
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse({"detail": outcome.refusal}, status_code=outcome.status, headers=headers)
 
 
@@ -199,7 +199,7 @@ def principal_of(request: Request) -> Principal:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "sign-in required",
-            headers={"WWW-Authenticate": 'Bearer realm="spine-triage"'},
+            headers={"WWW-Authenticate": "Bearer"},
         )
     return principal
 
