@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 # 1.4 GiB of the process at 300 × 512 × 512) and decodes on every core, so a second one beside
 # it would double the worker's memory without finishing either sooner. The worker's other
 # threads still take reader-ROI jobs and deliveries; more throughput comes from more worker
-# processes or hosts.
+# processes or hosts. A second automatic job never waits on a thread for the slot (the
+# deliveries of the running one would queue behind it): it goes back to the broker and comes
+# again after AUTOMATIC_SLOT_WAIT_S, or to another worker's free slot.
 AUTOMATIC_SLOTS = threading.BoundedSemaphore(1)
+AUTOMATIC_SLOT_WAIT_S = 0.5
 
 
 @shared_task(name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -37,8 +40,12 @@ def triage_annotation(self: Task, annotation_id: int) -> str:
 
 @shared_task(name=AUTO_TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def triage_study(self: Task, job_id: int) -> str:
-    with AUTOMATIC_SLOTS:
+    if not AUTOMATIC_SLOTS.acquire(blocking=False):
+        raise self.retry(countdown=AUTOMATIC_SLOT_WAIT_S, max_retries=None)
+    try:
         result = run_automatic(get_runtime(), int(job_id))
+    finally:
+        AUTOMATIC_SLOTS.release()
     if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
         raise self.retry(countdown=result.retry_in_s, max_retries=None)
     return result.outcome.value
