@@ -32,30 +32,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PREFIX = "spine_triage"
+
 EVENTS_RECORDED = Counter(
-    "spine_triage_audit_events",
+    f"{PREFIX}_audit_events",
     "Audit events this process wrote to the audit table, since it started.",
     ["event_type"],
     registry=None,
 )
 EVENTS_LOST = Counter(
-    "spine_triage_audit_events_unrecorded",
+    f"{PREFIX}_audit_events_unrecorded",
     "Audit events this process could not write to the audit table (database unavailable).",
     registry=None,
 )
 SYSLOG_SENT = Counter(
-    "spine_triage_audit_syslog_sent",
+    f"{PREFIX}_audit_syslog_sent",
     "Audit messages this process sent to the audit repository.",
     registry=None,
 )
 SYSLOG_DROPPED = Counter(
-    "spine_triage_audit_syslog_dropped",
+    f"{PREFIX}_audit_syslog_dropped",
     "Audit messages this process did not send because its queue was full (the repository "
     "was unreachable for long); each is in the audit table.",
     registry=None,
 )
 SYSLOG_FAILURES = Counter(
-    "spine_triage_audit_syslog_failures",
+    f"{PREFIX}_audit_syslog_failures",
     "Failed attempts to send an audit message (each one retried).",
     registry=None,
 )
@@ -219,7 +221,7 @@ class AuditCounters(Collector):
         yield from SYSLOG_DROPPED.collect()
         yield from SYSLOG_FAILURES.collect()
         pending = GaugeMetricFamily(
-            "spine_triage_audit_syslog_queued",
+            f"{PREFIX}_audit_syslog_queued",
             "Audit messages of this process waiting to be sent to the audit repository.",
         )
         pending.add_metric([], sum(t.forwarder.pending for t in trails if t.forwarder))
