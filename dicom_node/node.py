@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.archive import lifecycle
 from dicom_node.archive.db import make_engine, make_session_factory, writer_lock
 from dicom_node.archive.migrate import require_current_schema
-from dicom_node.archive.schema import Instance
+from dicom_node.archive.schema import Instance, RoiAnnotation, TriageResult
 from dicom_node.audit import AuditTrail
 from dicom_node.audit.dicom import AssociationAudit
 from dicom_node.broker.wake import SendTask
@@ -65,6 +65,8 @@ def annotation_from_sr(session: Session, ds: Dataset, *, storage_root: Path) -> 
             select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
         )
         if path is None:
+            path = review_image_path(session, str(ds.StudyInstanceUID), sop_instance_uid)
+        if path is None:
             return None
         return dcmread(storage_root / path, stop_before_pixels=True)
 
@@ -83,6 +85,25 @@ def annotation_from_sr(session: Session, ds: Dataset, *, storage_root: Path) -> 
         now=datetime.now(UTC),
     )
     return stored.id
+
+
+def review_image_path(session: Session, study_uid: str, sop_instance_uid: str) -> str | None:
+    """Where a review image the node wrote for ``study_uid`` lies (relative to the storage
+    root), by SOP Instance UID. The node's own images are not indexed as received instances,
+    but a reader draws an ROI on them in the viewer and the SR that comes back names them."""
+    rows = session.scalars(
+        select(TriageResult.review_paths)
+        .join(RoiAnnotation, RoiAnnotation.id == TriageResult.annotation_id)
+        .where(
+            RoiAnnotation.study_instance_uid == study_uid, TriageResult.review_paths.is_not(None)
+        )
+    )
+    for paths in rows:
+        for path in paths or []:
+            name = path.rsplit("/", 1)[-1].removesuffix(".dcm")
+            if name.rsplit(".", 1)[0] == sop_instance_uid:  # {SOP UID}.{digest}.dcm
+                return str(path)
+    return None
 
 
 @dataclass

@@ -29,6 +29,18 @@ Geometry rules:
 The CT series the ROI refers to is the referenced image's series (SCOORD) or, for SCOORD3D,
 the one CT series among the SR's evidence whose Frame of Reference matches; none or several
 is an error. ``resolve_image(sop_instance_uid)`` returns an instance's header from storage.
+
+An ROI drawn on a **reformat** (a SCOORD on an image with Image Type DERIVED and a Source
+Image Sequence, such as the node's own sagittal review series, where a reader draws in OHIF):
+
+- the points map through the reformat's geometry, as on any image, so they are the same
+  patient coordinates; the CT series is the one of the reformat's source images (in the same
+  Frame of Reference; they must be in storage), not the reformat's own series;
+- a reformat shows one slab, and the SR cannot say which 3–5 sagittal slices the reader
+  meant: when every region lies on the same reformatted image, the slices default to three,
+  centred on that image's x and one slab thickness apart (its Slice Thickness, else
+  ``DEFAULT_SLAB_MM``): x − t, x, x + t. Regions drawn on several reformatted images give
+  their own positions.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.dicom.sr_geometry import (
+    COORDINATE_DECIMALS,
     RoiSrError,
     as_points,
     combined_polygon,
@@ -72,6 +85,8 @@ SR_CLASSES: dict[str, type[hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comp
 }
 
 _AREA_GRAPHIC_TYPES_2D = {"POLYLINE", "CIRCLE", "ELLIPSE"}
+DEFAULT_SLAB_MM = 3.0  # the method's sagittal slab, when a reformat states no Slice Thickness
+REFORMAT_SLICES = 3  # slices of an ROI drawn on one reformatted image: x - t, x, x + t
 _AREA_GRAPHIC_TYPES_3D = {"POLYGON", "POLYLINE", "ELLIPSE"}
 _READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError)
 
@@ -100,6 +115,7 @@ class _Region:
     points_xyz: tuple[tuple[float, float, float], ...]
     frame_of_reference_uid: str
     series_instance_uid: str | None
+    slab_mm: float | None = None  # drawn on a reformat: its slab thickness
 
 
 ImageResolver = Callable[[str], pydicom.Dataset | None]
@@ -159,13 +175,18 @@ def _roi_of_report(
         raise RoiSrError(f"the ROIs lie in {len(frames)} different frames of reference")
     series_uid = _series_instance_uid(ds, regions, frames.pop(), resolve_image)
 
-    slice_positions = [sagittal_x(region.points_xyz, region.where) for region in regions]
+    slice_positions = distinct_sorted(
+        [sagittal_x(region.points_xyz, region.where) for region in regions]
+    )
+    slabs = {region.slab_mm for region in regions}
+    if len(slice_positions) == 1 and len(slabs) == 1 and (slab := slabs.pop()) is not None:
+        slice_positions = reformat_slices(slice_positions[0], slab)
     polygons = [polygon_yz(region.points_xyz, region.where) for region in regions]
     try:
         roi = Roi(
             study_instance_uid=str(ds.StudyInstanceUID),
             series_instance_uid=series_uid,
-            slices_x_mm=distinct_sorted(slice_positions),
+            slices_x_mm=slice_positions,
             polygon_yz_mm=combined_polygon(polygons),
             vertebra=_vertebra(groups),
         )
@@ -286,7 +307,52 @@ def _region(item: Any, where: str, resolve_image: ImageResolver) -> _Region:
     frame_of_reference = image.get("FrameOfReferenceUID")
     if not frame_of_reference:
         raise RoiSrError(f"{where}: image {sop_instance_uid} has no Frame of Reference UID")
-    return _Region(where, as_points(points), str(frame_of_reference), str(image.SeriesInstanceUID))
+    if not is_reformat(image):
+        series = str(image.SeriesInstanceUID)
+        return _Region(where, as_points(points), str(frame_of_reference), series)
+    series = _source_series(image, str(frame_of_reference), where, resolve_image)
+    thickness = image.get("SliceThickness")
+    slab = float(thickness) if thickness not in (None, "") and float(thickness) > 0 else None
+    return _Region(
+        where, as_points(points), str(frame_of_reference), series, slab or DEFAULT_SLAB_MM
+    )
+
+
+def is_reformat(image: pydicom.Dataset) -> bool:
+    """Whether ``image`` was derived from other images it names (DERIVED + Source Image
+    Sequence): a reformat such as the node's sagittal review image."""
+    image_type = [str(value).upper() for value in (image.get("ImageType") or [])]
+    return (
+        bool(image_type) and image_type[0] == "DERIVED" and bool(image.get("SourceImageSequence"))
+    )
+
+
+def reformat_slices(x_mm: float, slab_mm: float) -> tuple[float, ...]:
+    """The default slices of an ROI drawn on one reformatted image at ``x_mm``."""
+    half = REFORMAT_SLICES // 2
+    return tuple(
+        round(x_mm + (i - half) * slab_mm, COORDINATE_DECIMALS) for i in range(REFORMAT_SLICES)
+    )
+
+
+def _source_series(
+    image: pydicom.Dataset, frame_of_reference_uid: str, where: str, resolve_image: ImageResolver
+) -> str:
+    """The series a reformat was made from: that of its first source image in storage."""
+    for item in image.SourceImageSequence:
+        source = resolve_image(str(item.ReferencedSOPInstanceUID))
+        if source is None:
+            continue
+        if source.get("FrameOfReferenceUID") != frame_of_reference_uid:
+            raise RoiSrError(
+                f"{where}: the reformat {image.SOPInstanceUID} and its source images lie in "
+                "different frames of reference"
+            )
+        return str(source.SeriesInstanceUID)
+    raise RoiSrError(
+        f"{where}: the ROI is drawn on a reformat ({image.SOPInstanceUID}) whose source "
+        "images are not in storage"
+    )
 
 
 def _first_frame(frame_numbers: Any) -> int | None:

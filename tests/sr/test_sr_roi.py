@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import EnhancedSRStorage, generate_uid
 
 from dicom_node.dicom.sr_roi import RoiReport, RoiSrError, extract_roi, is_roi_report
 from dicom_node.dicom.vertebrae import vertebra_code, vertebra_label
@@ -62,7 +62,9 @@ def roi_report(
     ],
     *,
     observation_context: hd.sr.ObservationContext | None = None,
-    sr_class: type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR] = hd.sr.Comprehensive3DSR,
+    sr_class: type[
+        hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
+    ] = hd.sr.Comprehensive3DSR,
 ) -> pydicom.Dataset:
     report = hd.sr.MeasurementReport(
         observation_context=(
@@ -333,6 +335,126 @@ def test_ohif_style_measurement_with_a_closed_polyline_is_an_roi() -> None:
     assert roi.slices_x_mm == (-4.0,)
     assert roi.polygon_yz_mm == ((-16.8, 39.0), (-8.8, 39.0), (-8.8, 29.0), (-16.8, 29.0))
     assert roi.vertebra == "L2"
+
+
+def reformat_of(
+    ct: Sequence[pydicom.Dataset], *, x_mm: float, slab_mm: float | None = 3.0
+) -> pydicom.Dataset:
+    """A sagittal reformat of ``ct`` at ``x_mm``, as the node's review image: DERIVED, same
+    frame of reference, a Source Image Sequence naming the CT slices, a slab thickness."""
+    first = ct[0]
+    image = sagittal_image(
+        str(first.StudyInstanceUID), str(generate_uid()), str(first.FrameOfReferenceUID), x_mm=x_mm
+    )
+    image.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
+    sources = []
+    for slice_ in ct:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = slice_.SOPClassUID
+        item.ReferencedSOPInstanceUID = slice_.SOPInstanceUID
+        sources.append(item)
+    image.SourceImageSequence = sources
+    if slab_mm is None:
+        del image.SliceThickness
+    else:
+        image.SliceThickness = slab_mm
+    return image
+
+
+def ohif_rectangle_report(
+    images: Sequence[pydicom.Dataset], column_row: np.ndarray
+) -> pydicom.Dataset:
+    """What OHIF 3.13 saves for a RectangleROI ("Create SR"): an Enhanced SR, TID 1500, one
+    TID 1501 group per image with NUM Area (and Mean...) inferred from a closed 5-point SCOORD
+    POLYLINE on the image, the tool's name as tracking identifier, an unknown person observer."""
+    groups = []
+    for image in images:
+        rectangle = hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=column_row,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+        )
+        measurements = [
+            hd.sr.Measurement(
+                name=codes.SCT.Area,
+                value=1122.6,
+                unit=codes.UCUM.SquareMillimeter,
+                referenced_coordinates=[rectangle],
+            ),
+            hd.sr.Measurement(name=codes.SCT.Mean, value=126.8, unit=codes.UCUM.HounsfieldUnit),
+        ]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(), identifier="Cornerstone3DTools@^0.1.0:RectangleROI"
+                ),
+                measurements=measurements,
+            )
+        )
+    context = hd.sr.ObservationContext(
+        observer_person_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                name="unknown^unknown"
+            ),
+        )
+    )
+    return roi_report(images, groups, observation_context=context, sr_class=hd.sr.EnhancedSR)
+
+
+OHIF_RECTANGLE = np.array([[4.5, 2.5], [14.5, 2.5], [14.5, 22.5], [4.5, 22.5], [4.5, 2.5]])
+
+
+def test_ohif_rectangle_on_a_reformat_is_the_source_series_roi_on_three_slices(
+    study: tuple[str, str, list[pydicom.Dataset]],
+) -> None:
+    """A reader's rectangle on the node's sagittal review image, saved by OHIF: the points
+    map through the reformat's geometry; the ROI is on the CT it was made from, on the
+    three slabs centred on the image (x - 3, x, x + 3 mm)."""
+    _, _, ct = study
+    review = reformat_of(ct, x_mm=-4.0)
+    ds = ohif_rectangle_report([review], OHIF_RECTANGLE)
+
+    assert ds.SOPClassUID == EnhancedSRStorage
+    assert is_roi_report(ds)
+    report = extract_roi(ds, Storage([*ct, review]))
+    roi = report.roi
+    assert roi.series_instance_uid == ct[0].SeriesInstanceUID
+    assert roi.study_instance_uid == ct[0].StudyInstanceUID
+    assert roi.slices_x_mm == (-7.0, -4.0, -1.0)
+    # the same patient coordinates as on the review image (top left -20, 40; 0.8 x 0.5 mm)
+    assert roi.polygon_yz_mm == ((-16.8, 39.0), (-8.8, 39.0), (-8.8, 29.0), (-16.8, 29.0))
+    assert report.annotator == "unknown^unknown"
+
+
+def test_a_reformat_without_slice_thickness_defaults_to_3_mm_slabs(
+    study: tuple[str, str, list[pydicom.Dataset]],
+) -> None:
+    _, _, ct = study
+    review = reformat_of(ct, x_mm=2.0, slab_mm=None)
+    roi = extract_roi(ohif_rectangle_report([review], OHIF_RECTANGLE), Storage([*ct, review])).roi
+    assert roi.slices_x_mm == (-1.0, 2.0, 5.0)
+
+
+def test_rectangles_on_several_reformats_give_their_own_positions(
+    study: tuple[str, str, list[pydicom.Dataset]],
+) -> None:
+    _, _, ct = study
+    left, right = reformat_of(ct, x_mm=-3.0), reformat_of(ct, x_mm=0.0)
+    right.SeriesInstanceUID = left.SeriesInstanceUID
+    ds = ohif_rectangle_report([left, right], OHIF_RECTANGLE)
+    roi = extract_roi(ds, Storage([*ct, left, right])).roi
+    assert roi.slices_x_mm == (-3.0, 0.0)
+    assert roi.series_instance_uid == ct[0].SeriesInstanceUID
+
+
+def test_a_reformat_whose_source_images_are_missing_is_refused(
+    study: tuple[str, str, list[pydicom.Dataset]],
+) -> None:
+    _, _, ct = study
+    review = reformat_of(ct, x_mm=-4.0)
+    with pytest.raises(RoiSrError, match="source images are not in storage"):
+        extract_roi(ohif_rectangle_report([review], OHIF_RECTANGLE), Storage([review]))
 
 
 def test_a_length_measurement_alone_is_not_an_roi_report() -> None:

@@ -97,7 +97,7 @@ try {
     );
     // The measurements panel first: opening it narrows the viewport.
     await page.locator('[data-cy="trackedMeasurements-btn"]').click();
-    await page.locator('[data-cy="trackedMeasurements-panel"]').waitFor({ timeout: 20000 });
+    await page.locator('[data-cy="trackedMeasurements-panel"]').first().waitFor({ timeout: 20000 });
     const corners = await page.evaluate(async ({ sop, from, to }) => {
       const cs = window.cornerstone;
       const viewport = cs.getRenderingEngines()[0].getViewports()[0];

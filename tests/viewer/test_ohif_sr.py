@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from dicom_node.archive.schema import AnnotationState, TriageResult
+from dicom_node.archive.schema import AnnotationState, RoiAnnotation, TriageResult
 from tests.deploy.files import DEPLOY
 from tests.services import Orthanc
 from tests.system import System, case_files
@@ -64,10 +64,12 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from model.synthetic.cases import make_case
 
     folder = tmp_path_factory.mktemp("ohif-cases")
-    return {
+    made = {
         label: make_case(folder, patient_id=f"OHIF-{label}", label=label, seed=4243)
         for label in ("malignant", "benign")
     }
+    made["reader"] = make_case(folder, patient_id="OHIF-reader", label="malignant", seed=4244)
+    return made
 
 
 def processed_study(
@@ -226,3 +228,83 @@ def docs_picture(screenshot: Path, target: Path) -> Path:
     small = image.resize((image.width * 3 // 5, image.height * 3 // 5), Image.Resampling.LANCZOS)
     small.quantize(colors=128).save(target, optimize=True)
     return target
+
+
+def test_a_reader_draws_an_roi_in_ohif_and_the_node_runs_it(
+    system_factory: Callable[..., System],
+    viewer_pacs: Orthanc,
+    cases: dict[str, Any],
+    demo_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    """The round trip: a rectangle drawn with OHIF's RectangleROI tool on the review image,
+    saved with "Create SR" (STOW-RS to Orthanc), forwarded by Orthanc's Lua to the node, taken
+    as the reader's ROI (same patient coordinates, the CT series, three slabs centred on the
+    image), and the job runs."""
+    case = cases["reader"]
+    system, first = processed_study(system_factory, viewer_pacs, case, demo_checkpoint, tmp_path)
+    images = sorted(
+        review_images(system, first).values(), key=lambda ds: ds.ImagePositionPatient[0]
+    )
+    image = images[len(images) // 2]
+    y0, z0 = float(image.ImagePositionPatient[1]), float(image.ImagePositionPatient[2])
+    spacing = float(image.PixelSpacing[0])
+    ys, zs = zip(*case.roi.polygon_yz_mm, strict=True)
+    # the ROI's bounding box in the image's (column, row) coordinates (SCOORD convention)
+    start = [(min(ys) - y0) / spacing + 0.5, (z0 - max(zs)) / spacing + 0.5]
+    end = [(max(ys) - y0) / spacing + 0.5, (z0 - min(zs)) / spacing + 0.5]
+
+    run = run_driver(
+        viewer_pacs,
+        {
+            "action": "draw",
+            "study": case.roi.study_instance_uid,
+            "imageSeries": int(image.SeriesNumber),
+            "sop": str(image.SOPInstanceUID),
+            "from": start,
+            "to": end,
+            "reportName": "Reader ROI",
+            "screenshot": str(tmp_path / "ohif-drawn.png"),
+        },
+    )
+    drawn = run.result
+    (tmp_path / "ohif-driver.json").write_text(json.dumps(drawn, indent=1))
+    assert "error" not in drawn, drawn
+    assert drawn["stowStatus"] == 200, drawn
+    [measurement] = drawn["measurements"]
+    assert measurement["toolName"] == "RectangleROI"
+    assert measurement["sop"] == image.SOPInstanceUID
+    corners = np.asarray(measurement["points"], dtype=float)  # patient coordinates (LPS)
+
+    def reader_annotation() -> RoiAnnotation | None:
+        with system.node.sessions() as session:
+            return session.scalars(
+                select(RoiAnnotation).where(RoiAnnotation.source == "sr")
+            ).one_or_none()
+
+    system.wait_until(
+        lambda: (found := reader_annotation()) is not None and found.state is AnnotationState.DONE,
+        timeout=120,
+        what="the reader's ROI from OHIF to be analysed (forwarded by Orthanc)",
+    )
+    annotation = reader_annotation()
+    assert annotation is not None
+    assert annotation.study_instance_uid == case.roi.study_instance_uid
+    assert annotation.series_instance_uid == case.roi.series_instance_uid, "the CT, not 9902"
+    x = float(image.ImagePositionPatient[0])
+    slab = float(image.SliceThickness)
+    assert annotation.slices_x_mm == pytest.approx([x - slab, x, x + slab], abs=1e-3)
+    polygon = np.asarray(annotation.polygon_yz_mm, dtype=float)
+    # the node's polygon is OHIF's rectangle, at the same patient coordinates
+    assert polygon.min(axis=0) == pytest.approx(corners[:, 1:].min(axis=0), abs=0.01)
+    assert polygon.max(axis=0) == pytest.approx(corners[:, 1:].max(axis=0), abs=0.01)
+    # ...which is the box the reader was shown, to a pixel of the screen
+    box = np.array([[min(ys), min(zs)], [max(ys), max(zs)]])
+    assert np.abs(polygon.min(axis=0) - box[0]).max() <= 2 * spacing
+    assert np.abs(polygon.max(axis=0) - box[1]).max() <= 2 * spacing
+    with system.node.sessions() as session:
+        result = session.scalars(
+            select(TriageResult).where(TriageResult.annotation_id == annotation.id)
+        ).one()
+    assert result.priority in ("HIGH", "ROUTINE")
+    assert result.slice_x_mm == pytest.approx(annotation.slices_x_mm)
