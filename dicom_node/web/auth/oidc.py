@@ -10,7 +10,9 @@ to none is refused.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
 
 import jwt
 
@@ -44,6 +46,41 @@ def _claim(claims: dict[str, Any], path: str) -> Any:
     return value
 
 
+class SigningKeys(Protocol):
+    def get_signing_key_from_jwt(self, token: str) -> jwt.PyJWK: ...
+
+
+class FileKeys:
+    """A key set kept on disk (``file:///path``), read again when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._keys: jwt.PyJWKSet | None = None
+
+    def get_signing_key_from_jwt(self, token: str) -> jwt.PyJWK:
+        kid = jwt.get_unverified_header(token).get("kid")
+        try:
+            stat = self.path.stat()
+            if self._keys is None or self._stamp != (stat.st_mtime_ns, stat.st_size):
+                self._keys = jwt.PyJWKSet.from_json(self.path.read_text())
+                self._stamp = (stat.st_mtime_ns, stat.st_size)
+        except (OSError, jwt.PyJWTError) as exc:
+            raise jwt.PyJWKClientConnectionError(f"key set file: {exc}") from exc
+        for key in self._keys.keys:
+            if key.key_id == kid:
+                return key
+        raise jwt.PyJWKClientError(f"no key {kid!r} in the key set")
+
+
+def signing_keys(url: str) -> SigningKeys:
+    """The issuer's keys: fetched over HTTP(S) and cached, or read from a file."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return FileKeys(Path(unquote(parsed.path)))
+    return jwt.PyJWKClient(url, cache_keys=True, lifespan=300, timeout=10)
+
+
 class OidcVerifier:
     def __init__(self, settings: Settings) -> None:
         self.issuer = settings.oidc_issuer
@@ -52,9 +89,7 @@ class OidcVerifier:
         self.roles_claim = settings.oidc_roles_claim
         self.username_claim = settings.oidc_username_claim
         self.role_map = settings.oidc_roles
-        self.keys = jwt.PyJWKClient(
-            settings.oidc_jwks_url, cache_keys=True, lifespan=300, timeout=10
-        )
+        self.keys = signing_keys(settings.oidc_jwks_url)
 
     def verify(self, token: str) -> Principal:
         try:
