@@ -8,7 +8,7 @@ counts stored per study, and writes one message per study when the connection cl
 release, an abort or a dropped connection alike), with the minor-failure outcome when some of
 that study's instances were refused. Studies sent again on a later association make a new
 message: each is a transfer. STOW-RS requests are reported the same way, one per study per
-request (:func:`stow_received`).
+request (:func:`dicom_node.audit.http.stow_received`).
 """
 
 from __future__ import annotations
@@ -169,22 +169,3 @@ def report(
                 outcome_description=description,
             )
         )
-
-
-def stow_received(
-    trail: AuditTrail,
-    stored: dict[str, Counter[str]],
-    refused: Counter[str],
-    *,
-    user: str,
-    client_address: str | None,
-) -> None:
-    """A STOW-RS request's studies: as an association's, the caller as the source."""
-    report(
-        trail,
-        stored,
-        refused,
-        calling_ae=user,
-        peer_address=client_address,
-        called_ae=trail.source.source_id,
-    )

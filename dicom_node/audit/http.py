@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.requests import Request
 
 from dicom_node.archive.schema import RoiAnnotation, Study, TriageResult, WebUser
 from dicom_node.audit import messages
+from dicom_node.audit.dicom import report
 from dicom_node.audit.messages import Code, Codes, StudyRef
 from dicom_node.audit.trail import AuditTrail
 
@@ -231,6 +233,32 @@ def security_alert(
             description=f"{description} ({_what(request)})",
             user=user,
         )
+    )
+
+
+def stow_received(request: Request, outcomes: Iterable[Any]) -> None:
+    """A STOW-RS request's instances (store outcomes: ``ok``, ``study_instance_uid``,
+    ``sop_class_uid``): one *instances transferred* per study, the caller as the source."""
+    trail = trail_of(request)
+    if trail is None:
+        return
+    stored: dict[str, Counter[str]] = {}
+    refused: Counter[str] = Counter()
+    for outcome in outcomes:
+        uid = getattr(outcome, "study_instance_uid", None)
+        if not uid:
+            continue
+        if outcome.ok:
+            stored.setdefault(uid, Counter())[outcome.sop_class_uid or "unknown"] += 1
+        else:
+            refused[uid] += 1
+    report(
+        trail,
+        stored,
+        refused,
+        calling_ae=caller(request),
+        peer_address=client_address(request),
+        called_ae=trail.source.source_id,
     )
 
 

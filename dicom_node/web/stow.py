@@ -17,7 +17,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from dicom_node import audit
 from dicom_node.dicom.ingest import store_instance
 from dicom_node.web.access import api_state
 from dicom_node.web.auth import ANNOTATOR, requires
@@ -79,11 +81,12 @@ def register_stow(app: FastAPI) -> None:
             )
         except ValueError as exc:
             raise HTTPException(415, str(exc)) from exc
-        referenced, failed = [], []
+        referenced, failed, outcomes = [], [], []
         for data in parts:
             outcome = store_instance(
                 api.store_context, data, transfer_syntax=None, source="STOW-RS"
             )
+            outcomes.append(outcome)
             if outcome.ok:
                 referenced.append(_item(outcome.sop_class_uid, outcome.sop_instance_uid, None))
             else:
@@ -97,4 +100,5 @@ def register_stow(app: FastAPI) -> None:
             body["00081198"] = {"vr": "SQ", "Value": failed}
         code = 200 if not failed else (202 if referenced else 409)
         log.info("STOW-RS: %d stored, %d failed", len(referenced), len(failed))
+        await run_in_threadpool(audit.stow_received, request, outcomes)
         return JSONResponse(body, status_code=code, media_type=DICOM_JSON)

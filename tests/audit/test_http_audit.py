@@ -66,3 +66,48 @@ def test_sign_in_refusals_reads_and_sign_out_are_audited(audited: Node) -> None:
     assert all(row.client_address == "testclient" for row in rows)
     assert rows[4].study_instance_uid == node.study_uid == rows[5].study_instance_uid
     assert "my secret pw" not in "".join(row.message for row in rows)
+
+
+def test_a_stow_request_is_one_transfer_per_study(audited: Node, tmp_path: Path) -> None:
+    from io import BytesIO
+
+    from pydicom.uid import generate_uid
+
+    from dicom_node.dicom.ingest import StoreContext
+    from dicom_node.dicom.storage import FileStore
+    from dicom_node.web.auth import ANNOTATOR
+    from tests.dicom_factory import ct_slice
+
+    node = audited
+    node.app.state.api.store_context = StoreContext(
+        store=FileStore(tmp_path / "storage", min_free_bytes=0), sessions=node.sessions
+    )
+    study, series = str(generate_uid()), str(generate_uid())
+    parts = []
+    for index in range(3):
+        buffer = BytesIO()
+        ds = ct_slice(study_uid=study, series_uid=series, index=index, patient_id="PID-STOW")
+        ds.save_as(buffer, enforce_file_format=True)
+        parts.append(buffer.getvalue())
+    parts.append(b"not DICOM")
+    boundary = "audit-test"
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+            for part in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    answer = node.client(node.token("pacs-bridge", ANNOTATOR)).post(
+        "/dicomweb/studies",
+        content=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+    )
+    assert answer.status_code == 202, answer.text  # three stored, one refused
+    transfers = [e for e in _events(node) if e.event_type == "instances-transferred"]
+    assert [(e.study_instance_uid, e.patient_id, e.user_id, e.outcome) for e in transfers] == [
+        (study, "PID-STOW", "pacs-bridge", 0)
+    ]
+    assert 'NumberOfInstances="3"' in transfers[0].message
