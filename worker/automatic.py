@@ -1,12 +1,20 @@
 """The automatic job, top to bottom: claim → choose the series → localise every vertebral body
-→ classify them all → one SR and a preview → result and outbox.
+→ classify them all → result and flag → review series, key image, SR and preview → outbox.
 
 Runs without Celery (``worker.tasks.triage_study`` is a thin shell around
 :func:`run_automatic`). The study's probability is the maximum over its bodies (each body's
 the maximum over its slices, as Li et al. take the patient's), and the flag is raised on the
-most suspicious body. The bodies, the result, its deliveries and the job's new state are
-committed in one transaction; the result is keyed by (job, model version) and the SR's UIDs
-derive from that key, so a re-run re-sends the same report.
+most suspicious body.
+
+The flag does not wait for the report. The bodies, the result and one delivery per flag sink
+(HL7, Orthanc metadata, webhook) are committed in one transaction and sent at once; the
+worklist shows the flag from then on. The report (review series, key image, SR, preview) is
+built next, and its files, one delivery per PACS destination and the job's end are committed
+in a second transaction. Between the two the job stays processing under its lease: a worker
+that dies there leaves it to expire, and the sweeper's next claim runs the job again, finds
+the result and its flag deliveries recorded, and writes the same report (the result is keyed
+by (job, model version) and every UID of the report derives from that key), so nothing is
+lost and nothing is sent twice.
 
 What cannot be analysed is said, never guessed: a study without a CT series, a series the
 localiser finds no spine in (a head CT), too few slices, a field of view that cuts every body,
@@ -49,12 +57,14 @@ from model.serving.preprocess import build_inputs
 from model.serving.roi import Roi
 from worker import shadow
 from worker.derived import review_region, slice_positions, write_review_series
+from worker.destinations import carries_report
 from worker.errors import PermanentError, TransientError
+from worker.key_image import KeyFinding, headline, write_key_image
 from worker.pipeline import Outcome, describe_error, timed
 from worker.preview import render_overview_png
 from worker.runtime import LIVE, SHADOW, Role, WorkerRuntime
 from worker.series import Series, open_series
-from worker.sr import AlgorithmInfo, TriageFinding, sr_to_bytes
+from worker.sr import AlgorithmInfo, TriageFinding, result_uids, sr_to_bytes
 from worker.sr_automatic import LocaliserInfo, build_automatic_sr
 
 log = logging.getLogger(__name__)
@@ -116,10 +126,14 @@ def run_automatic(rt: WorkerRuntime, job_id: int) -> AutomaticOutcome:
             )
         with timed(timings, "inference_s"):
             bodies = classify_bodies(rt.classifier, volume, proposals)
+        # The flag first: the result and its flag sinks' deliveries committed, and sent, before
+        # the report is built; the job stays processing until the report is recorded.
+        with timed(timings, "record_s"):
+            result_id, flag_ids = record_result(rt, job_id, series_uid, bodies, job_key, timings)
+        send_marked(rt.sessions, rt.send, DELIVERY, flag_ids)
         with timed(timings, "report_s"):
             report = write_report(rt, job_key, series, overview, bodies, volume=volume)
-        with timed(timings, "record_s"):
-            result_id, delivery_ids = record_result(rt, job_id, series_uid, bodies, report, timings)
+        delivery_ids = record_report(rt, job_id, result_id, series_uid, report, timings)
         send_marked(rt.sessions, rt.send, DELIVERY, delivery_ids)
     except Unanalysable as exc:
         return _unanalysable(rt, job_id, str(exc), series_uid)
@@ -226,11 +240,7 @@ def load_bodies(
     the review series on, the columns its images need over the whole series: decoded once)."""
     rois = [p.roi for p in proposals]
     also = (
-        review_region(
-            series.geometry,
-            slice_positions([roi.slices_x_mm for roi in rois]),
-            classifier.preprocess,
-        )
+        review_region(series.geometry, review_positions(rois), classifier.preprocess)
         if review and rois
         else None
     )
@@ -240,6 +250,15 @@ def load_bodies(
         raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
     except FileNotFoundError as exc:
         raise TransientError(f"stored file missing: {exc.filename}") from exc
+
+
+def review_positions(rois: Sequence[Roi]) -> list[float]:
+    """Where the review series of an automatic job has its images: the distinct central slice
+    positions of the bodies, right to left. The SR draws each body's box on the image at its
+    central slice (the one its SCOORD3D polygon lies in); the images span the whole field of
+    view, so the bodies at one position share one image (most of a straight spine's bodies
+    share one or two)."""
+    return slice_positions([[roi.central_slice_x_mm] for roi in rois])
 
 
 def localise_bodies(volume: Volume) -> Localisation:
@@ -292,6 +311,7 @@ class AutomaticReport:
     preview_path: str
     review_series_instance_uid: str | None = None  # the review series sent with the SR
     review_paths: tuple[str, ...] | None = None
+    key_image_path: str | None = None  # the key image sent with the SR
 
 
 def write_report(
@@ -304,8 +324,8 @@ def write_report(
     classifier: Classifier | None = None,
     volume: Volume | None = None,
 ) -> AutomaticReport:
-    """One SR for the whole study (a group per body) and the sagittal overview with every
-    box coloured by its probability, both stored durably."""
+    """The review series, the key image, one SR for the whole study (a group per body) and
+    the sagittal overview with every box coloured by its probability, all stored durably."""
     classifier = classifier or rt.classifier
     algorithm = AlgorithmInfo(
         name=classifier.name,
@@ -316,10 +336,35 @@ def write_report(
     review = write_review_series(
         rt,
         series,
-        slice_positions([body.roi.slices_x_mm for body in bodies]),
+        review_positions([body.roi for body in bodies]),
         classifier.preprocess,
         job_key=job_key,
         software_version=algorithm.software_version,
+        volume=volume,
+    )
+    top = bodies[0]  # the most suspicious body: the key image is its central slice
+    key_image = write_key_image(
+        rt,
+        series,
+        review,
+        top.roi.central_slice_x_mm,
+        [
+            KeyFinding(
+                body.roi.polygon_yz_mm,
+                body.prediction.patient_probability,
+                body.prediction.priority == "HIGH",
+                body.roi.vertebra,
+            )
+            for body in bodies
+        ],
+        classifier.preprocess,
+        result_line=headline(
+            top.prediction.patient_probability, top.prediction.priority, top.roi.vertebra
+        ),
+        job_key=job_key,
+        model_version=classifier.version,
+        software_version=algorithm.software_version,
+        demonstration=algorithm.demonstration,
         volume=volume,
     )
     sr = build_automatic_sr(
@@ -329,6 +374,7 @@ def write_report(
         LocaliserInfo(name=LOCALISER_NAME, version=LOCALISER_VERSION),
         job_key=job_key,
         review=review.series if review else None,
+        key_image=key_image.dataset if key_image else None,
     )
     study_uid = overview.study_instance_uid
     stored = rt.store.write(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr))
@@ -344,6 +390,7 @@ def write_report(
         preview_path=preview_path,
         review_series_instance_uid=review.series.series_instance_uid if review else None,
         review_paths=review.paths if review else None,
+        key_image_path=key_image.path if key_image else None,
     )
 
 
@@ -352,20 +399,27 @@ def record_result(
     job_id: int,
     series_uid: str,
     bodies: Sequence[Body],
-    report: AutomaticReport,
+    job_key: str,
     timings: dict[str, float],
     *,
+    report: AutomaticReport | None = None,
     classifier: Classifier | None = None,
     role: Role = LIVE,
     annotation_ids: Sequence[int] | None = None,
 ) -> tuple[int, list[int]]:
-    """The bodies as annotations, the result (on the most suspicious body), one delivery per
-    destination and the job done: one transaction. A shadow result (the candidate's, role
-    shadow) names the live result's annotations of its bodies (``annotation_ids``, in the
-    order of ``bodies``) and is only recorded: no delivery, the job, done already, left alone."""
+    """The bodies as annotations, the result (on the most suspicious body) and one delivery
+    per flag sink (:func:`worker.destinations.carries_report`): one transaction, before the
+    report exists (``report`` None; the SR's UIDs are known from the job key). The job stays
+    processing: :func:`record_report` ends it. Run again for the same job (a worker died
+    before the report was recorded), it finds the result and its deliveries recorded.
+
+    A shadow result (the candidate's, role shadow) is recorded with its ``report``, naming
+    the live result's annotations of its bodies (``annotation_ids``, in the order of
+    ``bodies``): no delivery, the job, done already, left alone."""
     classifier = classifier or rt.classifier
     now = datetime.now(UTC)
     live = role == LIVE
+    sr_series_uid, sr_sop_uid = result_uids(job_key, classifier.version)
     try:
         with transaction(rt.sessions) as session:
             if live and not lifecycle.holds_auto_job(session, job_id, rt.worker_id):
@@ -403,13 +457,9 @@ def record_result(
                     domain_threshold=top.domain_threshold,
                     in_domain=top.in_domain,
                     demonstration_model=bool(classifier.meta.get("demonstration", False)),
-                    sr_series_instance_uid=report.sr_series_instance_uid,
-                    sr_sop_instance_uid=report.sr_sop_instance_uid,
-                    sr_path=report.sr_path,
-                    preview_path=report.preview_path,
-                    review_series_instance_uid=report.review_series_instance_uid,
-                    review_paths=list(report.review_paths) if report.review_paths else None,
-                    timings={key: round(value, 4) for key, value in timings.items()},
+                    sr_series_instance_uid=sr_series_uid,
+                    sr_sop_instance_uid=sr_sop_uid,
+                    timings=_rounded(timings),
                     bodies=[
                         {
                             "annotation_id": annotation_id,
@@ -426,21 +476,61 @@ def record_result(
                     ],
                     created_at=now,
                 )
+                if report is not None:
+                    _set_report(result, report)
                 session.add(result)
                 session.flush()
                 result_id = result.id
             delivery_ids: list[int] = []
             if live:
-                delivery_ids = lifecycle.create_deliveries(
-                    session, result_id, list(rt.settings.destinations), now=now
-                )
+                flags = [d for d in rt.settings.destinations if not carries_report(d.kind)]
+                delivery_ids = lifecycle.create_deliveries(session, result_id, flags, now=now)
                 lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
-                lifecycle.complete_auto_job(
-                    session, job_id, series_instance_uid=series_uid, localiser=LOCALISER, now=now
-                )
     except IntegrityError as exc:  # a concurrent run recorded the same key first
         raise TransientError("result recorded concurrently") from exc
     return result_id, delivery_ids
+
+
+def record_report(
+    rt: WorkerRuntime,
+    job_id: int,
+    result_id: int,
+    series_uid: str,
+    report: AutomaticReport,
+    timings: dict[str, float],
+) -> list[int]:
+    """The report's files on the result, one delivery per destination that receives the SR
+    (the review series and the key image go before it) and the job done: one transaction."""
+    now = datetime.now(UTC)
+    with transaction(rt.sessions) as session:
+        if not lifecycle.holds_auto_job(session, job_id, rt.worker_id):
+            raise TransientError("claim lost to another worker (lease expired)")
+        result = session.get(TriageResult, result_id)
+        if result is None:
+            raise TransientError(f"result {result_id} vanished before its report was recorded")
+        if result.sr_sop_instance_uid != report.sr_sop_instance_uid:
+            raise RuntimeError("the report's SR is not the one its result names")
+        _set_report(result, report)
+        result.timings = _rounded({**(result.timings or {}), **timings})
+        pacs = [d for d in rt.settings.destinations if carries_report(d.kind)]
+        delivery_ids = lifecycle.create_deliveries(session, result_id, pacs, now=now)
+        lifecycle.mark_deliveries_enqueued(session, delivery_ids, now)
+        lifecycle.complete_auto_job(
+            session, job_id, series_instance_uid=series_uid, localiser=LOCALISER, now=now
+        )
+    return delivery_ids
+
+
+def _set_report(result: TriageResult, report: AutomaticReport) -> None:
+    result.sr_path = report.sr_path
+    result.preview_path = report.preview_path
+    result.review_series_instance_uid = report.review_series_instance_uid
+    result.review_paths = list(report.review_paths) if report.review_paths else None
+    result.key_image_path = report.key_image_path
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 4) for key, value in timings.items()}
 
 
 def shadow_automatic(
@@ -487,8 +577,9 @@ def shadow_automatic(
                 job_id,
                 overview.series_instance_uid,
                 bodies,
-                report,
+                job_key,
                 timings,
+                report=report,
                 classifier=candidate,
                 role=SHADOW,
                 annotation_ids=[annotation_of[body.roi] for body in bodies],

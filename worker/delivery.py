@@ -66,7 +66,7 @@ def load_payload(
         accession_number=study.accession_number if study else None,
         patient_id=study.patient_id if study else None,
         patient_name=study.patient_name if study else None,
-        sr_path=rt.store.absolute(result.sr_path),
+        sr_path=rt.store.absolute(result.sr_path) if result.sr_path else None,
         sr_sop_instance_uid=result.sr_sop_instance_uid,
         sr_series_instance_uid=result.sr_series_instance_uid,
         patient_probability=result.patient_probability,
@@ -81,6 +81,7 @@ def load_payload(
         vertebra=annotation.vertebra,
         result_created_at=result.created_at,
         review_paths=tuple(rt.store.absolute(path) for path in result.review_paths or ()),
+        key_image_path=rt.store.absolute(result.key_image_path) if result.key_image_path else None,
     )
 
 

@@ -321,22 +321,8 @@ def write_review_series(
     decoded) when that holds what the images need, else from the series decoded again."""
     if not rt.settings.review_series:
         return None
-    try:
-        needed = review_region(series.geometry, xs_mm, params)
-        if volume is None or not covers(volume, series.geometry, needed):
-            volume = load_volume(series.geometry, region=needed)
-    except SeriesError as exc:
-        raise PermanentError(f"review series: {type(exc).__name__}: {exc}") from exc
-    except FileNotFoundError as exc:
-        raise TransientError(f"stored file missing: {exc.filename}") from exc
-    review = build_review_series(
-        list(series.headers),
-        series.geometry,
-        volume,
-        xs_mm,
-        params,
-        job_key=job_key,
-        software_version=software_version,
+    review = make_review_series(
+        series, xs_mm, params, job_key=job_key, software_version=software_version, volume=volume
     )
     paths = tuple(
         rt.store.write(
@@ -348,6 +334,36 @@ def write_review_series(
         for image in review.images
     )
     return StoredReview(review, paths)
+
+
+def make_review_series(
+    series: Series,
+    xs_mm: Sequence[float],
+    params: PreprocessParams,
+    *,
+    job_key: str,
+    software_version: str = "",
+    volume: Volume | None = None,
+) -> ReviewSeries:
+    """The review series of a job at ``xs_mm``, built in memory from ``volume`` (what the job
+    decoded) when that holds what the images need, else from the series decoded again."""
+    try:
+        needed = review_region(series.geometry, xs_mm, params)
+        if volume is None or not covers(volume, series.geometry, needed):
+            volume = load_volume(series.geometry, region=needed)
+    except SeriesError as exc:
+        raise PermanentError(f"review series: {type(exc).__name__}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise TransientError(f"stored file missing: {exc.filename}") from exc
+    return build_review_series(
+        list(series.headers),
+        series.geometry,
+        volume,
+        xs_mm,
+        params,
+        job_key=job_key,
+        software_version=software_version,
+    )
 
 
 def image_to_bytes(dataset: Dataset) -> bytes:

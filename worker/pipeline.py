@@ -1,4 +1,5 @@
-"""The triage job, top to bottom: claim → load series → model → result → SR → outbox.
+"""The triage job, top to bottom: claim → load series → model → review series, key image,
+SR → result → outbox.
 
 Runs without Celery (``worker.tasks`` is a thin shell around :func:`run_triage`). The
 database is the source of truth: the claim is taken there, and the result, its deliveries
@@ -35,6 +36,7 @@ from model.serving.roi import Roi
 from worker import shadow
 from worker.derived import review_region, union, write_review_series
 from worker.errors import PermanentError, TransientError, describe_error
+from worker.key_image import KeyFinding, headline, write_key_image
 from worker.preview import render_preview_png, sagittal_context
 from worker.runtime import LIVE, SHADOW, Role, WorkerRuntime
 from worker.series import Series, open_series
@@ -79,6 +81,7 @@ class Report:
     preview_path: str
     review_series_instance_uid: str | None = None  # the review series sent with the SR
     review_paths: tuple[str, ...] | None = None
+    key_image_path: str | None = None  # the key image sent with the SR
 
 
 @dataclass(frozen=True)
@@ -211,12 +214,34 @@ def write_report(
         software_version=algorithm.software_version,
         volume=volume,
     )
+    key_image = write_key_image(
+        rt,
+        series,
+        review,
+        job.roi.central_slice_x_mm,
+        [
+            KeyFinding(
+                job.roi.polygon_yz_mm,
+                prediction.patient_probability,
+                prediction.priority == "HIGH",
+                job.roi.vertebra,
+            )
+        ],
+        classifier.preprocess,
+        result_line=headline(prediction.patient_probability, prediction.priority, job.roi.vertebra),
+        job_key=job.annotation_key,
+        model_version=classifier.version,
+        software_version=algorithm.software_version,
+        demonstration=algorithm.demonstration,
+        volume=volume,
+    )
     sr = build_triage_sr(
         series.headers_of(volume.sop_instance_uids),
         TriageFinding(roi=job.roi, prediction=prediction),
         algorithm,
         annotation_key=job.annotation_key,
         review=review.series if review else None,
+        key_image=key_image.dataset if key_image else None,
     )
     stored = rt.store.write(
         job.roi.study_instance_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_to_bytes(sr)
@@ -239,6 +264,7 @@ def write_report(
         preview_path=preview_path,
         review_series_instance_uid=review.series.series_instance_uid if review else None,
         review_paths=review.paths if review else None,
+        key_image_path=key_image.path if key_image else None,
     )
 
 
@@ -286,6 +312,7 @@ def record_result(
                     preview_path=report.preview_path,
                     review_series_instance_uid=report.review_series_instance_uid,
                     review_paths=list(report.review_paths) if report.review_paths else None,
+                    key_image_path=report.key_image_path,
                     timings={key: round(value, 4) for key, value in timings.items()},
                     created_at=now,
                 )

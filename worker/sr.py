@@ -171,9 +171,11 @@ def build_triage_sr(
     annotation_key: str,
     institution_name: str | None = None,
     review: ReviewSeries | None = None,
+    key_image: pydicom.Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The result SR of ``finding`` for the CT instances ``source_images`` (its evidence);
-    with ``review``, each group also drawn on its review image (:mod:`worker.sr_review`)."""
+    with ``review``, each group also drawn on its review image (:mod:`worker.sr_review`);
+    ``key_image`` (:mod:`worker.key_image`) is listed among the evidence."""
     if not source_images:
         raise ValueError("the SR needs the CT instances it reports on as evidence")
     frame_of_reference_uid = frame_of_reference(source_images)
@@ -205,7 +207,11 @@ def build_triage_sr(
     if review is not None:
         groups = [*review_groups(groups, review), *groups]  # drawn first: see sr_review
     sr = measurement_document(
-        [*source_images, *(review.datasets if review else [])],
+        [
+            *source_images,
+            *(review.datasets if review else []),
+            *([key_image] if key_image is not None else []),  # listed as evidence
+        ],
         groups,
         algorithm,
         series_uid,

@@ -80,10 +80,12 @@ def build_automatic_sr(
     job_key: str,
     institution_name: str | None = None,
     review: ReviewSeries | None = None,
+    key_image: pydicom.Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of an automatic job: ``findings`` one per body, in the localiser's order
     (inferior to superior; they are reported most suspicious first). With ``review``, each
-    body's group also drawn on its review image (:mod:`worker.sr_review`)."""
+    body's group also drawn on its review image (:mod:`worker.sr_review`); ``key_image``
+    (:mod:`worker.key_image`) is listed among the evidence."""
     if not source_images:
         raise ValueError("the SR needs the CT instances it reports on as evidence")
     if not findings:
@@ -119,7 +121,11 @@ def build_automatic_sr(
     if review is not None:
         groups = [*review_groups(groups, review), *groups]  # drawn first: see sr_review
     sr = measurement_document(
-        [*source_images, *(review.datasets if review else [])],
+        [
+            *source_images,
+            *(review.datasets if review else []),
+            *([key_image] if key_image is not None else []),  # listed as evidence
+        ],
         groups,
         algorithm,
         series_uid,

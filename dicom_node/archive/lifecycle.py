@@ -19,12 +19,15 @@ Annotations (the unit of triage work)::
 Automatic jobs (one per study; created by the site policy ``AUTO_ROI`` when a study is
 complete)::
 
-    PENDING ──claim (study complete)──▶ PROCESSING ──every body classified──▶ DONE
+    PENDING ──claim (study complete)──▶ PROCESSING ──result, then its report recorded──▶ DONE
     PROCESSING ──nothing analysable (no spine in view, …)──▶ UNANALYSABLE (reason kept)
     PROCESSING ──transient failure──▶ PENDING; permanent failure or attempts exhausted──▶ FAILED
 
   An automatic job's bodies become annotations (source ``auto``) in the transaction that
-  records its result: they are born DONE and are never claimed on their own.
+  records its result: they are born DONE and are never claimed on their own. The result (and
+  its flag deliveries) is committed while the job is processing; the report follows, and
+  ``complete_auto_job`` ends the job with it. A job whose worker died between the two is
+  claimed again when its lease expires and finds its result recorded.
 
 Deliveries (the outbox)::
 
@@ -696,7 +699,7 @@ def propose_bodies(
 def complete_auto_job(
     session: Session, job_id: int, *, series_instance_uid: str, localiser: str, now: datetime
 ) -> None:
-    """Every body classified and the result recorded (in the same transaction)."""
+    """Every body classified, the result and its report recorded."""
     _end_auto_job(
         session,
         job_id,

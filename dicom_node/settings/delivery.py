@@ -131,6 +131,14 @@ class DeliverySettings(SettingsGroup):
         "without 3D SR support (OHIF) show it. About 0.2-0.5 MB per image; false keeps the "
         "PACS to the SR alone (its ROI then only in 3D patient coordinates).",
     )
+    key_image: bool = Field(
+        True,
+        description="Send with each result SR one key image (Secondary Capture, in the "
+        "original study, its own series): the sagittal review image with every ROI box and "
+        "probability and 'computer-aided triage - not for diagnosis' burned in, for viewers "
+        "that show no SR; the SR lists it among its evidence. About 0.3-0.6 MB; false sends "
+        "none.",
+    )
 
     @field_validator("destinations")
     @classmethod

@@ -229,8 +229,10 @@ def classify(
 
 
 def classify_automatic(job: _AutoJobRow, result: _ResultRow | None) -> tuple[WorklistState, str]:
-    """The state of a study's automatic job, and what it is waiting for / why it stopped."""
-    if job.state is AutoJobState.DONE and result is not None:
+    """The state of a study's automatic job, and what it is waiting for / why it stopped. A
+    result shows from the moment it is recorded (its flag is sent then), while the job still
+    writes the report."""
+    if result is not None and job.state is not AutoJobState.FAILED:
         on = f" on {result.flagged_vertebra}" if result.flagged_vertebra else ""
         if result.priority == "HIGH":
             return WorklistState.FLAGGED, f"automatic: probability at or above the threshold{on}"

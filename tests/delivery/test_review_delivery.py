@@ -1,5 +1,6 @@
-"""A job's deliveries carry its review series to a real PACS (Orthanc, by C-STORE) with the SR
-that draws on it, and sending them again stores nothing new."""
+"""A job's deliveries carry its review series and its key image to a real PACS (Orthanc, by
+C-STORE) before the SR that draws on them and names them, sending them again stores nothing
+new, and a site can turn either off."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
+from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 
 from dicom_node.archive.schema import AnnotationState, Delivery, TriageResult
@@ -108,7 +110,22 @@ def test_deliveries_carry_the_review_series_to_the_pacs(
     CStoreSender(config, node_ae_title="SPINE_TRIAGE").send(payload)
     assert len(orthanc_instances(pacs, case.roi.study_instance_uid)) == count
     copied = {pydicom.dcmread(p).SOPInstanceUID for p in results.glob("*.dcm")}
-    assert copied == {result.sr_sop_instance_uid, *review_uids}
+    key_uid = _key_image_uid(system, result)
+    assert copied == {result.sr_sop_instance_uid, *review_uids, key_uid}
+
+    # The key image: Secondary Capture in the study, stored before the SR, in its evidence.
+    key = by_series_of(pacs, case.roi.study_instance_uid, key_uid)
+    assert key.SOPClassUID == SecondaryCaptureImageStorage and key.BurnedInAnnotation == "YES"
+    order = _arrival_order(pacs)
+    assert order[key_uid] < order[result.sr_sop_instance_uid]
+    assert all(order[uid] < order[result.sr_sop_instance_uid] for uid in review_uids)
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert key_uid in evidence
 
 
 def test_a_site_can_turn_the_review_series_off(
@@ -128,9 +145,35 @@ def test_a_site_can_turn_the_review_series_off(
         result = session.scalars(select(TriageResult)).one()
     assert result.review_series_instance_uid is None and result.review_paths is None
     folder = system.settings.var_dir / "results"
-    assert [pydicom.dcmread(p).SOPInstanceUID for p in folder.glob("*.dcm")] == [
-        result.sr_sop_instance_uid
-    ]
+    # the SR and its key image (drawn on a review image made for it alone, not sent)
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in folder.glob("*.dcm")} == {
+        result.sr_sop_instance_uid,
+        _key_image_uid(system, result),
+    }
+    key = pydicom.dcmread(system.settings.resolved_storage_dir / str(result.key_image_path))
+    assert "SourceImageSequence" not in key  # it names no image the PACS does not get
+
+
+def test_a_site_can_turn_the_key_image_off(
+    system_factory: Callable[..., System], synthetic_cases: list[Any], tmp_path: Path
+) -> None:
+    system = system_factory(database_url=f"sqlite:///{tmp_path / 'nokey.db'}", key_image="false")
+    system.start_worker()
+    case = synthetic_cases[2]
+    system.send_study(case_files(case))
+    annotation = system.post_roi(case.roi.to_json())
+    system.wait_until(
+        lambda: system.annotation_states().get(annotation) is AnnotationState.DONE,
+        what="the annotation to be done",
+    )
+    system.wait_until(lambda: system.deliveries_delivered() == 1, what="the delivery")
+    with system.node.sessions() as session:
+        result = session.scalars(select(TriageResult)).one()
+    assert result.key_image_path is None and result.review_paths
+    folder = system.settings.var_dir / "results"
+    sent = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("*.dcm")]
+    assert SecondaryCaptureImageStorage not in {ds.SOPClassUID for ds in sent}
+    assert len(sent) == 1 + len(result.review_paths)
 
 
 def _review_uids(system: System, result: TriageResult) -> set[str]:
@@ -139,3 +182,35 @@ def _review_uids(system: System, result: TriageResult) -> set[str]:
         str(pydicom.dcmread(root / path, stop_before_pixels=True).SOPInstanceUID)
         for path in result.review_paths or []
     }
+
+
+def _key_image_uid(system: System, result: TriageResult) -> str:
+    assert result.key_image_path is not None
+    path = system.settings.resolved_storage_dir / result.key_image_path
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def by_series_of(pacs: Orthanc, study_instance_uid: str, sop_instance_uid: str) -> pydicom.Dataset:
+    """The instance ``sop_instance_uid`` as the PACS holds it."""
+    for instance in orthanc_instances(pacs, study_instance_uid):
+        if instance["MainDicomTags"]["SOPInstanceUID"] == sop_instance_uid:
+            with pacs.client() as client:
+                raw = client.get(f"/instances/{instance['ID']}/file").content
+            return pydicom.dcmread(io.BytesIO(raw))
+    raise AssertionError(f"the PACS holds no instance {sop_instance_uid}")
+
+
+def _arrival_order(pacs: Orthanc) -> dict[str, int]:
+    """SOP Instance UID → the sequence number of its arrival in the PACS (Orthanc's changes)."""
+    order: dict[str, int] = {}
+    with pacs.client() as client:
+        since = 0
+        while True:
+            answer = client.get("/changes", params={"since": since, "limit": 1000}).json()
+            for change in answer["Changes"]:
+                if change["ChangeType"] == "NewInstance":
+                    tags = client.get(f"/instances/{change['ID']}").json()["MainDicomTags"]
+                    order.setdefault(tags["SOPInstanceUID"], change["Seq"])
+            since = answer["Last"]
+            if answer["Done"]:
+                return order

@@ -134,7 +134,11 @@ def _check_sr(path: Path, result: TriageResult, study_uid: str) -> None:
 
 
 def _worklist(system: System) -> dict[str, dict[str, Any]]:
-    items = httpx.get(f"{system.api}/worklist", timeout=30).json()["items"]
+    items = httpx.get(
+        f"{system.api}/worklist",
+        headers={"Authorization": f"Bearer {system.token}"},
+        timeout=30,
+    ).json()["items"]
     return {item["study_instance_uid"]: item for item in items}
 
 

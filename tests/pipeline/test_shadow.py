@@ -154,9 +154,12 @@ def test_shadow_mode_two_checkpoints_one_job_two_results_one_delivery(
     assert [d.result_id for d in deliveries] == [live.id]  # one delivery: the live result's
     _deliver_all(rt)
     sent = [pydicom.dcmread(p) for p in (tmp_path / "pacs").glob("*.dcm")]
-    # the live SR and its review series, nothing of the candidate's
+    # the live SR, its review series and its key image, nothing of the candidate's
     assert [ds.SOPInstanceUID for ds in sent if ds.Modality == "SR"] == [live.sr_sop_instance_uid]
-    assert {ds.SeriesInstanceUID for ds in sent if ds.Modality != "SR"} <= {
+    assert live.key_image_path is not None
+    live_key = pydicom.dcmread(rt.store.absolute(live.key_image_path))
+    assert [ds.SOPInstanceUID for ds in sent if ds.Modality == "OT"] == [live_key.SOPInstanceUID]
+    assert {ds.SeriesInstanceUID for ds in sent if ds.Modality == "CT"} <= {
         live.review_series_instance_uid
     }
 

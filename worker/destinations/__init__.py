@@ -16,6 +16,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from worker.errors import TransientError
+
+# The destinations that receive the report (the SR and the images before it); the others are
+# flag sinks (HL7, Orthanc metadata, webhook), which need only the result and the SR's UIDs:
+# an automatic job sends them the moment its result is recorded, before the report is built.
+REPORT_KINDS = frozenset({"cstore", "stow", "folder"})
+
+
+def carries_report(kind: str) -> bool:
+    """Whether a destination of ``kind`` receives the SR (and waits for it to be written)."""
+    return kind in REPORT_KINDS
+
 
 @dataclass(frozen=True)
 class DeliveryPayload:
@@ -28,7 +40,9 @@ class DeliveryPayload:
     accession_number: str | None
     patient_id: str | None
     patient_name: str | None
-    sr_path: Path  # absolute path of the SR file (DICOM Part 10)
+    # Absolute path of the SR file (DICOM Part 10); None while the report is being written
+    # (a flag sink may be sent before it: it needs only the SR's UIDs).
+    sr_path: Path | None
     sr_sop_instance_uid: str
     sr_series_instance_uid: str
     patient_probability: float
@@ -45,6 +59,17 @@ class DeliveryPayload:
     # The review series' files (absolute), sent before the SR that draws on them (PACS
     # destinations); empty when the site sends none.
     review_paths: tuple[Path, ...] = ()
+    # The key image (absolute), sent after the review series and before the SR that
+    # references it; None when the site sends none.
+    key_image_path: Path | None = None
+
+    def report_files(self) -> list[Path]:
+        """The files a PACS destination sends, in order: the review images, the key image,
+        then the SR that references them. Refuses while the report is not written yet."""
+        if self.sr_path is None:
+            raise TransientError(f"result {self.result_id}: the report is not written yet")
+        key = [self.key_image_path] if self.key_image_path is not None else []
+        return [*self.review_paths, *key, self.sr_path]
 
 
 class Destination(Protocol):

@@ -1,5 +1,6 @@
 """A PACS that receives the result SR by DICOM C-STORE (pynetdicom SCU, optional TLS), with
-the review series it draws on (sent first, over the same association).
+the review series it draws on and the key image it references (sent first, over the same
+association).
 
 The SR's SOP Instance UID is deterministic, so a re-send after a lost response stores the
 same instance again (PACS treat it as a duplicate or an update), never a second report.
@@ -42,11 +43,12 @@ class CStoreSender:
         )
 
     def send(self, payload: DeliveryPayload) -> None:
-        for path in (*payload.review_paths, payload.sr_path):
+        files = payload.report_files()
+        for path in files:
             if not path.is_file():
                 raise PermanentError(f"the file {path} does not exist")
-        try:  # one association: the review images first, then the SR that draws on them
-            outcome = store_files([*payload.review_paths, payload.sr_path], self.peer)[-1]
+        try:  # one association: the review images and the key image first, then the SR
+            outcome = store_files(files, self.peer)[-1]
         except StoreError as exc:
             error = TransientError if exc.transient else PermanentError
             raise error(f"{self.name}: {exc}") from exc

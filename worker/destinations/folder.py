@@ -1,5 +1,5 @@
-"""A local folder that receives a copy of every result SR (and the review images it draws on),
-each as ``<SOPInstanceUID>.dcm``.
+"""A local folder that receives a copy of every result SR (and the review images it draws on
+and its key image), each as ``<SOPInstanceUID>.dcm``.
 
 The copy is atomic: written to a hidden temporary file in the same folder, fsynced, renamed
 over the final name and the folder fsynced, so a reader never sees half a file and a crash
@@ -48,14 +48,15 @@ class FolderCopier:
         return self.folder / f"{uid}.dcm"
 
     def send(self, payload: DeliveryPayload) -> None:
-        for path in payload.review_paths:  # the review images the SR draws on, first
+        *images, sr_path = payload.report_files()
+        for path in images:  # the review images and the key image the SR names, first
             self._copy(path, self.target_path(_sop_instance_uid(path, self.name)))
-        self._copy(payload.sr_path, self.target_path(payload.sr_sop_instance_uid))
+        self._copy(sr_path, self.target_path(payload.sr_sop_instance_uid))
         logger.info(
-            "%s: SR %s (and %d review image(s)) copied to %s delivery=%d",
+            "%s: SR %s (and %d image(s)) copied to %s delivery=%d",
             self.name,
             payload.sr_sop_instance_uid,
-            len(payload.review_paths),
+            len(images),
             self.folder,
             payload.delivery_id,
         )

@@ -33,8 +33,8 @@ class StowSender:
         )
 
     def send(self, payload: DeliveryPayload) -> None:
-        try:  # the review images first, then the SR that draws on them: one request
-            contents = [path.read_bytes() for path in (*payload.review_paths, payload.sr_path)]
+        try:  # the review images and the key image first, then the SR: one request
+            contents = [path.read_bytes() for path in payload.report_files()]
         except OSError as exc:
             raise PermanentError(f"{self.name}: cannot read a result file: {exc}") from exc
         try:
