@@ -12,8 +12,9 @@ Python's ``logging.handlers.SysLogHandler`` writes RFC 3164 only, and the RFC 54
 PyPI (``rfc5424-logging-handler``, last released 2019) sends from the caller's thread through
 the logging module. The framing is a few lines; what matters is that sending never blocks the
 caller: :class:`SyslogForwarder` takes messages into a bounded queue (a full queue drops the
-message and counts it; the audit table still holds it) and one background thread sends them,
-reconnecting with backoff while the repository is down.
+message and counts it; the audit table still holds it, and the sender reads it again from
+there once its queue has run empty) and one background thread sends them, reconnecting with
+backoff while the repository is down.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -176,15 +178,23 @@ class TlsTransport:
 @dataclass
 class ForwarderStats:
     sent: int = 0
-    dropped: int = 0  # the queue was full: in the audit table, not sent
+    dropped: int = 0  # the queue was full: in the audit table, sent later by ``refill``
+    resent: int = 0  # dropped messages queued again from the audit table
     failures: int = 0  # send attempts that failed (each retried)
 
 
 _STOP = object()
 
 
+Refill = Callable[[int], list[bytes]]
+"""Gives back up to N messages that were dropped earlier (read again from the audit table)."""
+
+
 class SyslogForwarder:
-    """A bounded queue and one sender thread: :meth:`submit` never blocks."""
+    """A bounded queue and one sender thread: :meth:`submit` never blocks.
+
+    With ``refill``, the sender thread asks for dropped messages again whenever its queue runs
+    empty, so what a full queue dropped is sent once the repository is back."""
 
     def __init__(
         self,
@@ -193,9 +203,12 @@ class SyslogForwarder:
         queue_size: int = 10_000,
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
+        refill: Refill | None = None,
     ) -> None:
         self.target = target
         self.stats = ForwarderStats()
+        self.refill = refill
+        self._queue_size = queue_size
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
@@ -222,7 +235,11 @@ class SyslogForwarder:
         transport: Transport | None = None
         delay = self._retry_initial_s
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self._refill()
+                continue
             if item is _STOP:
                 break
             assert isinstance(item, bytes)
@@ -257,6 +274,22 @@ class SyslogForwarder:
                 break
         if transport is not None:
             transport.close()
+
+    def _refill(self) -> None:
+        if self.refill is None or self._stopping.is_set():
+            return
+        try:
+            frames = self.refill(max(1, self._queue_size // 2))
+        except Exception as exc:  # the table unreadable now: try again later
+            log.warning("audit: dropped messages not read again (%s)", type(exc).__name__)
+            return
+        for frame in frames:
+            try:
+                self._queue.put_nowait(frame)
+            except queue.Full:
+                break
+            with self._lock:
+                self.stats.resent += 1
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Send what is queued (for up to ``timeout_s``), then stop the thread."""

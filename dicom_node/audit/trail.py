@@ -13,6 +13,7 @@ import getpass
 import logging
 import socket
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.schema import AuditEvent
@@ -56,6 +58,11 @@ SYSLOG_DROPPED = Counter(
     "was unreachable for long); each is in the audit table.",
     registry=None,
 )
+SYSLOG_RESENT = Counter(
+    f"{PREFIX}_audit_syslog_resent",
+    "Dropped audit messages this process read again from the audit table and queued.",
+    registry=None,
+)
 SYSLOG_FAILURES = Counter(
     f"{PREFIX}_audit_syslog_failures",
     "Failed attempts to send an audit message (each one retried).",
@@ -81,8 +88,12 @@ class AuditTrail:
         self.source = source
         self.forwarder = forwarder
         self._writer_lock = writer_lock if writer_lock is not None else nullcontext()
-        self._reported = (0, 0, 0)
+        self._reported = (0, 0, 0, 0)
         self._sync_lock = threading.Lock()
+        # Ids of events whose message a full queue dropped: sent again from the table.
+        self._unsent: deque[int] = deque(maxlen=1_000_000)
+        if forwarder is not None:
+            forwarder.refill = self._refill
         with _trails_lock:
             _trails.append(self)
 
@@ -146,7 +157,8 @@ class AuditTrail:
                 record.message, timestamp=record.event_time, sequence_id=event_id
             )
             if not self.forwarder.submit(frame):
-                log.warning("audit event %d not sent: the repository queue is full", event_id)
+                self._unsent.append(event_id)
+                log.warning("audit event %d not sent yet: the repository queue is full", event_id)
         self._sync_counters()
         return event_id
 
@@ -155,12 +167,42 @@ class AuditTrail:
             return
         with self._sync_lock:
             stats = self.forwarder.stats
-            sent, dropped, failures = stats.sent, stats.dropped, stats.failures
-            last_sent, last_dropped, last_failures = self._reported
-            SYSLOG_SENT.inc(sent - last_sent)
-            SYSLOG_DROPPED.inc(dropped - last_dropped)
-            SYSLOG_FAILURES.inc(failures - last_failures)
-            self._reported = (sent, dropped, failures)
+            now = (stats.sent, stats.dropped, stats.failures, stats.resent)
+            for counter, value, last in zip(
+                (SYSLOG_SENT, SYSLOG_DROPPED, SYSLOG_FAILURES, SYSLOG_RESENT),
+                now,
+                self._reported,
+                strict=True,
+            ):
+                counter.inc(value - last)
+            self._reported = now
+
+    @property
+    def unsent(self) -> int:
+        """Events in the table whose message is still to be sent again."""
+        return len(self._unsent)
+
+    def _refill(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` dropped messages, read again from the table (sender thread)."""
+        ids: list[int] = []
+        while self._unsent and len(ids) < limit:
+            ids.append(self._unsent.popleft())
+        if not ids:
+            return []
+        try:
+            with self.sessions() as session:
+                rows = list(
+                    session.scalars(
+                        select(AuditEvent).where(AuditEvent.id.in_(ids)).order_by(AuditEvent.id)
+                    )
+                )
+        except Exception:
+            self._unsent.extendleft(reversed(ids))
+            raise
+        return [
+            format_rfc5424(row.message, timestamp=row.event_time, sequence_id=row.id)
+            for row in rows
+        ]
 
     # The events every process reports about itself.
 
@@ -220,6 +262,13 @@ class AuditCounters(Collector):
         yield from SYSLOG_SENT.collect()
         yield from SYSLOG_DROPPED.collect()
         yield from SYSLOG_FAILURES.collect()
+        yield from SYSLOG_RESENT.collect()
+        unsent = GaugeMetricFamily(
+            f"{PREFIX}_audit_syslog_unsent",
+            "Audit events of this process a full queue dropped, not yet sent again.",
+        )
+        unsent.add_metric([], sum(t.unsent for t in trails))
+        yield unsent
         pending = GaugeMetricFamily(
             f"{PREFIX}_audit_syslog_queued",
             "Audit messages of this process waiting to be sent to the audit repository.",

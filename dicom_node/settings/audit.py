@@ -47,8 +47,9 @@ class AuditSettings(SettingsGroup):
         10_000,
         ge=1,
         description="Audit messages waiting to be sent, per process. When the repository is "
-        "unreachable for that long, newer messages are not sent (they stay in the audit "
-        "table; /metrics counts them in spine_triage_audit_syslog_dropped_total).",
+        "unreachable for that long, newer messages are not queued: they stay in the audit "
+        "table and are sent from there once the queue has run empty (/metrics: "
+        "spine_triage_audit_syslog_dropped_total, spine_triage_audit_syslog_unsent).",
     )
     audit_enterprise_site_id: str = Field(
         "",

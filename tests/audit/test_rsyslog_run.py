@@ -120,3 +120,35 @@ def test_a_whole_run_reaches_rsyslog_and_agrees_with_the_table(
     assert received_study.patient_id and received_study.patient_id in received_study.message
     worker_events = {e.event_type for e in events if ":" in e.source_id}
     assert worker_events == {"application-activity", "instances-transferred"}
+
+
+def test_what_a_full_queue_dropped_is_sent_once_the_repository_is_back(
+    node_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tests.audit.test_node_audit import _storescu, _study
+
+    daemon = Rsyslog(tmp_path / "rsyslog")  # configured, not started: the repository is down
+    node = node_factory(
+        audit_syslog_host="127.0.0.1",
+        audit_syslog_port=daemon.tls_port,
+        audit_syslog_transport="tls",
+        audit_syslog_ca_certificates=daemon.pki["ca"],
+        audit_syslog_certificate=daemon.pki["client_cert"],
+        audit_syslog_private_key=daemon.pki["client_key"],
+        audit_queue_size=2,
+    )
+    trail = node.node.audit
+    assert trail is not None and trail.forwarder is not None
+    for number in range(5):
+        _, files = _study(tmp_path / f"s{number}", 1, f"PID-{number}")
+        assert _storescu(node.port, *files).returncode == 0
+    assert trail.forwarder.stats.dropped >= 1 and trail.unsent >= 1
+    daemon.start()
+    try:
+        with node.node.sessions() as session:
+            ids = [e.id for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+        received = daemon.wait_for(len(ids), timeout_s=90)
+        assert sorted(r.sequence_id for r in received) == ids
+        assert trail.unsent == 0 and trail.forwarder.stats.resent >= 1
+    finally:
+        daemon.stop()
