@@ -13,6 +13,7 @@ from dicom_node.broker.app import TaskSender, make_celery
 from dicom_node.node import start_node
 from dicom_node.settings import load_settings
 from dicom_node.web.app import start_http
+from dicom_node.web.auth import accounts
 from worker.commands import COMMANDS
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,12 @@ def run_node(args: argparse.Namespace) -> int:
         http = start_http(
             settings, node.sessions, sender, store_context=node.service.context, audit=node.audit
         )
+        with node.sessions() as session:
+            if accounts.count_users(session) == 0:
+                log.warning(
+                    "no user can sign in to the worklist yet: "
+                    "spine-triage users add NAME --role admin"
+                )
     try:
         wait_for_signal()
     finally:

@@ -19,7 +19,7 @@ from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -138,7 +138,7 @@ def set_disabled(session: Session, username: str, disabled: bool) -> None:
 
 
 def count_users(session: Session) -> int:
-    return len(list(session.scalars(select(WebUser.id))))
+    return int(session.scalar(select(func.count(WebUser.id))) or 0)
 
 
 def list_users(session: Session, *, now: datetime) -> list[UserView]:
