@@ -29,11 +29,14 @@ from typing import cast
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileDataset
 from pydicom.filebase import ReadableBuffer
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     EnhancedSRStorage,
     LegacyConvertedEnhancedCTImageStorage,
@@ -117,11 +120,15 @@ def store_instance(
     transfer_syntax: str | None,
     source: str | None,
     expected_sop_instance_uid: str | None = None,
+    dataset_offset: int | None = None,
 ) -> StoreOutcome:
     """Store one Part-10 object durably and index it; the status says what happened.
 
     ``transfer_syntax`` None: taken from the file meta (STOW-RS). ``source`` is the calling
-    AE title or ``"STOW-RS"`` (kept in the index, never patient data).
+    AE title or ``"STOW-RS"`` (kept in the index, never patient data). ``dataset_offset``:
+    where the data set starts in ``data``, when the caller wrote the file meta itself and
+    ``transfer_syntax`` is the one it names (C-STORE): the header is then read from there,
+    without parsing the file meta again.
 
     The bytes go to a temporary file (written and fsynced in the background) while the header
     is read, checked and hashed; a refused instance leaves nothing behind.
@@ -130,7 +137,7 @@ def store_instance(
         pending: PendingFile | OSError = context.store.start(data)
     except OSError as exc:  # below the free-space reserve: answered once the header is read
         pending = exc
-    header = _read_header(data, transfer_syntax, source, expected_sop_instance_uid)
+    header = _read_header(data, transfer_syntax, source, expected_sop_instance_uid, dataset_offset)
     if isinstance(header, StoreOutcome):
         if isinstance(pending, PendingFile):
             pending.discard()
@@ -205,11 +212,34 @@ def _read_header(
     transfer_syntax: str | None,
     source: str | None,
     expected_sop_instance_uid: str | None,
+    dataset_offset: int | None = None,
 ) -> InstanceHeader | StoreOutcome:
-    """The index fields of ``data``, or the refusal when it cannot be stored."""
+    """The index fields of ``data``, or the refusal when it cannot be stored.
+
+    With ``dataset_offset`` (and ``transfer_syntax``) the data set is read from that offset
+    in the encoding the transfer syntax names, past the file meta: pydicom's parse of the
+    file meta costs as much as the rest of the header.
+    """
     try:
-        header_ds = dcmread(BytesIO(data), stop_before_pixels=True)
-        syntax = transfer_syntax or str(header_ds.file_meta.TransferSyntaxUID)
+        buffer = BytesIO(data)
+        stream: BytesIO | None = buffer  # where the Pixel Data check reads
+        if (
+            dataset_offset is not None
+            and transfer_syntax is not None
+            and transfer_syntax != DeflatedExplicitVRLittleEndian
+        ):
+            syntax = transfer_syntax
+            uid = UID(syntax)
+            buffer.seek(dataset_offset)
+            header_ds: Dataset = read_dataset(
+                buffer, uid.is_implicit_VR, uid.is_little_endian, stop_when=_at_pixel_data
+            )
+            encoding: tuple[bool | None, bool | None] = (uid.is_implicit_VR, uid.is_little_endian)
+        else:
+            file_ds = dcmread(buffer, stop_before_pixels=True)
+            syntax = transfer_syntax or str(file_ds.file_meta.TransferSyntaxUID)
+            # its own buffer: a deflated data set is read from the inflated bytes
+            header_ds, encoding, stream = file_ds, file_ds.original_encoding, None
         header = header_from_dataset(header_ds, syntax)
         if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
             raise InvalidUidError("SOPInstanceUID differs from the request's")
@@ -221,7 +251,7 @@ def _read_header(
                 sop_instance_uid=header.sop_instance_uid,
             )
         if header.sop_class_uid in IMAGE_SOP_CLASSES:
-            problem = pixel_data_problem(header_ds, syntax)
+            problem = pixel_data_problem(header_ds, syntax, stream, encoding)
             if problem is not None:
                 status, comment = problem
                 log.warning("refused instance from %s: %s", source, comment)
@@ -250,22 +280,34 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 
 
-def pixel_data_problem(header_ds: FileDataset, transfer_syntax: str) -> tuple[int, str] | None:
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_DATA_TAGS
+
+
+def pixel_data_problem(
+    header_ds: Dataset,
+    transfer_syntax: str,
+    stream: ReadableBuffer | None = None,
+    encoding: tuple[bool | None, bool | None] | None = None,
+) -> tuple[int, str] | None:
     """Why an image's Pixel Data cannot be whole, as (status, comment); None when it can.
 
-    ``header_ds`` comes from ``dcmread(..., stop_before_pixels=True)``, which leaves its
-    buffer at the element it stopped before (at the end when there is no Pixel Data). Only
-    element and item headers are read: the declared length must lie within the bytes
-    received and cover what Rows × Columns × Samples × Bits Allocated × Frames need;
-    encapsulated fragments must each lie within the bytes and end with their delimiter.
+    ``header_ds`` was read up to its Pixel Data from ``stream`` (by default its buffer, from
+    ``dcmread(..., stop_before_pixels=True)``), which is left at the element it stopped
+    before (at the end when there is no Pixel Data); ``encoding`` (implicit VR, little
+    endian) defaults to the dataset's. Only element and item headers are read: the declared
+    length must lie within the bytes received and cover what Rows × Columns × Samples × Bits
+    Allocated × Frames need; encapsulated fragments must each lie within the bytes and end
+    with their delimiter.
     """
-    stream = header_ds.buffer
+    if stream is None:
+        stream = header_ds.buffer if isinstance(header_ds, FileDataset) else None
     if stream is None:
         return None  # read from a path: nothing to check against here
     start = stream.tell()
     end = stream.seek(0, os.SEEK_END)
     stream.seek(start)
-    is_implicit, is_little = header_ds.original_encoding
+    is_implicit, is_little = encoding or header_ds.original_encoding
     order = "<" if is_little is not False else ">"
     head = stream.read(8)
     if not head:

@@ -135,17 +135,13 @@ def handle_store(
     transfer_syntax = str(event.context.transfer_syntax)
     source = event.assoc.requestor.ae_title
     try:
-        data = b"".join(
-            (
-                file_meta_bytes(
-                    str(request.AffectedSOPClassUID),
-                    str(request.AffectedSOPInstanceUID),
-                    transfer_syntax,
-                    source,
-                ),
-                cast(BytesIO, request.DataSet).getvalue(),
-            )
+        meta = file_meta_bytes(
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            transfer_syntax,
+            source,
         )
+        data = b"".join((meta, cast(BytesIO, request.DataSet).getbuffer()))
     except Exception as exc:  # an undecodable P-DATA stream: refuse it, keep serving
         log.warning("refused unreadable dataset: %s", type(exc).__name__)
         return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be read")
@@ -155,6 +151,7 @@ def handle_store(
         transfer_syntax=transfer_syntax,
         source=source,
         expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        dataset_offset=len(meta),
     )
     if audit is not None:
         audit.stored(
