@@ -6,15 +6,17 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import Executable
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +131,58 @@ def insert_ignore(dialect: str, table: Table, key: str | list[str]) -> Any:
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing(index_elements=columns)
     raise RuntimeError(f"unsupported database {dialect}")  # pragma: no cover
+
+
+class DriverStatement:
+    """A Core statement compiled once per dialect and run with ``exec_driver_sql``.
+
+    For the few statements the receive path runs per instance: SQLAlchemy's ``execute``
+    of a cached Core statement still costs 0.1–0.15 ms of CPU per call (cache key,
+    execution context, result metadata), ten times the driver's own time. Here the SQL
+    string, the order of its parameters and their types' bind processors (enums, UTC
+    datetimes) are worked out once; a call converts the values and hands them to the
+    driver through the connection, so errors are still SQLAlchemy's (``DBAPIError``, with
+    connection invalidation) and the transaction is the caller's.
+
+    ``keys`` are the parameter names of an INSERT whose values are bound per call.
+    """
+
+    def __init__(self, statement: Executable, keys: Sequence[str] = ()) -> None:
+        self._statement = statement
+        self._keys = list(keys)
+        self._compiled: dict[str, _Compiled] = {}
+
+    def execute(self, connection: Connection, params: Mapping[str, Any]) -> CursorResult[Any]:
+        compiled = self._compiled.get(connection.dialect.name)
+        if compiled is None:
+            compiled = self._compiled[connection.dialect.name] = _Compiled(
+                self._statement, self._keys, connection.dialect
+            )
+        return connection.exec_driver_sql(compiled.sql, compiled.parameters(params))
+
+
+class _Compiled:
+    def __init__(self, statement: Executable, keys: list[str], dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=keys or None)  # type: ignore[attr-defined]
+        assert isinstance(compiled, SQLCompiler)
+        self._compiled = compiled
+        self.sql = compiled.string
+        self._positional = compiled.positional
+        # every parameter by the name the SQL string uses (anonymous ones resolved)
+        binds = {compiled.bind_names[bind]: bind for bind in compiled.binds.values()}
+        self._names: list[str] = (
+            list(compiled.positiontup or []) if compiled.positional else list(binds)
+        )
+        self._processors: list[Callable[[Any], Any] | None] = [
+            binds[name].type.bind_processor(dialect) for name in self._names
+        ]
+
+    def parameters(self, params: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        values = self._compiled.construct_params(dict(params))
+        converted = [
+            values[name] if processor is None else processor(values[name])
+            for name, processor in zip(self._names, self._processors, strict=True)
+        ]
+        if self._positional:
+            return tuple(converted)
+        return dict(zip(self._names, converted, strict=True))

@@ -57,7 +57,7 @@ from sqlalchemy import Connection, Integer, Select, Table, and_, bindparam, or_,
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from dicom_node.archive.db import insert_ignore
+from dicom_node.archive.db import DriverStatement, insert_ignore
 from dicom_node.archive.schema import (
     AnnotationState,
     AutoJob,
@@ -146,7 +146,7 @@ class _StudyStatements:
 
     def __init__(self, dialect: str) -> None:
         self.insert = insert_ignore(dialect, _STUDY, "study_instance_uid")
-        self.received = (
+        self.received = DriverStatement(  # once per instance: past SQLAlchemy's execute
             update(_STUDY)
             .where(_STUDY.c.id == bindparam("study_id"))
             .values(
@@ -193,8 +193,8 @@ def open_study(
 def instance_received(connection: Connection, study_id: int, *, now: datetime, new: bool) -> None:
     """An instance of the study arrived: it is receiving again (completion is a quiet period
     after the last arrival); ``new`` instances are counted."""
-    connection.execute(
-        _study_statements(connection).received,
+    _study_statements(connection).received.execute(
+        connection,
         {"study_id": study_id, "now": now, "state": StudyState.RECEIVING, "added": int(new)},
     )
 

@@ -15,7 +15,7 @@ from pydicom import Dataset
 from sqlalchemy import Connection, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.archive.db import insert_ignore
+from dicom_node.archive.db import DriverStatement, insert_ignore
 from dicom_node.archive.lifecycle import instance_received, open_study
 from dicom_node.archive.schema import Instance, Series, Study
 from dicom_node.dicom.storage import StoredFile, validate_uid
@@ -126,11 +126,27 @@ _SERIES = cast(Table, Series.__table__)
 _INSTANCE = cast(Table, Instance.__table__)
 
 
+_INSTANCE_FIELDS = (
+    "series_id",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "instance_number",
+    "path",
+    "size",
+    "sha256",
+    "calling_ae",
+    "received_at",
+)
+"""What an instance row says of its file (:func:`record_instance` binds each)."""
+
+
 class _Statements:
     """The index's statements, built once per dialect: only their parameters vary per call.
 
     Building a statement (``insert(...).values(...)``) costs more than executing a cached
-    one; the hot path executes these on the session's connection, past the ORM.
+    one; the hot path executes these on the session's connection, past the ORM, and the two
+    it runs for every instance past SQLAlchemy's per-call execution machinery
+    (:class:`~dicom_node.archive.db.DriverStatement`).
     """
 
     def __init__(self, dialect: str) -> None:
@@ -141,8 +157,9 @@ class _Statements:
         self.series_id = select(_SERIES.c.id).where(
             _SERIES.c.series_instance_uid == bindparam("series_instance_uid")
         )
-        self.insert_instance = insert_ignore(dialect, _INSTANCE, "sop_instance_uid").returning(
-            _INSTANCE.c.id
+        self.insert_instance = DriverStatement(
+            insert_ignore(dialect, _INSTANCE, "sop_instance_uid").returning(_INSTANCE.c.id),
+            ("sop_instance_uid", *_INSTANCE_FIELDS),
         )
         self.existing_instance = (
             select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.path)
@@ -150,7 +167,7 @@ class _Statements:
             .with_for_update()
         )
         self.replace_instance = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("instance_id"))
-        self.count_series = (
+        self.count_series = DriverStatement(
             update(_SERIES)
             .where(_SERIES.c.id == bindparam("series_id"))
             .values(instance_count=_SERIES.c.instance_count + 1)
@@ -247,11 +264,11 @@ def record_instance(
         "calling_ae": calling_ae,
         "received_at": now,
     }
-    inserted = connection.execute(
-        sql.insert_instance, {"sop_instance_uid": header.sop_instance_uid, **current}
+    inserted = sql.insert_instance.execute(
+        connection, {"sop_instance_uid": header.sop_instance_uid, **current}
     ).first()
     if inserted is not None:
-        connection.execute(sql.count_series, {"series_id": series_id})
+        sql.count_series.execute(connection, {"series_id": series_id})
         outcome, previous = RecordOutcome.NEW, None
     else:  # the SOP Instance UID is known: the same bytes again, or newer content
         existing = connection.execute(
