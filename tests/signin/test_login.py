@@ -63,13 +63,20 @@ def test_sign_in_sets_a_secure_session_cookie_and_opens_the_worklist(node: Node)
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [(READER, "wrong password!"), ("nobody", "any password 1"), (READER, "")],
+    [
+        (READER, "wrong password!"),
+        ("nobody", "any password 1"),
+        (READER, ""),
+        (READER, "overlong secret " * 400),
+        ("n" * 500, "any password 1"),
+    ],
 )
 def test_a_wrong_password_or_user_is_refused(node: Node, username: str, password: str) -> None:
     client = node.client()
     answer = client.post("/login", data={"username": username, "password": password})
     assert answer.status_code in (401, 422)
     assert "set-cookie" not in answer.headers
+    assert not password or password not in answer.text  # never echoed back
     assert client.get("/worklist").status_code == 401
 
 

@@ -127,9 +127,11 @@ def register_login(app: FastAPI, authenticator: Authenticator) -> None:
     )
     def post_login(
         request: Request,
-        username: Annotated[str, Form(max_length=64)],
-        password: Annotated[str, Form(max_length=accounts.MAX_PASSWORD_LENGTH)],
+        # No length limits here: a 422 would echo the field back; too long is simply wrong.
+        username: Annotated[str, Form()],
+        password: Annotated[str, Form()],
     ) -> Response:
+        username = username[:128]
         if not same_origin(request):
             return _login_page("This sign-in came from another site.", status.HTTP_403_FORBIDDEN)
         address = client_address(request)
