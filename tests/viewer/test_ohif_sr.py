@@ -8,8 +8,12 @@ DICOMweb), opens the study in headless Chromium; the SR's thumbnail is double-cl
 test asserts what OHIF drew: one region per measurement group, on the review image of the
 group's slice position, at the patient coordinates of the ROI, labelled with the probability,
 and green pixels on the screenshot along the box's edges. Screenshots go to the test's
-folder; ``docs/ohif-sr-review.png`` is the flagged study's (rewritten when
+folder; ``docs/ohif-sr-review.png`` is the automatic job's (rewritten when
 ``SPINE_TRIAGE_TEST_UPDATE_DOCS`` is set).
+
+The round trip a radiologist makes is here too: a rectangle drawn on the review series with
+OHIF's RectangleROI tool, saved as an SR ("Create SR": STOW-RS to Orthanc), forwarded to the
+node and run as the reader's ROI.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for label in ("malignant", "benign")
     }
     made["reader"] = make_case(folder, patient_id="OHIF-reader", label="malignant", seed=4244)
+    made["automatic"] = make_case(folder, patient_id="OHIF-auto", label="malignant", seed=4245)
     return made
 
 
@@ -78,10 +83,14 @@ def processed_study(
     case: Any,
     checkpoint: Path,
     tmp_path: Path,
+    *,
+    automatic: bool = False,
 ) -> tuple[System, TriageResult]:
     """The node and a worker behind ``pacs``; ``case`` stored in the PACS, forwarded, its
-    ROI posted, the result delivered back. Returns the running system and the result."""
+    ROI posted (``automatic``: none, the automatic job's result), the result delivered back
+    (SR, review series, key image). Returns the running system and the result."""
     system = system_factory(
+        auto_roi="always" if automatic else "off",
         database_url=f"sqlite:///{tmp_path / 'viewer.db'}",
         model_checkpoint=checkpoint,
         destinations=json.dumps(
@@ -106,17 +115,24 @@ def processed_study(
         system.start_worker()
         for path in case_files(case):
             assert client.post("/instances", content=path.read_bytes()).status_code == 200
-    annotation = system.post_roi(case.roi.to_json())
+    if automatic:
+        chosen = TriageResult.auto_job_id.is_not(None)
+    else:
+        annotation = system.post_roi(case.roi.to_json())
+        chosen = TriageResult.annotation_id == annotation
+
+    def delivered() -> TriageResult | None:
+        with system.node.sessions() as session:
+            result = session.scalars(select(TriageResult).where(chosen)).one_or_none()
+        return result if result is not None and system.deliveries_delivered() >= 1 else None
+
     system.wait_until(
-        lambda: system.annotation_states().get(annotation) is AnnotationState.DONE,
+        lambda: delivered() is not None,
         timeout=180,
-        what="the annotation to be done (the study forwarded by Orthanc)",
+        what="the result in the PACS (the study forwarded by Orthanc, the job run)",
     )
-    system.wait_until(lambda: system.deliveries_delivered() == 1, what="the SR in the PACS")
-    with system.node.sessions() as session:
-        result = session.scalars(
-            select(TriageResult).where(TriageResult.annotation_id == annotation)
-        ).one()
+    result = delivered()
+    assert result is not None
     return system, result
 
 
@@ -216,10 +232,6 @@ def test_ohif_draws_the_node_sr_on_its_review_series(
     along, inside = green_fraction(screenshot, shown[0]["page"])
     assert along >= 0.5, f"only {along:.0%} of the box's edge is drawn"
     assert inside <= 0.25, f"{inside:.0%} of the inside is overlay green"
-    if label == "malignant":
-        small = docs_picture(screenshot, tmp_path / DOCS_SCREENSHOT.name)
-        if os.environ.get(UPDATE_DOCS):
-            shutil.copyfile(small, DOCS_SCREENSHOT)
 
 
 def docs_picture(screenshot: Path, target: Path) -> Path:
@@ -308,3 +320,71 @@ def test_a_reader_draws_an_roi_in_ohif_and_the_node_runs_it(
         ).one()
     assert result.priority in ("HIGH", "ROUTINE")
     assert result.slice_x_mm == pytest.approx(annotation.slices_x_mm)
+
+
+def test_ohif_draws_every_body_of_an_automatic_job(
+    system_factory: Callable[..., System],
+    viewer_pacs: Orthanc,
+    cases: dict[str, Any],
+    demo_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    """The automatic SR (one group per body, each with its twin on the review image at the
+    body's central slice): OHIF draws every body's box there, the most suspicious first."""
+    case = cases["automatic"]
+    system, result = processed_study(
+        system_factory, viewer_pacs, case, demo_checkpoint, tmp_path, automatic=True
+    )
+    assert result.bodies
+    with system.node.sessions() as session:
+        bodies = [
+            session.get(RoiAnnotation, int(str(body["annotation_id"]))) for body in result.bodies
+        ]
+    images = review_images(system, result)
+
+    screenshot = tmp_path / "ohif-sr-automatic.png"
+    drawn = run_driver(
+        viewer_pacs,
+        {
+            "action": "sr",
+            "study": case.roi.study_instance_uid,
+            "srSeries": SR_SERIES_NUMBER,
+            "screenshot": str(screenshot),
+        },
+    ).result
+    (tmp_path / "ohif-driver.json").write_text(json.dumps(drawn, indent=1))
+    assert "error" not in drawn, drawn
+    assert not [line for line in drawn["log"] if line.startswith("pageerror")], drawn["log"]
+    annotations = drawn["annotations"]
+    assert len(annotations) == len(bodies), (len(annotations), len(bodies))
+
+    def body_of(annotation: dict[str, Any]) -> int:
+        """The body whose box OHIF drew (at its central slice, at its patient coordinates)."""
+        points = np.asarray(annotation["points"], dtype=float)
+        for index, body in enumerate(bodies):
+            assert body is not None
+            central = sorted(body.slices_x_mm)[(len(body.slices_x_mm) - 1) // 2]
+            polygon = np.asarray(body.polygon_yz_mm)
+            if np.allclose(points[:, 0], central, atol=0.01) and np.allclose(
+                points[:-1, 1:], polygon, atol=0.01
+            ):
+                image = images[sop_of(annotation["referencedImageId"])]
+                assert float(image.ImagePositionPatient[0]) == pytest.approx(central, abs=0.01)
+                return index
+        raise AssertionError(f"OHIF drew a box that is no body's: {annotation}")
+
+    matched = [body_of(annotation) for annotation in annotations]
+    assert sorted(matched) == list(range(len(bodies))), "every body drawn once"
+    for annotation, index in zip(annotations, matched, strict=True):
+        assert float(annotation["label"].split()[0]) == pytest.approx(
+            float(str(result.bodies[index]["probability"])), abs=0.006
+        )
+    # OHIF opens on the first group's image: the most suspicious body's central slice (the
+    # bodies at the same position are drawn there too)
+    top = [a for a in annotations if a["shown"] and body_of(a) == 0]
+    assert top, "OHIF opens on the most suspicious body"
+    along, _ = green_fraction(screenshot, top[0]["page"])
+    assert along >= 0.5, f"only {along:.0%} of the first body's box is drawn"
+    small = docs_picture(screenshot, tmp_path / DOCS_SCREENSHOT.name)
+    if os.environ.get(UPDATE_DOCS):
+        shutil.copyfile(small, DOCS_SCREENSHOT)
