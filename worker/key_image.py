@@ -35,7 +35,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from model.io.volume import Volume
 from model.serving.preprocess import PreprocessParams
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+KEY_IMAGE_SOP_CLASS = SecondaryCaptureImageStorage  # what highdicom's SCImage writes
 KEY_IMAGE_SERIES_NUMBER = 9903
 KEY_IMAGE_SERIES_DESCRIPTION = "AI triage key image: computer-aided triage, not for diagnosis"
 NOTICE = "computer-aided triage - not for diagnosis"

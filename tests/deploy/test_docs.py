@@ -19,6 +19,7 @@ from tests.deploy.files import DEPLOY, DOCS, REPO, SETTING_VARIABLES, parse_cli,
 from tests.findings import make_finding
 from tests.sr.synthetic_ct import axial_series, new_study
 from worker.commands.settings_reference import render_settings_markdown
+from worker.key_image import KEY_IMAGE_SOP_CLASS
 from worker.sr import AlgorithmInfo, build_triage_sr, sr_to_bytes
 
 GUIDE = DOCS / "operator-guide.md"
@@ -140,6 +141,7 @@ def test_conformance_statement_lists_exactly_the_sop_classes_and_transfer_syntax
     sr_syntax = "1.2.840.10008.1.2.1"  # the result SR is written in Explicit VR Little Endian
     known = {str(uid) for uid in STORAGE_SOP_CLASSES} | set(TRANSFER_SYNTAXES)
     known |= {str(VERIFICATION), APPLICATION_CONTEXT, sr_syntax}
+    known.add(str(KEY_IMAGE_SOP_CLASS))  # written by the worker (SCU only): the key image
     for uid in known:
         assert uid in text, f"the conformance statement does not list {uid}"
     mentioned = set(re.findall(r"\b1\.2\.840\.10008(?:\.\d+)+\b", text))

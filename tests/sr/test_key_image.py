@@ -23,6 +23,7 @@ from worker.derived import ReviewImage, build_review_series, load_review_volume
 from worker.key_image import (
     FLAGGED_COLOUR,
     KEY_IMAGE_SERIES_NUMBER,
+    KEY_IMAGE_SOP_CLASS,
     ROUTINE_COLOUR,
     KeyFinding,
     build_key_image,
@@ -94,7 +95,7 @@ def test_the_key_image_is_valid_secondary_capture_in_the_original_study(
 ) -> None:
     ds = _key_image(phantom)
     ct = phantom["headers"][0]
-    assert ds.SOPClassUID == SecondaryCaptureImageStorage
+    assert ds.SOPClassUID == SecondaryCaptureImageStorage == KEY_IMAGE_SOP_CLASS
     assert ds.StudyInstanceUID == ct.StudyInstanceUID and ds.PatientID == ct.PatientID
     assert ds.SeriesInstanceUID != ct.SeriesInstanceUID
     assert ds.SeriesNumber == KEY_IMAGE_SERIES_NUMBER
