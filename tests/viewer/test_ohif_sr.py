@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -320,6 +321,14 @@ def test_a_reader_draws_an_roi_in_ohif_and_the_node_runs_it(
         ).one()
     assert result.priority in ("HIGH", "ROUTINE")
     assert result.slice_x_mm == pytest.approx(annotation.slices_x_mm)
+    # ...and the worklist shows it: the study's reader result is the one of OHIF's ROI
+    items = httpx.get(
+        f"{system.api}/worklist",
+        headers={"Authorization": f"Bearer {system.token}"},
+        timeout=30,
+    ).json()["items"]
+    [item] = [i for i in items if i["study_instance_uid"] == case.roi.study_instance_uid]
+    assert item["reader"]["result_id"] == result.id, item
 
 
 def test_ohif_draws_every_body_of_an_automatic_job(
