@@ -131,9 +131,10 @@ class Node:
         if self.scheduler is not None:
             self.scheduler.stop()
         self.service.stop()
-        if self.audit is not None:
-            self.audit.application_stopped(self.settings.ae_title)
-            self.audit.close()
+        audit, self.audit = self.audit, None  # a second stop reports nothing again
+        if audit is not None:
+            audit.application_stopped(self.settings.ae_title)
+            audit.close()
         self.engine.dispose()
 
 
