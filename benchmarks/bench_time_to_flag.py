@@ -1,19 +1,29 @@
-"""Time to flag: from the last instance acknowledged to the SR stored in the PACS and the HL7
-message received — the whole system running, as a hospital would see it.
+"""Time to flag: from the last instance acknowledged to the priority flag at the RIS (its HL7
+ORU received) and to the SR stored in the PACS — the whole system running, as a hospital would
+see it.
 
     python benchmarks/bench_time_to_flag.py [--studies 20] [--workers 1] [--quiet-period 1]
+        [--automatic] [--arrival both|spaced|back-to-back] [--interval S]
         [--database-url postgresql+psycopg2://postgres@127.0.0.1:5432] [--json out.json]
 
 The node (``spine-triage node``) and the worker(s) (``spine-triage worker``) run as their own
 processes, as in production; a real Orthanc is the PACS (C-STORE destination) and a real MLLP
 listener the RIS (HL7 destination). Synthetic 300-slice 512×512 studies (a few phantoms,
-copied under new UIDs) are sent back to back with DCMTK ``storescu``; each ROI is posted by
-REST before its study, so the job is ready the moment the study completes (with
-``--automatic`` no ROI is posted: the node's automatic analysis finds and judges every
-vertebral body once the study is complete, as with ``AUTO_ROI=always``). Reported: p50 and
-p95 of (flag time − last acknowledgment − quiet period), throughput in studies per hour, where
-the time goes (ingest, load, inference, report, delivery), and the peak resident memory of
-the node and of a worker.
+copied under new UIDs) are sent with DCMTK ``storescu``; each ROI is posted by REST before its
+study, so the job is ready the moment the study completes (with ``--automatic`` no ROI is
+posted: the node's automatic analysis finds and judges every vertebral body once the study is
+complete, as with ``AUTO_ROI=always``).
+
+How the studies arrive decides what is measured. ``spaced``: each study is sent once the
+previous one's flag and SR have arrived (or, with ``--interval S``, S seconds after the previous
+send began): the system is not saturated, and its p95 is what the time-to-flag target means.
+``back-to-back``: every study sent as soon as the previous send ends, faster than one worker on
+a small machine clears them: this measures saturation (throughput, and how the queue grows).
+``both`` (default): ``--studies`` spaced, then ``--studies`` more back to back, in one run.
+Reported per phase: p50/p95/max of (flag time − last acknowledgment − quiet period) and of the
+SR's arrival, throughput in studies per hour, the worker's CPU seconds per study; and where the
+time goes (ingest, load, inference, report, delivery), and the peak resident memory of the node
+and of a worker.
 """
 
 from __future__ import annotations
@@ -140,21 +150,40 @@ def main() -> int:
         action="store_true",
         help="post no ROI: every study is analysed automatically (AUTO_ROI=always)",
     )
+    parser.add_argument(
+        "--arrival",
+        choices=("both", "spaced", "back-to-back"),
+        default="both",
+        help="spaced: each study after the previous one's flag and SR (not saturated: what the "
+        "p95 target means); back-to-back: saturation and throughput; both (default): "
+        "--studies of each, spaced first",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        help="spaced arrival: send a study every S seconds (from the start of the previous "
+        "send) instead of after the previous one's flag and SR",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    phases = ["spaced", "back-to-back"] if args.arrival == "both" else [args.arrival]
+    if args.batch and phases != ["back-to-back"]:
+        parser.error("--batch sends every study first: use it with --arrival back-to-back")
+    needed = args.studies * len(phases)
 
-    if not (args.data / "ready").exists():
+    ready = args.data / "ready"
+    if not ready.exists() or int(ready.read_text() or 0) < needed:
         shutil.rmtree(args.data, ignore_errors=True)
-        print(f"writing {args.studies} synthetic 300-slice studies to {args.data}", flush=True)
-        studies = make_studies(args.data, args.studies, args.phantoms)
+        print(f"writing {needed} synthetic 300-slice studies to {args.data}", flush=True)
+        studies = make_studies(args.data, needed, args.phantoms)
         (args.data / "studies.json").write_text(
             json.dumps([[list(map(str, f)), roi] for f, roi in studies])
         )
-        (args.data / "ready").touch()
+        ready.write_text(str(needed))
     studies = [
         ([Path(p) for p in files], roi)
         for files, roi in json.loads((args.data / "studies.json").read_text())
-    ][: args.studies]
+    ][:needed]
 
     work = Path(tempfile.mkdtemp(prefix="bench-t2f-"))
     orthanc = Orthanc(work / "orthanc").start()
@@ -220,50 +249,25 @@ def main() -> int:
         for n in range(args.workers)
     ]
     api = f"http://127.0.0.1:{http_port}"
+    auth = {"Authorization": "Bearer bench-token"}
+    measured: list[dict[str, Any]] = []
     try:
         _wait_http(api)
         time.sleep(8)  # workers load the model before the first study
         acked: dict[str, float] = {}
-        ingest_s: list[float] = []
         watcher = ArrivalWatcher(orthanc, ris, acked)
         watcher.start()
-        start = time.perf_counter()
-        with httpx.Client(base_url=api, headers={"Authorization": "Bearer bench-token"}) as client:
-            for files, roi in studies:
-                if not args.batch and not args.automatic:
-                    client.post("/annotations", json=roi).raise_for_status()
-                begin = time.perf_counter()
-                subprocess.run(
-                    [
-                        "/usr/bin/storescu",
-                        "-aec",
-                        "SPINE_TRIAGE",
-                        "127.0.0.1",
-                        str(dicom_port),
-                        *map(str, files),
-                    ],
-                    env={**os.environ, "TCP_NODELAY": "1"},
-                    check=True,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                acked[roi["study_instance_uid"]] = time.perf_counter()
-                ingest_s.append(acked[roi["study_instance_uid"]] - begin)
-            if args.batch and not args.automatic:
-                time.sleep(args.quiet_period + 1.0)  # every study complete
-                start = time.perf_counter()
-                for _, roi in studies:
-                    client.post("/annotations", json=roi).raise_for_status()
-                    acked[roi["study_instance_uid"]] = time.perf_counter() + args.quiet_period
-        deadline = time.perf_counter() + 60 * 30
-        while len(watcher.flagged) < len(studies) and time.perf_counter() < deadline:
-            time.sleep(0.1)
+        with httpx.Client(base_url=api, headers=auth) as client:
+            for number, phase in enumerate(phases):
+                batch = studies[number * args.studies : (number + 1) * args.studies]
+                cpu_before = sum(cpu_seconds(w.pid) for w in workers)
+                run = send_phase(client, batch, phase, args, dicom_port, acked, watcher)
+                run["worker_cpu_s"] = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
+                measured.append(run)
         watcher.stop()
-        flagged = dict(watcher.flagged)
-        end = max(flagged.values(), default=time.perf_counter())
         node_rss = peak_rss_mib(node.pid)
         worker_rss = max(peak_rss_mib(w.pid) for w in workers)
-        timings = _result_timings(api)
+        timings = _result_timings(api, auth)
     finally:
         for process in [*workers, node]:
             process.send_signal(signal.SIGTERM)
@@ -276,24 +280,16 @@ def main() -> int:
         ris.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    delays = [flagged[uid] - acked[uid] - args.quiet_period for uid in flagged]
-    figures = {
-        "studies": len(studies),
-        "flagged": len(flagged),
+    figures: dict[str, Any] = {
+        "studies_per_phase": args.studies,
         "workers": args.workers,
         "quiet_period_s": args.quiet_period,
-        "mode": "automatic (no ROI), studies back to back"
-        if args.automatic
-        else "batch (ROIs after every study)"
-        if args.batch
-        else "ROI first, studies back to back",
+        "analysis": "automatic (no ROI)" if args.automatic else "reader ROI posted first",
         "database": "postgresql" if args.database_url else "sqlite",
         "broker": "redis" if args.broker_url else "filesystem",
-        "time_to_flag_p50_s": round(percentile(delays, 0.5), 2),
-        "time_to_flag_p95_s": round(percentile(delays, 0.95), 2),
-        "time_to_flag_max_s": round(max(delays), 2),
-        "ingest_per_study_s": round(statistics.median(ingest_s), 2),
-        "studies_per_hour": round(len(flagged) / (end - start) * 3600, 1),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
+        "phases": [phase_figures(run, args.quiet_period) for run in measured],
         "median_step_s": timings,
         "node_peak_rss_mib": round(node_rss, 1),
         "worker_peak_rss_mib": round(worker_rss, 1),
@@ -301,7 +297,110 @@ def main() -> int:
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0 if len(flagged) == len(studies) else 1
+    complete = all(len(run["flagged"]) == len(run["uids"]) for run in measured)
+    return 0 if complete else 1
+
+
+def send_phase(
+    client: httpx.Client,
+    batch: list[tuple[list[Path], dict[str, Any]]],
+    phase: str,
+    args: argparse.Namespace,
+    dicom_port: int,
+    acked: dict[str, float],
+    watcher: ArrivalWatcher,
+) -> dict[str, Any]:
+    """Send one phase's studies as ``phase`` says and wait for every flag and SR."""
+    uids = [roi["study_instance_uid"] for _, roi in batch]
+    ingest_s: list[float] = []
+    start = time.perf_counter()
+    for index, (files, roi) in enumerate(batch):
+        if index and phase == "spaced":
+            previous = uids[index - 1]
+            if args.interval is None:  # the system idle again: flag and SR of the previous
+                watcher.wait_for([previous], timeout_s=600)
+            else:
+                next_at = start + index * args.interval
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+        if not args.batch and not args.automatic:
+            client.post("/annotations", json=roi).raise_for_status()
+        begin = time.perf_counter()
+        subprocess.run(
+            ["/usr/bin/storescu", "-aec", "SPINE_TRIAGE", "127.0.0.1", str(dicom_port)]
+            + [str(path) for path in files],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        acked[roi["study_instance_uid"]] = time.perf_counter()
+        ingest_s.append(acked[roi["study_instance_uid"]] - begin)
+    if args.batch and not args.automatic:
+        time.sleep(args.quiet_period + 1.0)  # every study complete
+        start = time.perf_counter()
+        for _, roi in batch:
+            client.post("/annotations", json=roi).raise_for_status()
+            acked[roi["study_instance_uid"]] = time.perf_counter() + args.quiet_period
+    watcher.wait_for(uids, timeout_s=60 * 30)
+    return {
+        "phase": phase,
+        "interval_s": args.interval if phase == "spaced" else None,
+        "uids": uids,
+        "start": start,
+        "acked": {uid: acked[uid] for uid in uids},
+        "flagged": {uid: watcher.oru[uid] for uid in uids if uid in watcher.oru},
+        "sr": {uid: watcher.sr[uid] for uid in uids if uid in watcher.sr},
+        "ingest_s": ingest_s,
+    }
+
+
+def phase_figures(run: dict[str, Any], quiet_period_s: float) -> dict[str, Any]:
+    """A phase's figures: delays beyond the quiet period to the flag (the ORU at the RIS) and
+    to the SR in the PACS, throughput from the first send to the last SR, CPU per study."""
+    acked, flagged, sr = run["acked"], run["flagged"], run["sr"]
+    to_flag = [flagged[uid] - acked[uid] - quiet_period_s for uid in flagged]
+    to_sr = [sr[uid] - acked[uid] - quiet_period_s for uid in sr]
+    end = max([*flagged.values(), *sr.values()], default=run["start"])
+    done = min(len(flagged), len(sr))
+    return {
+        "arrival": run["phase"]
+        + (f" every {run['interval_s']:g} s" if run["interval_s"] else "")
+        + (
+            " (each after the previous one's flag and SR)"
+            if run["phase"] == "spaced" and not run["interval_s"]
+            else ""
+        ),
+        "studies": len(run["uids"]),
+        "flagged": len(flagged),
+        "sr_stored": len(sr),
+        **_spread("time_to_flag", to_flag),
+        **_spread("time_to_sr", to_sr),
+        "ingest_per_study_s": round(statistics.median(run["ingest_s"]), 2),
+        "studies_per_hour": round(done / (end - run["start"]) * 3600, 1),
+        "worker_cpu_s_per_study": round(run["worker_cpu_s"] / max(1, done), 2),
+    }
+
+
+def _spread(name: str, values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {f"{name}_p50_s": None, f"{name}_p95_s": None, f"{name}_max_s": None}
+    return {
+        f"{name}_p50_s": round(percentile(values, 0.5), 2),
+        f"{name}_p95_s": round(percentile(values, 0.95), 2),
+        f"{name}_max_s": round(max(values), 2),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) and its children so far."""
+    total = 0.0
+    for candidate in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{candidate}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _wait_http(api: str) -> None:
@@ -317,15 +416,14 @@ def _wait_http(api: str) -> None:
 
 
 class ArrivalWatcher(threading.Thread):
-    """Polls the RIS listener and Orthanc every 50 ms: when did each study's flag arrive
-    (its ORU received and its SR stored, whichever came last)."""
+    """Polls the RIS listener and Orthanc every 50 ms: when did each study's flag arrive (its
+    ORU received) and when was its SR stored."""
 
     def __init__(self, orthanc: Orthanc, ris: MllpListener, acked: dict[str, float]) -> None:
         super().__init__(daemon=True)
         self.orthanc, self.ris, self.acked = orthanc, ris, acked
         self.oru: dict[str, float] = {}
         self.sr: dict[str, float] = {}
-        self.flagged: dict[str, float] = {}
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -347,17 +445,26 @@ class ArrivalWatcher(threading.Thread):
                     ).json()
                     if found:
                         self.sr[uid] = now
-                for uid in set(self.sr) & set(self.oru):
-                    self.flagged.setdefault(uid, max(self.sr[uid], self.oru[uid]))
                 self._stop_event.wait(0.05)
+
+    def wait_for(self, uids: list[str], *, timeout_s: float) -> bool:
+        """Until every study of ``uids`` has its flag and its SR (False after the timeout)."""
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            if all(uid in self.oru and uid in self.sr for uid in uids):
+                return True
+            time.sleep(0.05)
+        return False
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=10)
 
 
-def _result_timings(api: str) -> dict[str, float]:
-    annotations = httpx.get(f"{api}/annotations", params={"limit": 1000}, timeout=30).json()
+def _result_timings(api: str, headers: dict[str, str]) -> dict[str, float]:
+    annotations = httpx.get(
+        f"{api}/annotations", params={"limit": 1000}, headers=headers, timeout=30
+    ).json()
     steps: dict[str, list[float]] = {}
     for annotation in annotations:
         for result in annotation["results"]:
