@@ -129,6 +129,29 @@ class UdpTransport:
         self._socket.close()
 
 
+REFUSAL_WAIT_S = 0.2
+
+
+def _refused_after_handshake(tls: ssl.SSLSocket) -> None:
+    """Raise when the repository refuses us right after the handshake.
+
+    Under TLS 1.3 a server checks the client certificate after the client has finished its
+    handshake: a refused certificate shows only as an alert on the next read, and writes
+    until then "succeed" into the void. A syslog server never sends data, so a short read
+    that times out means the connection stands."""
+    timeout = tls.gettimeout()
+    tls.settimeout(REFUSAL_WAIT_S)
+    try:
+        data = tls.recv(1)
+    except (TimeoutError, ssl.SSLWantReadError):
+        return
+    finally:
+        tls.settimeout(timeout)
+    if not data:
+        raise ConnectionResetError("the audit repository closed the TLS connection")
+    raise ConnectionError("the audit repository sent data on a syslog connection")
+
+
 class TlsTransport:
     """RFC 5425: one TLS connection, octet-counted frames, opened on first use."""
 
@@ -151,7 +174,9 @@ class TlsTransport:
             (self._target.host, self._target.port), timeout=self._target.timeout_s
         )
         try:
-            return self._context.wrap_socket(raw, server_hostname=self._target.host)
+            tls = self._context.wrap_socket(raw, server_hostname=self._target.host)
+            _refused_after_handshake(tls)
+            return tls
         except BaseException:
             raw.close()
             raise

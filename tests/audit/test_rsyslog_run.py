@@ -152,3 +152,25 @@ def test_what_a_full_queue_dropped_is_sent_once_the_repository_is_back(
         assert trail.unsent == 0 and trail.forwarder.stats.resent >= 1
     finally:
         daemon.stop()
+
+
+def test_a_repository_refusing_the_client_certificate_gets_nothing_counted_as_sent(
+    rsyslog: Rsyslog,
+) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    from dicom_node.audit.syslog import SyslogForwarder, SyslogTarget, format_rfc5424
+
+    # TLS 1.3: the server checks the client certificate after the client's handshake is done
+    without = SyslogTarget("127.0.0.1", rsyslog.tls_port, "tls", ca_certificates=rsyslog.pki["ca"])
+    forwarder = SyslogForwarder(without, retry_initial_s=0.1)
+    frame = format_rfc5424("<AuditMessage/>", timestamp=datetime.now(UTC), sequence_id=1)
+    forwarder.submit(frame)
+    deadline = time.monotonic() + 20
+    while forwarder.stats.failures < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    forwarder.stop(0.5)
+    assert forwarder.stats.failures >= 2
+    assert forwarder.stats.sent == 0
+    assert rsyslog.received() == []
