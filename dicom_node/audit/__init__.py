@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.audit.http import (
+    annotation_accessed,
     caller,
     client_address,
     credential_refused,
@@ -40,6 +41,7 @@ __all__ = [
     "AuditTrail",
     "Codes",
     "StudyRef",
+    "annotation_accessed",
     "caller",
     "client_address",
     "credential_refused",

@@ -112,6 +112,21 @@ def result_accessed(request: Request, result_id: int) -> None:
     instances_accessed(request, _known_study(trail, uid or f"result {result_id}"))
 
 
+def annotation_accessed(request: Request, annotation_id: int) -> None:
+    """An annotation and its result read through the API: the study they belong to."""
+    trail = trail_of(request)
+    if trail is None:
+        return
+    try:
+        with trail.sessions() as session:
+            uid = session.scalar(
+                select(RoiAnnotation.study_instance_uid).where(RoiAnnotation.id == annotation_id)
+            )
+    except Exception:  # recorded without the study rather than not at all
+        uid = None
+    instances_accessed(request, _known_study(trail, uid or f"annotation {annotation_id}"))
+
+
 def _known_study(trail: AuditTrail, study_instance_uid: str) -> StudyRef:
     try:
         with trail.sessions() as session:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node import audit
 from dicom_node.archive import lifecycle
 from dicom_node.archive.db import transaction
 from dicom_node.archive.schema import Delivery, RoiAnnotation, Study, TriageResult
@@ -148,7 +149,9 @@ def register_annotations(app: FastAPI) -> None:
         summary="An annotation, its state and result",
     )
     def get_annotation(annotation_id: int, request: Request) -> dict[str, Any]:
-        return annotation_view(api_state(request), annotation_id)
+        view = annotation_view(api_state(request), annotation_id)
+        audit.annotation_accessed(request, annotation_id)
+        return view
 
     @app.get("/annotations", dependencies=[requires(READER)], summary="Annotations, newest first")
     def list_annotations(

@@ -47,6 +47,7 @@ def test_sign_in_refusals_reads_and_sign_out_are_audited(audited: Node) -> None:
     assert node.client("not-a-token").get("/worklist").status_code == 401
     assert node.client().get("/worklist").status_code == 401  # no credential: no alert
     assert node.client(LEGACY_TOKEN).get(f"/worklist/{node.study_uid}").status_code == 200
+    assert node.client(LEGACY_TOKEN).get(f"/annotations/{node.annotation_id}").status_code == 200
 
     events = [(e.event_type, e.outcome, e.user_id, e.patient_id) for e in _events(node)]
     assert events == [
@@ -59,6 +60,7 @@ def test_sign_in_refusals_reads_and_sign_out_are_audited(audited: Node) -> None:
         ("user-authentication", 0, READER, None),
         ("security-alert", 4, "anonymous", None),
         ("instances-accessed", 0, events[-1][2], PATIENT_ID),
+        ("instances-accessed", 0, events[-1][2], PATIENT_ID),  # the annotation and its result
     ]
     with node.sessions() as session:
         rows = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
