@@ -73,6 +73,26 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def wait_listeners(port: int, count: int, timeout: float = 120) -> None:
+    """Wait until ``count`` sockets listen on ``port`` (the node's listener processes share it
+    with SO_REUSEPORT; each appears in ``/proc/net/tcp`` once it is bound and listening).
+
+    Until then the processes that are up take every association, and the late ones' start-up
+    (a Python interpreter importing the node) would be counted in the node's CPU.
+    """
+    suffix = f":{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        listening = sum(
+            1 for line in lines if line.split()[1].endswith(suffix) and line.split()[3] == "0A"
+        )
+        if listening >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"fewer than {count} listeners on port {port}")
+
+
 def dcmtk_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TCP_NODELAY"] = "1"
@@ -246,7 +266,8 @@ def run_node(
     )
     try:
         wait_port(port)
-        time.sleep(0.5 if listeners > 1 else 0.1)  # let the extra listeners bind
+        wait_listeners(port, listeners)
+        time.sleep(0.5)  # the processes settle (start-up CPU stays out of the figure)
         return send(port, "SPINE_TRIAGE", chunks, node.pid)
     finally:
         node.terminate()
