@@ -8,18 +8,30 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.orm import Session
 
-from dicom_node.archive.db import WriterLock, writer_lock
+from dicom_node.archive.db import WriterLock, make_engine, writer_lock
+from dicom_node.archive.lifecycle import instance_received, open_study
+from dicom_node.archive.migrate import upgrade
+from dicom_node.archive.schema import Study, StudyState
 from dicom_node.dicom.index import header_from_dataset
+from dicom_node.dicom.ingest import STATUS_CANNOT_UNDERSTAND, _read_header
 from dicom_node.dicom.scp import file_meta_bytes
 from dicom_node.dicom.storage import FileStore, InvalidUidError, content_digest
 from tests.dicom_factory import ct_slice, write_ct_series
@@ -135,6 +147,58 @@ def test_header_reads_padded_uids_and_refuses_a_bad_frame_of_reference() -> None
     raw.FrameOfReferenceUID = "1.2.03"  # leading zero in a component: not a UID
     with pytest.raises(InvalidUidError):
         header_from_dataset(raw, ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_header_read_from_the_data_set_offset_is_the_whole_files(syntax: str) -> None:
+    """C-STORE reads the header past the file meta it wrote; STOW-RS reads the whole file:
+    the same header, and the same refusal of a truncated image, either way."""
+    ds = ct_slice(study_uid=generate_uid(), series_uid=generate_uid(), index=3)
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    part10 = buffer.getvalue()  # the data set after pydicom's file meta: what travels
+    dataset = part10[144 + int.from_bytes(part10[140:144], "little") :]
+    meta = file_meta_bytes(CTImageStorage, ds.SOPInstanceUID, syntax, "MODALITY")
+    data = meta + dataset
+    from_offset = _read_header(data, syntax, "MODALITY", ds.SOPInstanceUID, len(meta))
+    whole = _read_header(data, syntax, "MODALITY", ds.SOPInstanceUID)
+    assert from_offset == whole
+    assert getattr(from_offset, "sop_instance_uid", None) == ds.SOPInstanceUID
+
+    truncated = meta + dataset[:-100]
+    refused = _read_header(truncated, syntax, "MODALITY", None, len(meta))
+    assert getattr(refused, "status", None) == STATUS_CANNOT_UNDERSTAND
+    assert refused == _read_header(truncated, syntax, "MODALITY", None)
+
+
+def test_per_instance_statements_bind_enums_and_utc_times(database_url: str) -> None:
+    """The study statement run per instance past SQLAlchemy's execute (DriverStatement)
+    stores what the ORM reads back: the state, the aware UTC time, the count."""
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    uid = generate_uid()
+    first = datetime(2026, 12, 3, 14, 0, 0, 123456, tzinfo=UTC)
+    later = datetime(2026, 12, 3, 16, 30, 5, 654321, tzinfo=timezone(timedelta(hours=1)))
+    try:
+        with engine.begin() as connection:
+            open_study(connection, uid, {}, now=first)
+            study_id = connection.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+            assert study_id is not None
+            connection.execute(
+                update(Study).where(Study.id == study_id).values(state=StudyState.COMPLETE)
+            )
+            instance_received(connection, study_id, now=first, new=True)
+            instance_received(connection, study_id, now=later, new=True)
+            instance_received(connection, study_id, now=later, new=False)
+        with Session(engine) as session:
+            study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+            assert study.state is StudyState.RECEIVING  # re-opened
+            assert study.instance_count == 2  # only new instances counted
+            assert study.last_received_at == later  # the same instant, read back in UTC
+            assert study.last_received_at.tzinfo is not None
+    finally:
+        engine.dispose()
 
 
 def test_writer_lock_queues_writers_across_open_files(tmp_path: Path) -> None:
