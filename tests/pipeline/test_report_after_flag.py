@@ -78,13 +78,26 @@ def _state(rt: WorkerRuntime, job_id: int) -> tuple[AutoJob, list[TriageResult],
         return job, results, deliveries
 
 
+def _derived_uids(rt: WorkerRuntime, case: Any) -> set[str]:
+    """SOP Instance UIDs of everything the jobs stored in the study besides the CT."""
+    folder = rt.store.root / case.roi.study_instance_uid
+    return {
+        str(ds.SOPInstanceUID)
+        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in folder.rglob("*.dcm"))
+        if ds.SeriesInstanceUID != case.roi.series_instance_uid
+    }
+
+
+@pytest.mark.parametrize("dies_in", ["write_report", "record_report"])
 def test_a_worker_dying_after_the_flag_leaves_the_report_to_the_next_claim(
     tmp_path: Path,
     database_url: str,
     demo_checkpoint: Path,
     case: Any,
     monkeypatch: pytest.MonkeyPatch,
+    dies_in: str,
 ) -> None:
+    """The worker dies building the report, or with the report written but not recorded."""
     rt = _runtime(tmp_path, database_url, demo_checkpoint)
     job_id = _receive_and_make_job(rt, case)
 
@@ -92,9 +105,11 @@ def test_a_worker_dying_after_the_flag_leaves_the_report_to_the_next_claim(
         raise _WorkerDied
 
     with monkeypatch.context() as patch:
-        patch.setattr(automatic, "write_report", die)
+        patch.setattr(automatic, dies_in, die)
         with pytest.raises(_WorkerDied):
             run_automatic(rt, job_id)
+    first_files = _derived_uids(rt, case)
+    assert bool(first_files) is (dies_in == "record_report")
 
     # The flag is out: the result and the flag sink's delivery committed, the report not yet.
     job, results, deliveries = _state(rt, job_id)
@@ -128,6 +143,19 @@ def test_a_worker_dying_after_the_flag_leaves_the_report_to_the_next_claim(
     assert sr.SOPInstanceUID == result.sr_sop_instance_uid
     assert sr.SeriesInstanceUID == result.sr_series_instance_uid
     _check_shared_review_images(rt, finished, sr)
+    # the key image: stored, listed in the SR's evidence
+    assert finished.key_image_path is not None
+    key = pydicom.dcmread(rt.store.absolute(finished.key_image_path), stop_before_pixels=True)
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert key.SOPInstanceUID in evidence and key.BurnedInAnnotation == "YES"
+    # the report written again names the same objects (review images, key image, SR)
+    if first_files:
+        assert _derived_uids(rt, case) == first_files
     # one delivery per destination, the flag's not made twice
     assert sorted((d.destination, d.id == flag_delivery) for d in deliveries) == [
         ("pacs", False),
