@@ -7,11 +7,15 @@
 //           to be drawn (cornerstone's DICOMSRDisplay annotations), return them: label, graphic
 //           type, points in patient coordinates (world), and where they are on the page.
 //   "draw": double-click the thumbnail of series number `imageSeries`, show the instance
-//           `sop`, draw a rectangle with OHIF's RectangleROI tool by mouse from image
-//           coordinates `from` to `to` ([column, row], SCOORD convention), track it, and save
-//           it with "Create SR" as `reportName` (OHIF stores it by STOW-RS); return OHIF's
+//           `sop`, draw with OHIF's `tool` by mouse along `path` (image coordinates
+//           [column, row], SCOORD convention): RectangleROI drags from one corner to the other
+//           (`path` holds the two), PlanarFreehandROI traces the closed polygon `path` (it
+//           is drawn, but OHIF 3.13 did not offer it for tracking here, so "Create SR" found
+//           nothing to save: the tests use RectangleROI); track the measurement, save it
+//           with "Create SR" as `reportName` (OHIF stores it by STOW-RS); return OHIF's
 //           measurement (points in patient coordinates) and the STOW-RS answer's status.
-// `screenshot`: a PNG written at the end. Every step waits on a condition, not a fixed time.
+// `screenshot`: a PNG written at the end (also on a failure). Steps wait on conditions; two
+// short pauses let the viewport and its SVG layer redraw.
 
 const request = JSON.parse(process.argv[2]);
 const { chromium } = await import(request.playwright);
@@ -22,12 +26,13 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-quic'],
 });
 const result = { action: request.action };
+let page = null;
 try {
   const context = await browser.newContext({
     viewport: { width: request.width ?? 1400, height: request.height ?? 900 },
     httpCredentials: { username: request.username, password: request.password },
   });
-  const page = await context.newPage();
+  page = await context.newPage();
   page.on('console', (message) => {
     const text = message.text();
     if (message.type() === 'error' || message.type() === 'warning' || /rehydratable|GraphicType/.test(text)) {
@@ -98,7 +103,8 @@ try {
     // The measurements panel first: opening it narrows the viewport.
     await page.locator('[data-cy="trackedMeasurements-btn"]').click();
     await page.locator('[data-cy="trackedMeasurements-panel"]').first().waitFor({ timeout: 20000 });
-    const corners = await page.evaluate(async ({ sop, from, to }) => {
+    const tool = request.tool ?? 'RectangleROI';
+    const path = await page.evaluate(async ({ sop, points }) => {
       const cs = window.cornerstone;
       const viewport = cs.getRenderingEngines()[0].getViewports()[0];
       const index = viewport.getImageIds().findIndex((id) => id.includes(sop));
@@ -106,20 +112,23 @@ try {
       viewport.render();
       const imageId = viewport.getCurrentImageId();
       const rect = viewport.element.getBoundingClientRect();
-      return [from, to].map((point) => {
+      return points.map((point) => {
         const world = cs.utilities.imageToWorldCoords(imageId, point);
         const canvas = viewport.worldToCanvas(world);
         return [canvas[0] + rect.left, canvas[1] + rect.top];
       });
-    }, { sop: request.sop, from: request.from, to: request.to });
+    }, { sop: request.sop, points: request.path });
     await page.waitForTimeout(300);
     await page.locator('[data-cy="MeasurementTools-split-button-secondary"]').click();
-    await page.locator('[data-cy="RectangleROI"]').click();
-    const [[x0, y0], [x1, y1]] = corners;
-    await page.mouse.move(x0, y0);
+    await page.locator(`[data-cy="${tool}"]`).click();
+    const stroke = tool === 'RectangleROI' ? path : [...path, path[0]];
+    await page.mouse.move(...stroke[0]);
     await page.mouse.down();
-    for (let step = 1; step <= 12; step += 1) {
-      await page.mouse.move(x0 + ((x1 - x0) * step) / 12, y0 + ((y1 - y0) * step) / 12);
+    for (let edge = 1; edge < stroke.length; edge += 1) {
+      const [[x0, y0], [x1, y1]] = [stroke[edge - 1], stroke[edge]];
+      for (let step = 1; step <= 12; step += 1) {
+        await page.mouse.move(x0 + ((x1 - x0) * step) / 12, y0 + ((y1 - y0) * step) / 12);
+      }
     }
     await page.mouse.up();
     await answerPrompt(page, 'Yes'); // "Track measurements for this series?"
@@ -147,6 +156,8 @@ try {
   result.totalMs = Date.now() - started;
 } catch (error) {
   result.error = String(error?.stack ?? error);
+  // what the page showed when it failed, for the test's artifacts
+  if (page && request.screenshot) await page.screenshot({ path: request.screenshot }).catch(() => {});
 } finally {
   await browser.close();
 }

@@ -255,6 +255,7 @@ def test_a_reader_draws_an_roi_in_ohif_and_the_node_runs_it(
     as the reader's ROI (same patient coordinates, the CT series, three slabs centred on the
     image), and the job runs."""
     case = cases["reader"]
+    tool = "RectangleROI"
     system, first = processed_study(system_factory, viewer_pacs, case, demo_checkpoint, tmp_path)
     images = sorted(
         review_images(system, first).values(), key=lambda ds: ds.ImagePositionPatient[0]
@@ -274,8 +275,8 @@ def test_a_reader_draws_an_roi_in_ohif_and_the_node_runs_it(
             "study": case.roi.study_instance_uid,
             "imageSeries": int(image.SeriesNumber),
             "sop": str(image.SOPInstanceUID),
-            "from": start,
-            "to": end,
+            "tool": tool,
+            "path": [start, end],
             "reportName": "Reader ROI",
             "screenshot": str(tmp_path / "ohif-drawn.png"),
         },
@@ -285,7 +286,7 @@ def test_a_reader_draws_an_roi_in_ohif_and_the_node_runs_it(
     assert "error" not in drawn, drawn
     assert drawn["stowStatus"] == 200, drawn
     [measurement] = drawn["measurements"]
-    assert measurement["toolName"] == "RectangleROI"
+    assert measurement["toolName"] == tool
     assert measurement["sop"] == image.SOPInstanceUID
     corners = np.asarray(measurement["points"], dtype=float)  # patient coordinates (LPS)
 
