@@ -9,6 +9,7 @@ with a PNG).
 from __future__ import annotations
 
 import io
+import json
 import os
 import urllib.request
 from collections.abc import Iterator
@@ -221,3 +222,34 @@ def test_screenshot_shows_the_flagged_row_highlighted(
     # The flagged badge colour (#ff6e5a) is on screen, and the picture was drawn (its ROI box).
     assert np.any(np.all(np.abs(pixels - (255, 110, 90)) <= 3, axis=1))
     assert np.any(np.all(np.abs(pixels - (255, 200, 40)) <= 3, axis=1))
+
+
+def test_without_signing_in_the_page_shows_the_sign_in_form_and_no_patient(
+    running_page: RunningPage,
+) -> None:
+    """A browser that never signed in, sent to a study's detail: it lands on the sign-in
+    page, and nothing it renders or can fetch from there names a patient."""
+    with browser() as page:
+        page.goto(f"{running_page.base_url}/#study={running_page.flagged_uid}")
+        page.wait_for(
+            "location.pathname === '/login' && document.readyState === 'complete'",
+            "the sign-in page",
+        )
+        dom = page.dom()
+        # What the page's script would fetch, fetched by the signed-out browser from an open
+        # page of the same origin (the sign-in page's policy lets it fetch nothing at all).
+        page.goto(f"{running_page.base_url}/health")
+        answers = page.evaluate(
+            "Promise.all(['/worklist', '/studies', "
+            f"'/results/{running_page.result_id}/preview.png']"
+            ".map(u => fetch(u, {redirect: 'manual'})"
+            ".then(r => r.text().then(t => [r.status, r.type, t]))))"
+            ".then(JSON.stringify)"
+        )
+    assert dom.by_id("username").tag == "input" and dom.by_id("password").tag == "input"
+    rendered = dom.text
+    for name, patient_id in (("OKAFOR", "PT-1052"), ("MOREAU", "PT-1031"), ("NOVAK", "PT-1017")):
+        assert name not in rendered and patient_id not in rendered
+    for status, kind, body in json.loads(answers):
+        assert status == 401 or kind == "opaqueredirect", (status, kind)
+        assert "OKAFOR" not in body and "PT-1052" not in body
