@@ -158,16 +158,23 @@ def load_job(rt: WorkerRuntime, claim: lifecycle.Claim) -> Job:
 
 
 def load_volume(rt: WorkerRuntime, series: Series, roi: Roi) -> Volume:
-    """Decode only what the job needs, once: the ROI's slices, and with the review series on
-    (``REVIEW_SERIES``) the slabs' columns over the whole series; geometry problems fail the
-    job."""
+    """Decode only what the job needs, once: the ROI's slices, and the columns over the whole
+    series that its review images need: the slabs of every slice position with the review
+    series on (``REVIEW_SERIES``), else the central slab the key image is drawn on
+    (``KEY_IMAGE``); geometry problems fail the job."""
+    if rt.settings.review_series:
+        review_xs: tuple[float, ...] = tuple(roi.slices_x_mm)
+    elif rt.settings.key_image:
+        review_xs = (roi.central_slice_x_mm,)
+    else:
+        review_xs = ()
     try:
-        if not rt.settings.review_series:
+        if not review_xs:
             return rt.classifier.load_volume(series.geometry, roi)
         params = rt.classifier.preprocess
         needed = union(
             roi_region(roi, lateral_reach_mm=params.lateral_reach_mm),
-            review_region(series.geometry, roi.slices_x_mm, params),
+            review_region(series.geometry, review_xs, params),
         )
         return load_series_region(series.geometry, region=needed)
     except SeriesError as exc:

@@ -1,7 +1,7 @@
 """A job reads each file of its series' headers once: the series is one value
 (:class:`worker.series.Series`) that the selection rules, the volume and the SR's evidence
-share; and it decodes each slice at most once, for the classifier and the review series
-alike. Counted as file opens while a real job runs in-process (SQLite, no broker)."""
+share; and it decodes each slice at most once, for the classifier, the review series and the
+key image alike. Counted as file opens while a real job runs in-process (SQLite, no broker)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ from worker.pipeline import Outcome, run_triage
 from worker.runtime import WorkerRuntime
 
 
-@pytest.mark.parametrize("review_series", [False, True])
+@pytest.mark.parametrize(
+    ("review_series", "key_image"), [(False, False), (False, True), (True, True)]
+)
 def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
     review_series: bool,
+    key_image: bool,
     tmp_path: Path,
     checkpoint_path: Path,
     synthetic_cases: list[Any],
@@ -39,6 +42,7 @@ def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
         database_url=url,
         model_checkpoint=checkpoint_path,
         review_series=review_series,
+        key_image=key_image,
     )
     rt = WorkerRuntime.from_settings(settings)
     case = synthetic_cases[0]
@@ -68,7 +72,7 @@ def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
     assert len(opened) == len(case_files(case)), "every stored file of the series is read"
     assert max(opened.values()) == 2, opened  # its header once, then its pixels if needed
     decoded = [name for name, count in opened.items() if count == 2]
-    if review_series:  # the review images span the whole series: every slice, decoded once
+    if review_series or key_image:  # review images span the whole series: each slice once
         assert len(decoded) == len(case_files(case))
     else:
         assert 0 < len(decoded) < len(case_files(case)), "pixels only of the slices the ROI needs"
