@@ -11,14 +11,13 @@ server is told to trust its forwarded headers).
 from __future__ import annotations
 
 import hmac
-import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from starlette.requests import Request
 
 from dicom_node.archive.schema import RoiAnnotation, Study, TriageResult, WebUser
@@ -26,9 +25,6 @@ from dicom_node.audit import messages
 from dicom_node.audit.dicom import report
 from dicom_node.audit.messages import Code, Codes, StudyRef
 from dicom_node.audit.trail import AuditTrail
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ANONYMOUS = "anonymous"
 UNKNOWN_ACCOUNT = "unknown account"
@@ -104,12 +100,15 @@ def result_accessed(request: Request, result_id: int) -> None:
     trail = trail_of(request)
     if trail is None:
         return
-    uid = _lookup(
-        trail,
-        select(RoiAnnotation.study_instance_uid)
-        .join(TriageResult, TriageResult.annotation_id == RoiAnnotation.id)
-        .where(TriageResult.id == result_id),
-    )
+    try:
+        with trail.sessions() as session:
+            uid = session.scalar(
+                select(RoiAnnotation.study_instance_uid)
+                .join(TriageResult, TriageResult.annotation_id == RoiAnnotation.id)
+                .where(TriageResult.id == result_id)
+            )
+    except Exception:  # recorded without the study rather than not at all
+        uid = None
     instances_accessed(request, _known_study(trail, uid or f"result {result_id}"))
 
 
@@ -118,26 +117,24 @@ def annotation_accessed(request: Request, annotation_id: int) -> None:
     trail = trail_of(request)
     if trail is None:
         return
-    uid = _lookup(
-        trail,
-        select(RoiAnnotation.study_instance_uid).where(RoiAnnotation.id == annotation_id),
-    )
+    try:
+        with trail.sessions() as session:
+            uid = session.scalar(
+                select(RoiAnnotation.study_instance_uid).where(RoiAnnotation.id == annotation_id)
+            )
+    except Exception:  # recorded without the study rather than not at all
+        uid = None
     instances_accessed(request, _known_study(trail, uid or f"annotation {annotation_id}"))
 
 
-def _lookup(trail: AuditTrail, query: Select[T]) -> T | None:
-    """One value for an audit message, or None when the database cannot say now: the event is
-    recorded without it rather than not at all (the failure logged)."""
+def _known_study(trail: AuditTrail, study_instance_uid: str) -> StudyRef:
     try:
         with trail.sessions() as session:
-            return session.scalar(query)
-    except Exception as exc:  # the audited request goes on
-        log.warning("audit: lookup failed (%s); recorded without it", type(exc).__name__)
-        return None
-
-
-def _known_study(trail: AuditTrail, study_instance_uid: str) -> StudyRef:
-    study = _lookup(trail, select(Study).where(Study.study_instance_uid == study_instance_uid))
+            study = session.scalar(
+                select(Study).where(Study.study_instance_uid == study_instance_uid)
+            )
+    except Exception:
+        study = None
     if study is None:
         return StudyRef(study_instance_uid)
     return study_ref(study)
@@ -215,7 +212,11 @@ def user_authentication(
 
 
 def _is_account(trail: AuditTrail, user: str) -> bool:
-    return _lookup(trail, select(WebUser.id).where(WebUser.username == user)) is not None
+    try:
+        with trail.sessions() as session:
+            return session.scalar(select(WebUser.id).where(WebUser.username == user)) is not None
+    except Exception:
+        return False
 
 
 def credential_refused(request: Request, reason: str) -> None:
