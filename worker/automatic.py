@@ -56,7 +56,7 @@ from model.serving.prediction import Prediction, suspicion_order
 from model.serving.preprocess import build_inputs
 from model.serving.roi import Roi
 from worker import shadow
-from worker.derived import review_region, slice_positions, write_review_series
+from worker.derived import slice_positions, write_review_series
 from worker.destinations import carries_report
 from worker.errors import PermanentError, TransientError
 from worker.key_image import KeyFinding, headline, write_key_image
@@ -121,9 +121,7 @@ def run_automatic(rt: WorkerRuntime, job_id: int) -> AutomaticOutcome:
         with timed(timings, "localise_s"):
             proposals = propose(localise_bodies(overview), overview)
         with timed(timings, "load_bodies_s"):
-            volume = load_bodies(
-                rt.classifier, series, overview, proposals, review=rt.settings.review_series
-            )
+            volume = load_bodies(rt.classifier, series, overview, proposals)
         with timed(timings, "inference_s"):
             bodies = classify_bodies(rt.classifier, volume, proposals)
         # The flag first: the result and its flag sinks' deliveries committed, and sent, before
@@ -232,20 +230,14 @@ def load_bodies(
     series: Series,
     overview: Volume,
     proposals: Sequence[Proposal],
-    *,
-    review: bool = False,
 ) -> Volume:
     """The full-resolution voxels the classifier needs: the overview itself when it is the
-    whole series at full resolution, else one region covering every proposed ROI (and, with
-    the review series on, the columns its images need over the whole series: decoded once)."""
+    whole series at full resolution, else one region covering every proposed ROI. Only what
+    the flag waits for: the review series, built after the flag, reads the columns its images
+    need itself (:func:`worker.derived.write_review_series`)."""
     rois = [p.roi for p in proposals]
-    also = (
-        review_region(series.geometry, review_positions(rois), classifier.preprocess)
-        if review and rois
-        else None
-    )
     try:
-        return load_for_rois(series.geometry, overview, rois, classifier.preprocess, also=also)
+        return load_for_rois(series.geometry, overview, rois, classifier.preprocess)
     except SeriesError as exc:
         raise Unanalysable(f"the series cannot be read as a volume: {exc}") from exc
     except FileNotFoundError as exc:

@@ -1,7 +1,9 @@
 """Decoding the pixel data of the slices a volume needs, as float32 Hounsfield units.
 
 Any transfer syntax pydicom can decode (with the pylibjpeg plugins) works. JPEG 2000 frames
-are decoded region-only (:mod:`model.io.j2k_region`) in parallel threads; other frames are
+are decoded region-only (:mod:`model.io.j2k_region`) in parallel threads. Uncompressed
+little-endian frames of 16-bit pixels are read straight from the file: only the rows a request
+needs, without building a pydicom data set (:func:`read_native_rows`). Other frames are
 decoded whole by pydicom and cropped. A request may ask for a reduced resolution (1/2^reduce
 per axis, for an overview): JPEG 2000 decodes it directly (OpenJPEG's ``reduce``), other
 frames are decoded whole and averaged over 2^reduce × 2^reduce blocks.
@@ -37,6 +39,9 @@ NATIVE_TRANSFER_SYNTAXES = frozenset(
     {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 )
 JPEG2000_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+# Read straight from the file (:func:`read_native_rows`): implicit and explicit VR little endian.
+DIRECT_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,100 @@ class _DatasetCache:
         """Forget a file whose frames are all decoded (its pixel data is not kept twice)."""
         with self._locks[path]:
             self._datasets.pop(path, None)
+
+
+def read_native_rows(header: FrameHeader, rows: tuple[int, int]) -> np.ndarray | None:
+    """Stored values of rows [start, stop) of an uncompressed little-endian frame of 16-bit
+    pixels, read from the file without parsing it again (its header was read already), or
+    None when the file is not laid out that way (pydicom then decodes it).
+
+    The Pixel Data element must be the file's last, holding exactly every frame's pixels: its
+    tag, VR (explicit VR) and length are checked right before the value, so a file with
+    trailing elements, other bit depths, several samples per pixel or a wrong length falls
+    back. The values are pydicom's: the bits above Bits Stored cleared, or the sign extended
+    into them for signed pixels."""
+    if header.transfer_syntax_uid not in DIRECT_TRANSFER_SYNTAXES:
+        return None
+    frame_bytes = header.rows * header.columns * 2
+    total = frame_bytes * header.number_of_frames
+    start, stop = rows
+    if not 0 <= start < stop <= header.rows:
+        return None
+    try:
+        descriptor = os.open(header.path, os.O_RDONLY)
+    except OSError:
+        return None  # pydicom reports it
+    try:
+        value_at = os.fstat(descriptor).st_size - total
+        if value_at < 8:
+            return None
+        element = os.pread(descriptor, 12, value_at - 12) if value_at >= 12 else b""
+        length = total.to_bytes(4, "little")
+        explicit = header.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+        if explicit:
+            if not (
+                element[:4] == _PIXEL_DATA_TAG
+                and element[4:6] in (b"OW", b"OB")
+                and element[6:8] == b"\0\0"
+                and element[8:] == length
+            ):
+                return None
+        elif element[4:] != _PIXEL_DATA_TAG + length:
+            return None
+        first = value_at + (header.frame_index or 0) * frame_bytes + start * header.columns * 2
+        wanted = (stop - start) * header.columns * 2
+        data = os.pread(descriptor, wanted, first)
+    finally:
+        os.close(descriptor)
+    if len(data) != wanted:
+        return None
+    dtype = "<i2" if header.pixel_representation == 1 else "<u2"
+    stored = np.frombuffer(data, dtype=dtype).reshape(stop - start, header.columns)
+    unused = 16 - header.bits_stored
+    if 0 < unused < 16:  # the bits above Bits Stored cleared (or the sign extended), as pydicom
+        stored = np.right_shift(np.left_shift(stored, unused), unused)
+    return stored
+
+
+def _read_direct(request: FrameRequest) -> np.ndarray | None:
+    """The request's HU read straight from the file, or None (see :func:`read_native_rows`)."""
+    stored = read_native_rows(request.header, request.rows)
+    if stored is None:
+        return None
+    c0, c1 = request.columns
+    return block_mean(_hounsfield(request.header, stored[:, c0:c1]), request.reduce)
+
+
+def _strided_sum(values: np.ndarray, step: int, axis: int) -> np.ndarray:
+    """Sums over consecutive runs of ``step`` along ``axis`` (its length a multiple of it)."""
+    take = [slice(None), slice(None)]
+    take[axis] = slice(0, None, step)
+    total: np.ndarray = np.array(
+        values[tuple(take)], dtype=np.float64 if values.dtype.kind == "f" else np.int32
+    )
+    for offset in range(1, step):
+        take[axis] = slice(offset, None, step)
+        np.add(total, values[tuple(take)], out=total)
+    return total
+
+
+def decode_block_sums(request: FrameRequest, bins: tuple[int, int]) -> np.ndarray:
+    """Sums of HU over ``bins`` (rows, columns) blocks of the requested region, whose size
+    must be a multiple of them: an uncompressed frame is summed as stored integers and scaled
+    once per block, anything else is decoded whole by pydicom (``reduce`` must be 0)."""
+    if request.reduce:
+        raise ValueError("block sums are taken at full resolution")
+    height, width = request.shape
+    if height % bins[0] or width % bins[1]:
+        raise ValueError(f"region {height}×{width} is not a whole number of {bins} blocks")
+    stored = read_native_rows(request.header, request.rows)
+    if stored is None:
+        values = decode_frames([request], workers=1)[0]
+        return _strided_sum(_strided_sum(values, bins[0], 0), bins[1], 1)
+    c0, c1 = request.columns
+    sums = _strided_sum(_strided_sum(stored[:, c0:c1], bins[0], 0), bins[1], 1)
+    slope, intercept = request.header.rescale_slope, request.header.rescale_intercept
+    return sums * slope + bins[0] * bins[1] * intercept
 
 
 def _codestream(dataset: Dataset, header: FrameHeader) -> bytes:
@@ -199,6 +298,11 @@ def decode_frames(requests: Sequence[FrameRequest], *, workers: int | None = Non
     for request in requests:
         frames_left[request.header.path] = frames_left.get(request.header.path, 0) + 1
     for index, request in enumerate(requests):
+        direct = _read_direct(request)
+        if direct is not None:
+            output[index] = direct
+            frames_left[request.header.path] -= 1
+            continue
         dataset = cache.get(request.header.path)
         frames_left[request.header.path] -= 1
         if region_path and request.header.transfer_syntax_uid in JPEG2000_TRANSFER_SYNTAXES:

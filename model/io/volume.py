@@ -38,7 +38,7 @@ from model.io.headers import (
     read_frame_headers,
     read_headers,
 )
-from model.io.pixels import FrameRequest, decode_frames
+from model.io.pixels import FrameRequest, decode_block_sums, decode_frames
 
 __all__ = [
     "DuplicatePositionError",
@@ -360,6 +360,52 @@ def _overview(
         column_direction=geometry.column_direction,
         slice_direction=geometry.slice_direction,
         spacing=(s * slice_step, r * step, c * step),
+        series_instance_uid=first.series_instance_uid,
+        study_instance_uid=first.study_instance_uid,
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        sop_instance_uids=tuple(frame.sop_instance_uid for frame in frames),
+    )
+
+
+def load_binned(
+    geometry: SeriesGeometry,
+    bins: tuple[int, int, int],
+    start: tuple[int, int, int] = (0, 0, 0),
+) -> Volume:
+    """The series averaged over blocks of ``bins`` (slices, rows, columns), the first block
+    at index ``start``; what is left of an axis beyond its last whole block is dropped.
+
+    A coarse overview of the whole series without holding it at full resolution: each slice
+    is read (uncompressed ones straight from the file, :func:`model.io.pixels.read_native_rows`)
+    and summed into its block at once, so the memory is the overview's. A sample stands at
+    the centre of its block; ``sop_instance_uids`` names every slice that went into it."""
+    counts = [
+        (size - first) // step
+        for size, first, step in zip(geometry.shape, start, bins, strict=True)
+    ]
+    if min(bins) < 1 or min(start) < 0 or min(counts) < 1:
+        raise ValueError(f"bins {bins} from {start} do not fit a series of shape {geometry.shape}")
+    (k0, r0, c0), (kb, rb, cb) = start, bins
+    output = np.zeros(counts, dtype=np.float64)
+    frames = geometry.frames[k0 : k0 + counts[0] * kb]
+    for index, frame in enumerate(frames):
+        request = FrameRequest(
+            header=frame,
+            rows=(r0, r0 + counts[1] * rb),
+            columns=(c0, c0 + counts[2] * cb),
+        )
+        output[index // kb] += decode_block_sums(request, (rb, cb))
+    voxels = (output / (kb * rb * cb)).astype(np.float32)
+    s, r, c = geometry.spacing
+    centre = np.array(start, dtype=np.float64) + (np.array(bins, dtype=np.float64) - 1.0) / 2.0
+    first = geometry.frames[0]
+    return Volume(
+        voxels=voxels,
+        origin=geometry.index_to_patient(centre),
+        row_direction=geometry.row_direction,
+        column_direction=geometry.column_direction,
+        slice_direction=geometry.slice_direction,
+        spacing=(s * kb, r * rb, c * cb),
         series_instance_uid=first.series_instance_uid,
         study_instance_uid=first.study_instance_uid,
         frame_of_reference_uid=first.frame_of_reference_uid,

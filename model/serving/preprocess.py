@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from model.io.volume import (
     MixedSeriesError,
@@ -179,6 +180,20 @@ def sampling_points(
     roi: Roi, params: PreprocessParams, transform: np.ndarray | None = None
 ) -> np.ndarray:
     """LPS positions (mm) sampled for an ROI: shape (slices, channels, samples, size, size, 3)."""
+    x, y, z = _sampling_parts(roi, params, transform)
+    size = params.input_size
+    points = np.empty((*x.shape, size, size, 3), dtype=np.float64)
+    points[..., 0] = x[..., None, None]
+    points[..., 1] = y
+    points[..., 2] = z
+    return points
+
+
+def _sampling_parts(
+    roi: Roi, params: PreprocessParams, transform: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sampling_points` as its separable parts: x (mm) over (slices, channels,
+    samples), y and z (mm) over the (size, size) grid."""
     box = roi.square_box_yz()
     dy, dz = _grid_offsets(params, box.side)
     if transform is not None:
@@ -189,16 +204,10 @@ def sampling_points(
         dy, dz = homogeneous[..., 0], homogeneous[..., 1]
     half = params.channels // 2
     channel_offsets = (np.arange(params.channels) - half) * params.channel_spacing_mm
-    s = params.samples_per_slab
     slab_offsets = _slab_offsets(params)
     xs = np.asarray(roi.slices_x_mm, dtype=np.float64)
     x = xs[:, None, None] + channel_offsets[None, :, None] + slab_offsets[None, None, :]
-    size = params.input_size
-    points = np.empty((len(xs), params.channels, s, size, size, 3), dtype=np.float64)
-    points[..., 0] = x[..., None, None]
-    points[..., 1] = box.center_y + dy
-    points[..., 2] = box.center_z + dz
-    return points
+    return x, box.center_y + dy, box.center_z + dz
 
 
 def _slab_offsets(params: PreprocessParams) -> np.ndarray:
@@ -289,26 +298,31 @@ def _source_corners(volume: Volume) -> np.ndarray:
 
 
 def _trilinear(voxels: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Trilinear interpolation at fractional (slice, row, column) indices, edges clamped."""
-    n, rows, columns = voxels.shape
-    flat = voxels.reshape(-1)
-    limits = np.array([n - 1, rows - 1, columns - 1], dtype=np.float64)
-    clamped = np.clip(indices.reshape(-1, 3), 0.0, limits)
-    base = np.minimum(np.floor(clamped), np.maximum(limits - 1, 0)).astype(np.int64)
-    fraction = (clamped - base).astype(np.float32)
-    step = np.array([rows * columns, columns, 1], dtype=np.int64)
-    size_ok = limits > 0  # an axis of length 1 has no upper neighbour
-    result = np.zeros(len(clamped), dtype=np.float32)
-    anchor = base @ step
-    for corner in range(8):
-        bits = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-        if np.any(bits.astype(bool) & ~size_ok):
-            continue
-        weight = np.ones(len(clamped), dtype=np.float32)
-        for axis in range(3):
-            weight *= fraction[:, axis] if bits[axis] else (1.0 - fraction[:, axis])
-        result += weight * flat[anchor + int(bits @ step)]
-    return result.reshape(indices.shape[:-1])
+    """Trilinear interpolation at fractional (slice, row, column) indices, edges clamped
+    (an index past the edge takes the edge voxel's value). float32, computed in float64 by
+    scipy's ``map_coordinates`` (order 1, no spline prefilter)."""
+    coordinates = np.moveaxis(np.asarray(indices, dtype=np.float64).reshape(-1, 3), 1, 0)
+    values = ndimage.map_coordinates(
+        np.asarray(voxels, dtype=np.float32), coordinates, order=1, mode="nearest", prefilter=False
+    )
+    return values.reshape(indices.shape[:-1])
+
+
+def _sampling_indices(
+    volume: Volume, parts: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """``volume.patient_to_index`` of :func:`sampling_points`, from its parts (x over
+    (slices, channels, samples), y and z over (size, size)): the map is affine, so it is
+    applied to each part once and the results added (the same indices, without a 3×3
+    product per sample)."""
+    x, y, z = parts
+    lateral = np.zeros((*x.shape, 1, 1, 3))
+    lateral[..., 0] = x[..., None, None]
+    plane = np.zeros((1, 1, 1, *y.shape, 3))
+    plane[..., 1] = y
+    plane[..., 2] = z
+    at_origin = volume.patient_to_index(np.zeros(3))
+    return volume.patient_to_index(lateral) + (volume.patient_to_index(plane) - at_origin)
 
 
 def build_inputs(
@@ -326,8 +340,7 @@ def build_inputs(
     translation; serving passes none.
     """
     params = params or PreprocessParams()
-    points = sampling_points(roi, params, transform)
-    indices = volume.patient_to_index(points)
+    indices = _sampling_indices(volume, _sampling_parts(roi, params, transform))
     _check_inside(volume, indices)
     samples = _trilinear(volume.voxels, indices)  # (slices, channels, samples, size, size)
     slabs = samples.mean(axis=2, dtype=np.float64)

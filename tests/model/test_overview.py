@@ -1,16 +1,24 @@
 """A series' overview at reduced resolution (what the localiser reads): JPEG 2000 decoded
-directly at 1/2^reduce and thinned to every k-th slice, other codecs averaged over blocks;
-the grid's spacing and origin put every structure where the full-resolution volume has it."""
+directly at 1/2^reduce and thinned to every k-th slice, uncompressed series read straight from
+the files as the localiser's own block means, other codecs averaged over blocks; the grid's
+spacing and origin put every structure where the full-resolution volume has it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 
-from model.io.volume import Volume, load_volume, read_series_geometry
-from model.serving.overview import OverviewPlan, overview_plan
+from model.io.pixels import read_native_rows
+from model.io.volume import PatientBox, Volume, load_binned, load_volume, read_series_geometry
+from model.serving.localiser.grid import to_lps_grid
+from model.serving.overview import OverviewPlan, load_overview, overview_plan
 from model.synthetic.cases import make_case
 
 
@@ -63,8 +71,6 @@ def test_a_block_mean_overview_is_the_mean_of_its_blocks(tmp_path: Path) -> None
 
 
 def test_an_overview_is_of_the_whole_series(tmp_path: Path) -> None:
-    from model.io.volume import PatientBox
-
     geometry = _geometry(tmp_path, "explicit")
     box = PatientBox(x_mm=(-5.0, 5.0), y_mm=(-5.0, 5.0), z_mm=(-5.0, 5.0))
     with pytest.raises(ValueError, match="whole series"):
@@ -99,7 +105,7 @@ def test_a_thinned_overview_keeps_every_kth_slice_where_it_lies(tmp_path: Path) 
         ("j2k", 0.8, 0.9, OverviewPlan(reduce=1, slice_step=2)),
         ("j2k", 1.25, 0.7, OverviewPlan(reduce=1, slice_step=1)),
         ("j2k", 3.0, 1.2, OverviewPlan(reduce=0, slice_step=1)),
-        ("explicit", 1.0, 0.5, OverviewPlan(reduce=0, slice_step=1)),
+        ("rle", 1.0, 0.5, OverviewPlan(reduce=0, slice_step=1)),
     ],
 )
 def test_the_overview_plan_keeps_the_grid_at_most_2_mm(
@@ -122,3 +128,108 @@ def test_the_overview_plan_keeps_the_grid_at_most_2_mm(
         geometry.spacing[2] * (1 << plan.reduce),
     )
     assert max(grid) <= 2.0 + 1e-6 or plan.is_full_resolution
+
+
+@pytest.mark.parametrize(
+    ("options", "bins"),
+    [
+        ({"slice_spacing_mm": 1.0, "pixel_spacing_mm": 0.5}, (2, 4, 4)),
+        ({"slice_spacing_mm": 1.0, "pixel_spacing_mm": 0.9, "feet_first": True}, (2, 2, 2)),
+        ({"slice_spacing_mm": 3.0, "pixel_spacing_mm": 0.6, "reverse_order": True}, (1, 3, 3)),
+        ({"multiframe": True, "pixel_spacing_mm": 0.7}, (1, 3, 3)),
+    ],
+)
+def test_an_uncompressed_overview_is_the_localisers_own_grid(
+    tmp_path: Path, options: dict[str, Any], bins: tuple[int, int, int]
+) -> None:
+    """The block means read straight from the files are the grid the localiser averages the
+    whole volume to (same shape, origin, spacing and values), in every orientation; the
+    localiser then averages nothing more."""
+    case = make_case(tmp_path, patient_id="BIN", label="malignant", seed=8, **options)
+    geometry = read_series_geometry(sorted(Path(case.series_dir).rglob("*.dcm")))
+    plan = overview_plan(geometry)
+    assert plan.bins == bins
+    overview = load_overview(geometry)
+    whole = to_lps_grid(load_volume(geometry))
+    grid = to_lps_grid(overview)
+    assert grid.hu.shape == whole.hu.shape
+    assert grid.origin_mm == pytest.approx(whole.origin_mm)
+    assert grid.spacing_mm == pytest.approx(whole.spacing_mm)
+    np.testing.assert_allclose(grid.hu, whole.hu, atol=1e-3)
+    assert grid.hu.size == overview.voxels.size  # nothing averaged twice
+
+
+def test_binned_samples_are_block_means_at_their_centres(tmp_path: Path) -> None:
+    geometry = _geometry(tmp_path, "explicit")
+    full = load_volume(geometry)
+    binned = load_binned(geometry, (2, 3, 3), (1, 2, 0))
+    n, rows, columns = full.shape
+    assert binned.shape == ((n - 1) // 2, (rows - 2) // 3, columns // 3)
+    assert binned.voxels[4, 5, 6] == pytest.approx(
+        float(full.voxels[9:11, 17:20, 18:21].mean()), abs=1e-3
+    )
+    assert np.allclose(
+        binned.index_to_patient(np.array([4.0, 5.0, 6.0])),
+        full.index_to_patient(np.array([9.5, 18.0, 19.0])),
+    )
+    assert binned.sop_instance_uids == full.sop_instance_uids[1 : 1 + 2 * binned.shape[0]]
+    with pytest.raises(ValueError, match="do not fit"):
+        load_binned(geometry, (n + 1, 1, 1))
+
+
+def _rewrite(path: Path, change: Callable[[Dataset], None], **write: Any) -> None:
+    dataset = pydicom.dcmread(path)
+    change(dataset)
+    dataset.save_as(path, enforce_file_format=True, **write)
+
+
+def _implicit(dataset: Dataset) -> None:
+    dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+
+def _trailing_padding(dataset: Dataset) -> None:
+    dataset.DataSetTrailingPadding = b"\0" * 8  # (FFFC,FFFC): after the Pixel Data
+
+
+def _garbage_above_bits_stored(dataset: Dataset) -> None:
+    # 12 bits stored, unsigned, with the unused high bits set: kept as stored, as pydicom does
+    values = dataset.pixel_array.astype(np.int32) + 1024
+    dataset.PixelRepresentation = 0
+    dataset.BitsStored, dataset.HighBit = 12, 11
+    dataset.PixelData = (np.clip(values, 0, 4095).astype(np.uint16) | 0xF000).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "direct"),
+    [(_implicit, True), (_trailing_padding, False), (_garbage_above_bits_stored, True)],
+)
+def test_uncompressed_slices_read_straight_from_the_file_are_what_pydicom_decodes(
+    tmp_path: Path, change: Callable[[Dataset], None], direct: bool
+) -> None:
+    """Rows of a slice read from the file (only the Pixel Data checked: tag, VR, length,
+    last in the file) are pydicom's values; a file laid out otherwise goes to pydicom."""
+    case = make_case(tmp_path, patient_id="DIRECT", label="benign", seed=4)
+    paths = sorted(Path(case.series_dir).rglob("*.dcm"))
+    for path in paths:
+        _rewrite(path, change)
+    geometry = read_series_geometry(paths)
+    frame = geometry.frames[len(paths) // 2]
+    rows = read_native_rows(frame, (10, 30))
+    expected = pydicom.dcmread(frame.path).pixel_array
+    if direct:
+        assert rows is not None
+        np.testing.assert_array_equal(rows, expected[10:30])
+    else:
+        assert rows is None
+    region = load_volume(geometry, region=PatientBox((-20.0, 20.0), (-30.0, 30.0), (-9.0, 9.0)))
+    k0, r0, c0 = region.source_offset
+    k1, r1, c1 = (a + b for a, b in zip(region.source_offset, region.shape, strict=True))
+    reference = np.stack(
+        [pydicom.dcmread(f.path).pixel_array[r0:r1, c0:c1] for f in geometry.frames[k0:k1]]
+    ).astype(np.float32) * np.float32(frame.rescale_slope) + np.float32(frame.rescale_intercept)
+    np.testing.assert_array_equal(region.voxels, reference)
+    binned = load_binned(geometry, (1, 2, 2))
+    plane = load_volume(geometry).voxels[3]
+    h, w = plane.shape[0] // 2 * 2, plane.shape[1] // 2 * 2
+    means = plane[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(binned.voxels[3], means, atol=1e-3)

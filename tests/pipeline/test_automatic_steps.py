@@ -1,6 +1,7 @@
-"""The automatic job's steps on a JPEG 2000 series: localised on a reduced-resolution
-overview, then only the region every proposed ROI needs decoded at full resolution — and the
-bodies get the same answers as from the whole volume decoded at full resolution."""
+"""The automatic job's steps: a JPEG 2000 series localised on a reduced-resolution overview,
+an uncompressed one on the localiser's block means read straight from the files, then only
+the region every proposed ROI needs decoded at full resolution — and the bodies get the same
+answers as from the whole volume decoded at full resolution."""
 
 from __future__ import annotations
 
@@ -70,8 +71,36 @@ def test_jpeg2000_is_localised_on_an_overview_and_classified_on_full_resolution(
     assert probabilities == sorted(probabilities, reverse=True)  # most suspicious first
 
 
-def test_other_codecs_are_decoded_once_at_full_resolution(tmp_path: Path) -> None:
+def test_an_uncompressed_series_is_localised_on_its_block_means_and_classified_on_regions(
+    tmp_path: Path, checkpoint_path: Path
+) -> None:
+    """The overview is the localiser's own 2 mm block means, read straight from the files:
+    the localiser finds exactly what it finds on the whole volume, the classifier's region is
+    read from the files again, and the bodies get the whole volume's answers."""
+    classifier = Classifier.load(checkpoint_path, device="cpu")
     series = _series(tmp_path, "explicit")
+    plan = overview_plan(series.geometry)
+    assert plan.bins is not None and plan.bins[1:] == (4, 4)  # 0.5 mm pixels → 2 mm
+    overview = load_overview(series)
+    whole = load_volume(series.geometry)
+    assert overview.voxels.nbytes * 16 <= whole.voxels.nbytes
+    found = localise_bodies(overview)
+    assert found.bodies == localise_bodies(whole).bodies
+    proposals = propose(found, overview)
+    volume = load_bodies(classifier, series, overview, proposals)
+    assert volume.is_partial and volume.spacing == series.geometry.spacing
+    bodies = classify_bodies(classifier, volume, proposals)
+    reference = classify_bodies(classifier, whole, proposals)
+    assert [b.roi for b in bodies] == [b.roi for b in reference]
+    assert np.allclose(
+        [b.prediction.slice_probabilities for b in bodies],
+        [b.prediction.slice_probabilities for b in reference],
+        atol=1e-5,
+    )
+
+
+def test_other_codecs_are_decoded_once_at_full_resolution(tmp_path: Path) -> None:
+    series = _series(tmp_path, "rle")
     assert overview_plan(series.geometry) == OverviewPlan(reduce=0, slice_step=1)
     overview = load_overview(series)
     assert overview.spacing == series.geometry.spacing and not overview.is_partial

@@ -21,7 +21,8 @@ A volume without a usable spine is not an error: :func:`localise` returns a
 
 from __future__ import annotations
 
-from model.serving.localiser.pipeline import localise
+from model.serving.localiser.grid import working_bins
+from model.serving.localiser.pipeline import MIN_SLICES, localise
 from model.serving.localiser.proposals import (
     AUTOMATIC_MARGIN_MM,
     Proposal,
@@ -37,10 +38,12 @@ __all__ = [
     "AUTOMATIC_MARGIN_MM",
     "LOCALISER_NAME",
     "LOCALISER_VERSION",
+    "MIN_SLICES",
     "Localisation",
     "Proposal",
     "VertebralBody",
     "automatic_polygon",
     "localise",
     "propose_rois",
+    "working_bins",
 ]

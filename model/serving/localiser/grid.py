@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from model.io.volume import Volume
+from model.io.volume import SeriesGeometry, Volume
 
 # Target voxel size (mm) of the working grid; coarser input is kept as it is.
 WORKING_SPACING_MM = 2.0
@@ -59,7 +59,7 @@ class LpsGrid:
         return np.asarray((np.asarray(mm) - self.origin_mm[2]) / self.spacing_mm[2])
 
 
-def _axis_steps(volume: Volume) -> np.ndarray:
+def _axis_steps(volume: Volume | SeriesGeometry) -> np.ndarray:
     """3×3: row v is the LPS step (mm) of one index along volume axis v (slice, row, column)."""
     s, r, c = volume.spacing
     return np.stack(
@@ -71,7 +71,7 @@ def _axis_steps(volume: Volume) -> np.ndarray:
     )
 
 
-def _aligned_permutation(volume: Volume) -> list[tuple[int, float]] | None:
+def _aligned_permutation(volume: Volume | SeriesGeometry) -> list[tuple[int, float]] | None:
     """For LPS axes x, y, z: (volume axis, sign) along it, or None when not axis-aligned."""
     directions = [
         np.asarray(volume.slice_direction, dtype=np.float64),
@@ -113,6 +113,29 @@ def _block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
 
 def _factor(spacing: float, target: float, size: int) -> int:
     return int(max(1, min(size, round(target / spacing)))) if spacing < target else 1
+
+
+def working_bins(
+    geometry: SeriesGeometry, spacing_mm: float = WORKING_SPACING_MM
+) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """The blocks :func:`to_lps_grid` averages the whole series of ``geometry`` over, in the
+    series' own axes (slice, row, column): their size and the index of the first block (the
+    remainder an axis drops lies at its far end along the patient axis, so at the start of a
+    volume axis that runs against it). None for an oblique series (it is resampled instead).
+
+    An overview read as these block means (:func:`model.io.volume.load_binned`) gives the
+    localiser the grid it would compute from the whole volume, without holding the whole
+    volume: :func:`to_lps_grid` then averages nothing more."""
+    permutation = _aligned_permutation(geometry)
+    if permutation is None:
+        return None
+    steps = _axis_steps(geometry)
+    bins, start = [1, 1, 1], [0, 0, 0]
+    for lps_axis, (v, sign) in enumerate(permutation):
+        size = geometry.shape[v]
+        bins[v] = _factor(abs(float(steps[v][lps_axis])), spacing_mm, size)
+        start[v] = size % bins[v] if sign < 0 else 0
+    return (bins[0], bins[1], bins[2]), (start[0], start[1], start[2])
 
 
 def to_lps_grid(volume: Volume, spacing_mm: float = WORKING_SPACING_MM) -> LpsGrid:
