@@ -67,17 +67,17 @@ class CanalTrack:
 
 
 def _bone_within(bone: np.ndarray, axis: int, reach: int, forward: bool) -> np.ndarray:
-    """Whether bone lies 1…``reach`` voxels from each voxel along ``axis`` (one direction)."""
-    if not forward:
-        return np.flip(_bone_within(np.flip(bone, axis), axis, reach, True), axis)
-    counts = np.cumsum(bone, axis=axis, dtype=np.int32)
+    """Whether bone lies 1…``reach`` voxels from each voxel along ``axis`` (one direction):
+    an OR of the bone mask shifted by each step (inside the volume only)."""
     size = bone.shape[axis]
-    pad_shape = list(bone.shape)
-    pad_shape[axis] = reach
-    last = np.take(counts, [size - 1], axis=axis)
-    padded = np.concatenate([counts, np.broadcast_to(last, pad_shape)], axis=axis)
-    ahead = np.take(padded, np.arange(reach, reach + size), axis=axis)
-    return np.asarray(ahead - counts > 0)
+    within = np.zeros(bone.shape, dtype=bool)
+    target = [slice(None)] * bone.ndim
+    source = [slice(None)] * bone.ndim
+    for step in range(1, min(reach, size - 1) + 1):
+        near, far = slice(0, size - step), slice(step, size)
+        target[axis], source[axis] = (near, far) if forward else (far, near)
+        within[tuple(target)] |= bone[tuple(source)]
+    return within
 
 
 def _mean_ahead(hu: np.ndarray, axis: int, near: int, far: int) -> np.ndarray:
