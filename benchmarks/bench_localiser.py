@@ -1,14 +1,15 @@
 """Benchmark: vertebra localisation on a 300-slice 512×512 study and on the real CT.
 
-Times, for the synthetic study stored uncompressed and as JPEG 2000 lossless:
+Times, for the synthetic study stored uncompressed and as JPEG 2000 lossless, what the
+automatic job does before it can propose an ROI:
 
-- decode: the whole series read and decoded (headers, geometry checks, pixels); the project
-  has no reduced-resolution decode yet, so the overview is made in memory from the full decode,
-- overview: the decoded volume reduced to about 2 mm voxels (block mean; the worker may hand
-  the localiser such an overview),
-- localise: :func:`model.serving.localiser.localise` on the overview (its own working grid
-  included),
-- localise on the full-resolution volume, for comparison,
+- headers: the series' headers read and its geometry validated,
+- overview: the series read as the localiser reads it (:func:`model.serving.overview.
+  load_overview`: an uncompressed series as the localiser's own 2 mm block means straight from
+  the files, JPEG 2000 at reduced resolution and slice density),
+- localise: :func:`model.serving.localiser.localise` on the overview,
+- localisation: the three together (issue #14's target: < 1 s),
+- and, for comparison, the whole series decoded at full resolution and localised,
 
 with medians of wall-clock and CPU seconds (all threads) over several runs (warm page cache),
 and the bodies found. The real CT (``shared/data/real-ct``, written as DICOM once) is timed the
@@ -26,7 +27,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ SLICES = 300
 SLICE_SPACING_MM = 1.0
 PIXEL_SPACING_MM = 0.7
 SEED = 2024
-OVERVIEW_FACTORS = (2, 3, 3)  # (slice, row, column): 2 × 2.1 × 2.1 mm
 
 
 def prepare_study(data: Path, encoding: str) -> list[Path]:
@@ -71,57 +70,41 @@ def prepare_real_ct(data: Path) -> list[Path] | None:
     return sorted(series_dir.glob("*.dcm"))
 
 
-def overview(volume: Any, factors: tuple[int, int, int]) -> Any:
-    """The volume reduced by block means of ``factors`` voxels (geometry kept consistent)."""
-    import numpy as np
-
-    f = [max(1, min(factor, size)) for factor, size in zip(factors, volume.shape, strict=True)]
-    trimmed = volume.voxels[
-        : volume.shape[0] // f[0] * f[0],
-        : volume.shape[1] // f[1] * f[1],
-        : volume.shape[2] // f[2] * f[2],
-    ]
-    shape = (
-        trimmed.shape[0] // f[0],
-        f[0],
-        trimmed.shape[1] // f[1],
-        f[1],
-        trimmed.shape[2] // f[2],
-        f[2],
-    )
-    voxels = trimmed.reshape(shape).mean(axis=(1, 3, 5), dtype=np.float32)
-    origin = volume.index_to_patient(np.array([(v - 1) / 2.0 for v in f]))
-    spacing = tuple(s * v for s, v in zip(volume.spacing, f, strict=True))
-    return replace(volume, voxels=voxels, origin=origin, spacing=spacing)
-
-
 def _timed(function: Any, *args: Any) -> tuple[Any, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = function(*args)
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_series(paths: list[Path], runs: int, factors: tuple[int, int, int]) -> dict[str, Any]:
-    from model.io.volume import load_series
+def time_series(paths: list[Path], runs: int) -> dict[str, Any]:
+    from model.io.headers import read_headers
+    from model.io.volume import load_volume, read_series_geometry
     from model.serving.localiser import localise
+    from model.serving.overview import load_overview, overview_plan
 
-    stages = ("decode", "overview", "localise", "decode+overview+localise", "localise_full")
+    def geometry_of() -> Any:
+        return read_series_geometry(paths, read_headers(paths))
+
+    stages = ("headers", "overview", "localise", "localisation", "decode_full", "localise_full")
     wall: dict[str, list[float]] = {name: [] for name in stages}
     cpu: dict[str, list[float]] = {name: [] for name in stages}
     result = None
     for run in range(runs + 1):  # the first run warms caches and is not counted
-        volume, w0, c0 = _timed(load_series, paths)
-        small, w1, c1 = _timed(overview, volume, factors)
+        geometry, w0, c0 = _timed(geometry_of)
+        small, w1, c1 = _timed(load_overview, geometry)
         result, w2, c2 = _timed(localise, small)
-        _, w3, c3 = _timed(localise, volume)
+        volume, w3, c3 = _timed(load_volume, geometry)
+        _, w4, c4 = _timed(localise, volume)
+        del volume
         if run == 0:
             continue
         for name, w, c in (
-            ("decode", w0, c0),
+            ("headers", w0, c0),
             ("overview", w1, c1),
             ("localise", w2, c2),
-            ("decode+overview+localise", w0 + w1 + w2, c0 + c1 + c2),
-            ("localise_full", w3, c3),
+            ("localisation", w0 + w1 + w2, c0 + c1 + c2),
+            ("decode_full", w3, c3),
+            ("localise_full", w4, c4),
         ):
             wall[name].append(w)
             cpu[name].append(c)
@@ -129,7 +112,8 @@ def time_series(paths: list[Path], runs: int, factors: tuple[int, int, int]) -> 
     return {
         "wall_s": {name: round(statistics.median(v), 4) for name, v in wall.items()},
         "cpu_s": {name: round(statistics.median(v), 4) for name, v in cpu.items()},
-        "shape": list(volume.shape),
+        "shape": list(geometry.shape),
+        "plan": repr(overview_plan(geometry)),
         "overview_shape": list(small.shape),
         "unanalysable": result.unanalysable,
         "bodies": [
@@ -165,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for encoding in ("explicit", "j2k"):
         paths = prepare_study(args.data, encoding)
-        results[f"phantom-{encoding}"] = time_series(paths, args.runs, OVERVIEW_FACTORS)
+        results[f"phantom-{encoding}"] = time_series(paths, args.runs)
     real = prepare_real_ct(args.data)
     if real is not None:
-        results["real-ct"] = time_series(real, args.runs, (1, 1, 1))
+        results["real-ct"] = time_series(real, args.runs)
         if args.preview is not None:
             write_preview(real, args.preview)
     for name, result in results.items():
-        print(f"{name}: {result['shape']} -> overview {result['overview_shape']}")
+        print(f"{name}: {result['shape']} -> overview {result['overview_shape']} {result['plan']}")
         for stage, seconds in result["wall_s"].items():
             print(f"  {stage:26s} wall {seconds:7.3f} s  cpu {result['cpu_s'][stage]:7.3f} s")
         bodies = ", ".join(f"{b['z_mm']:.0f} mm ({b['label'] or '-'})" for b in result["bodies"])

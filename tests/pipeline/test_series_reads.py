@@ -1,11 +1,13 @@
 """A job reads each file of its series' headers once: the series is one value
 (:class:`worker.series.Series`) that the selection rules, the volume and the SR's evidence
 share; and it decodes each slice at most once, for the classifier, the review series and the
-key image alike. Counted as file opens while a real job runs in-process (SQLite, no broker)."""
+key image alike. Counted as file opens for reading (``open`` and ``os.open``) while a real job
+runs in-process (SQLite, no broker)."""
 
 from __future__ import annotations
 
 import builtins
+import os
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,7 +65,17 @@ def test_a_job_reads_each_header_once_and_decodes_only_the_slices_it_needs(
             opened[Path(file).name] += 1
         return real_open(file, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def counting_os_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> Any:
+        # uncompressed pixels are read with os.open (model.io.pixels.read_native_rows)
+        reading = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) == 0
+        if reading and str(file).endswith(".dcm") and "/storage/" in str(file):
+            opened[Path(file).name] += 1
+        return real_os_open(file, flags, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_os_open)
     outcome = run_triage(rt, annotation_id)
     monkeypatch.undo()
     rt.close()
