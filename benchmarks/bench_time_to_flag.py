@@ -378,6 +378,12 @@ def phase_figures(run: dict[str, Any], quiet_period_s: float) -> dict[str, Any]:
         "ingest_per_study_s": round(statistics.median(run["ingest_s"]), 2),
         "studies_per_hour": round(done / (end - run["start"]) * 3600, 1),
         "worker_cpu_s_per_study": round(run["worker_cpu_s"] / max(1, done), 2),
+        # each study's time to flag, in the order the studies were sent
+        "time_to_flag_by_arrival_s": [
+            round(flagged[uid] - acked[uid] - quiet_period_s, 2)
+            for uid in run["uids"]
+            if uid in flagged
+        ],
     }
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import UTC, datetime
 
 from celery import Task, shared_task
 
+from dicom_node.archive import lifecycle
 from dicom_node.broker.wake import AUTO_TRIAGE_TASK, DELIVER_TASK, TRIAGE_TASK
 from worker.automatic import run_automatic
 from worker.delivery import DeliveryOutcome, run_delivery
 from worker.pipeline import Outcome, run_triage
-from worker.runtime import get_runtime
+from worker.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +27,13 @@ log = logging.getLogger(__name__)
 # threads still take reader-ROI jobs and deliveries; more throughput comes from more worker
 # processes or hosts. A second automatic job never waits on a thread for the slot (the
 # deliveries of the running one would queue behind it): it goes back to the broker and comes
-# again after AUTOMATIC_SLOT_WAIT_S, or to another worker's free slot.
+# again after AUTOMATIC_SLOT_WAIT_S, or to another worker's free slot. Whichever message
+# comes back first gets the slot, so the slot's holder first runs the older studies' jobs
+# still waiting (oldest first, a few at most): studies are analysed in the order they
+# completed, and none waits behind younger ones for as long as the queue lasts.
 AUTOMATIC_SLOTS = threading.BoundedSemaphore(1)
 AUTOMATIC_SLOT_WAIT_S = 0.5
+AUTOMATIC_AHEAD_MAX = 8  # older jobs run before the message's own, at most
 
 
 @shared_task(name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -43,12 +49,32 @@ def triage_study(self: Task, job_id: int) -> str:
     if not AUTOMATIC_SLOTS.acquire(blocking=False):
         raise self.retry(countdown=AUTOMATIC_SLOT_WAIT_S, max_retries=None)
     try:
-        result = run_automatic(get_runtime(), int(job_id))
+        rt = get_runtime()
+        run_older_first(rt, int(job_id))
+        result = run_automatic(rt, int(job_id))
     finally:
         AUTOMATIC_SLOTS.release()
     if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
         raise self.retry(countdown=result.retry_in_s, max_retries=None)
     return result.outcome.value
+
+
+def run_older_first(rt: WorkerRuntime, job_id: int) -> list[int]:
+    """Run the automatic jobs older than ``job_id`` that are waiting and were never tried,
+    oldest first (:func:`dicom_node.archive.lifecycle.oldest_waiting_auto_job`); their own
+    messages then find them done. Returns the ids run."""
+    ran: list[int] = []
+    while len(ran) < AUTOMATIC_AHEAD_MAX:
+        with rt.sessions() as session:
+            older = lifecycle.oldest_waiting_auto_job(
+                session, before_id=job_id, now=datetime.now(UTC), skip=ran
+            )
+        if older is None:
+            break
+        ran.append(older)
+        log.info("automatic job %d waited longer than job %d: run first", older, job_id)
+        run_automatic(rt, older)
+    return ran
 
 
 @shared_task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -599,6 +599,29 @@ def ready_auto_job_ids(
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def oldest_waiting_auto_job(
+    session: Session, *, before_id: int, now: datetime, skip: Collection[int] = ()
+) -> int | None:
+    """The oldest automatic job older than ``before_id`` that is ready and has never been
+    tried (a job that failed before waits for its own retry and back-off), or None: what a
+    worker whose automatic slot came free runs first, so that studies are analysed in the
+    order they completed, not in the order their messages happened to come back."""
+    query = (
+        select(AutoJob.id)
+        .where(
+            _auto_job_ready(now),
+            AutoJob.state == AutoJobState.PENDING,
+            AutoJob.attempts == 0,
+            AutoJob.id < before_id,
+        )
+        .order_by(AutoJob.id)
+        .limit(1)
+    )
+    if skip:
+        query = query.where(AutoJob.id.not_in(list(skip)))
+    return session.scalar(query)
 
 
 def mark_auto_jobs_enqueued(session: Session, ids: Sequence[int], now: datetime) -> None:
