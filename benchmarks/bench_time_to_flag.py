@@ -165,6 +165,10 @@ def main() -> int:
         "send) instead of after the previous one's flag and SR",
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--logs", type=Path, help="keep the node's and workers' log here (default: discarded)"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="of the node and the workers")
     args = parser.parse_args()
     phases = ["spaced", "back-to-back"] if args.arrival == "both" else [args.arrival]
     if args.batch and phases != ["back-to-back"]:
@@ -232,7 +236,7 @@ def main() -> int:
             ),
         }
     )
-    cli = [sys.executable, "-m", "worker.cli", "--log-level", "WARNING"]
+    cli = [sys.executable, "-m", "worker.cli", "--log-level", args.log_level]
     subprocess.run(
         [*cli, "db", "upgrade"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
     )
@@ -278,6 +282,9 @@ def main() -> int:
                 process.kill()
         orthanc.stop()
         ris.stop()
+        logs.close()
+        if args.logs is not None:
+            shutil.copyfile(work / "processes.log", args.logs)
         shutil.rmtree(work, ignore_errors=True)
 
     figures: dict[str, Any] = {

@@ -1,7 +1,10 @@
 """Celery tasks: thin shells around the pipeline and the outbox (ids in, nothing out).
 
-Retries are the only logic here. The database stays the source of truth: a lost message
-is re-sent by the node's sweep, a duplicate one finds nothing to claim.
+Retries are the only logic here, and they are unbounded (``max_retries=None`` on the task:
+``retry(max_retries=None)`` alone would fall back to Celery's default of 3, and the fourth
+retry would drop the message until the node's sweep re-sent it a minute later); the job's own
+attempts and back-off decide when it fails. The database stays the source of truth: a lost
+message is re-sent by the node's sweep, a duplicate one finds nothing to claim.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from worker.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
 
-# One automatic job at a time per worker process: it holds a whole series in memory (about
-# 1.4 GiB of the process at 300 × 512 × 512) and decodes on every core, so a second one beside
-# it would double the worker's memory without finishing either sooner. The worker's other
+# One automatic job at a time per worker process: it decodes on every core and classifies a
+# batch of every body (the process peaks at about 1.35 GiB at 300 × 512 × 512, most of it
+# PyTorch and the model), so a second one beside it would add memory without finishing either
+# sooner. The worker's other
 # threads still take reader-ROI jobs and deliveries; more throughput comes from more worker
 # processes or hosts. A second automatic job never waits on a thread for the slot (the
 # deliveries of the running one would queue behind it): it goes back to the broker and comes
@@ -36,18 +40,22 @@ AUTOMATIC_SLOT_WAIT_S = 0.5
 AUTOMATIC_AHEAD_MAX = 8  # older jobs run before the message's own, at most
 
 
-@shared_task(name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(
+    name=TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+)
 def triage_annotation(self: Task, annotation_id: int) -> str:
     result = run_triage(get_runtime(), int(annotation_id))
     if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
-        raise self.retry(countdown=result.retry_in_s, max_retries=None)
+        raise self.retry(countdown=result.retry_in_s)
     return result.outcome.value
 
 
-@shared_task(name=AUTO_TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(
+    name=AUTO_TRIAGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+)
 def triage_study(self: Task, job_id: int) -> str:
     if not AUTOMATIC_SLOTS.acquire(blocking=False):
-        raise self.retry(countdown=AUTOMATIC_SLOT_WAIT_S, max_retries=None)
+        raise self.retry(countdown=AUTOMATIC_SLOT_WAIT_S)
     try:
         rt = get_runtime()
         run_older_first(rt, int(job_id))
@@ -55,7 +63,7 @@ def triage_study(self: Task, job_id: int) -> str:
     finally:
         AUTOMATIC_SLOTS.release()
     if result.outcome is Outcome.RETRY and result.retry_in_s is not None:
-        raise self.retry(countdown=result.retry_in_s, max_retries=None)
+        raise self.retry(countdown=result.retry_in_s)
     return result.outcome.value
 
 
@@ -77,9 +85,11 @@ def run_older_first(rt: WorkerRuntime, job_id: int) -> list[int]:
     return ran
 
 
-@shared_task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(
+    name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+)
 def deliver(self: Task, delivery_id: int) -> str:
     result = run_delivery(get_runtime(), int(delivery_id))
     if result.outcome is DeliveryOutcome.RETRY and result.retry_at is not None:
-        raise self.retry(eta=result.retry_at, max_retries=None)
+        raise self.retry(eta=result.retry_at)
     return result.outcome.value

@@ -136,3 +136,35 @@ def test_the_slot_holder_runs_the_oldest_waiting_studies_first(
     assert ran[-1] == ids[1]
     with sessions() as session:
         assert {job.state for job in session.query(AutoJob)} == {AutoJobState.PROCESSING}
+
+
+def test_a_task_retries_as_often_as_its_job_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries are unbounded: a message past Celery's default of three retries goes back to
+    the broker again instead of being dropped (it would then wait for the node's sweep)."""
+    from worker.delivery import DeliveryOutcome, DeliveryResult
+    from worker.pipeline import TriageOutcome
+
+    monkeypatch.setattr(tasks, "get_runtime", lambda: None)
+    monkeypatch.setattr(
+        tasks,
+        "run_triage",
+        lambda rt, annotation_id: TriageOutcome(Outcome.RETRY, annotation_id, retry_in_s=5.0),
+    )
+    monkeypatch.setattr(
+        tasks,
+        "run_delivery",
+        lambda rt, delivery_id: DeliveryResult(
+            DeliveryOutcome.RETRY, delivery_id, retry_at=datetime.now(UTC) + timedelta(seconds=5)
+        ),
+    )
+    assert tasks.AUTOMATIC_SLOTS.acquire(blocking=False)  # another automatic job is running
+    try:
+        for task, argument in (
+            (tasks.triage_study, 2),
+            (tasks.triage_annotation, 3),
+            (tasks.deliver, 4),
+        ):
+            with pytest.raises(Retry):
+                task.apply(args=(argument,), retries=10, throw=True)
+    finally:
+        tasks.AUTOMATIC_SLOTS.release()
