@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.io.volume import SeriesError, group_paths_by_series, load_series
+from model.io.volume import SeriesError, group_paths_by_series, read_series_geometry
 from model.serving.localiser import LOCALISER_NAME, LOCALISER_VERSION, localise, propose_rois
+from model.serving.overview import load_overview
 from worker.commands import COMMANDS
 from worker.preview import render_overview_png
 
@@ -77,7 +78,8 @@ def run_propose(args: argparse.Namespace) -> int:
     if len(series) > 1:
         print(f"propose: {len(series)} series; using {uid} ({len(paths)} files)", file=sys.stderr)
     try:
-        volume = load_series(paths)
+        # read as the automatic job reads it (model.serving.overview), so the same proposals
+        volume = load_overview(read_series_geometry(paths))
     except SeriesError as exc:
         print(f"propose: {exc}", file=sys.stderr)
         return 2
