@@ -27,14 +27,13 @@ log = logging.getLogger(__name__)
 # One automatic job at a time per worker process: it decodes on every core and classifies a
 # batch of every body (the process peaks at about 1.35 GiB at 300 × 512 × 512, most of it
 # PyTorch and the model), so a second one beside it would add memory without finishing either
-# sooner. The worker's other
-# threads still take reader-ROI jobs and deliveries; more throughput comes from more worker
-# processes or hosts. A second automatic job never waits on a thread for the slot (the
-# deliveries of the running one would queue behind it): it goes back to the broker and comes
-# again after AUTOMATIC_SLOT_WAIT_S, or to another worker's free slot. Whichever message
-# comes back first gets the slot, so the slot's holder first runs the older studies' jobs
-# still waiting (oldest first, a few at most): studies are analysed in the order they
-# completed, and none waits behind younger ones for as long as the queue lasts.
+# sooner. The worker's other threads still take reader-ROI jobs and deliveries; more
+# throughput comes from more worker processes or hosts. A second automatic job never waits on
+# a thread for the slot (the deliveries of the running one would queue behind it): it goes
+# back to the broker and comes again after AUTOMATIC_SLOT_WAIT_S, or to another worker's free
+# slot. Whichever message comes back first gets the slot, so the slot's holder first runs the
+# older studies' jobs still waiting (oldest first, a few at most): studies are analysed in the
+# order they completed, and none waits behind younger ones for as long as the queue lasts.
 AUTOMATIC_SLOTS = threading.BoundedSemaphore(1)
 AUTOMATIC_SLOT_WAIT_S = 0.5
 AUTOMATIC_AHEAD_MAX = 8  # older jobs run before the message's own, at most

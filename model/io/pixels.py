@@ -136,9 +136,9 @@ def read_native_rows(header: FrameHeader, rows: tuple[int, int]) -> np.ndarray |
         return None  # pydicom reports it
     try:
         value_at = os.fstat(descriptor).st_size - total
-        if value_at < 8:
+        if value_at < 12:  # no room for the element's header (and the file's preamble)
             return None
-        element = os.pread(descriptor, 12, value_at - 12) if value_at >= 12 else b""
+        element = os.pread(descriptor, 12, value_at - 12)
         length = total.to_bytes(4, "little")
         explicit = header.transfer_syntax_uid == "1.2.840.10008.1.2.1"
         if explicit:
@@ -175,17 +175,16 @@ def _read_direct(request: FrameRequest) -> np.ndarray | None:
     return block_mean(_hounsfield(request.header, stored[:, c0:c1]), request.reduce)
 
 
-def _strided_sum(values: np.ndarray, step: int, axis: int) -> np.ndarray:
-    """Sums over consecutive runs of ``step`` along ``axis`` (its length a multiple of it)."""
-    take = [slice(None), slice(None)]
-    take[axis] = slice(0, None, step)
-    total: np.ndarray = np.array(
-        values[tuple(take)], dtype=np.float64 if values.dtype.kind == "f" else np.int32
-    )
-    for offset in range(1, step):
-        take[axis] = slice(offset, None, step)
-        np.add(total, values[tuple(take)], out=total)
-    return total
+def _block_sums(values: np.ndarray, bins: tuple[int, int]) -> np.ndarray:
+    """Sums over ``bins`` (rows, columns) blocks of a 2-D array whose size is a multiple of
+    them, added up as strided slices (integers in int32, floats in float64)."""
+    rows = np.array(values[:: bins[0]], dtype=np.float64 if values.dtype.kind == "f" else np.int32)
+    for offset in range(1, bins[0]):
+        np.add(rows, values[offset :: bins[0]], out=rows)
+    sums = np.array(rows[:, :: bins[1]])
+    for offset in range(1, bins[1]):
+        np.add(sums, rows[:, offset :: bins[1]], out=sums)
+    return sums
 
 
 def decode_block_sums(request: FrameRequest, bins: tuple[int, int]) -> np.ndarray:
@@ -199,12 +198,10 @@ def decode_block_sums(request: FrameRequest, bins: tuple[int, int]) -> np.ndarra
         raise ValueError(f"region {height}×{width} is not a whole number of {bins} blocks")
     stored = read_native_rows(request.header, request.rows)
     if stored is None:
-        values = decode_frames([request], workers=1)[0]
-        return _strided_sum(_strided_sum(values, bins[0], 0), bins[1], 1)
+        return _block_sums(decode_frames([request], workers=1)[0], bins)
     c0, c1 = request.columns
-    sums = _strided_sum(_strided_sum(stored[:, c0:c1], bins[0], 0), bins[1], 1)
     slope, intercept = request.header.rescale_slope, request.header.rescale_intercept
-    return sums * slope + bins[0] * bins[1] * intercept
+    return _block_sums(stored[:, c0:c1], bins) * slope + bins[0] * bins[1] * intercept
 
 
 def _codestream(dataset: Dataset, header: FrameHeader) -> bytes:

@@ -335,6 +335,37 @@ def load_series(
     return load_volume(read_series_geometry(paths), region=region, workers=workers)
 
 
+def _volume_of(
+    geometry: SeriesGeometry,
+    voxels: np.ndarray,
+    *,
+    first_index: Sequence[float] | np.ndarray,
+    scale: tuple[int, int, int],
+    frames: Sequence[FrameHeader],
+    source_shape: tuple[int, int, int] | None = None,
+    source_offset: tuple[int, int, int] = (0, 0, 0),
+) -> Volume:
+    """``voxels`` as a :class:`Volume` of ``geometry``'s series: its first sample at the
+    (fractional) series index ``first_index``, ``scale`` source voxels per sample along each
+    axis, decoded from ``frames``."""
+    first = geometry.frames[0]
+    s, r, c = geometry.spacing
+    return Volume(
+        voxels=voxels,
+        origin=geometry.index_to_patient(np.asarray(first_index, dtype=np.float64)),
+        row_direction=geometry.row_direction,
+        column_direction=geometry.column_direction,
+        slice_direction=geometry.slice_direction,
+        spacing=(s * scale[0], r * scale[1], c * scale[2]),
+        series_instance_uid=first.series_instance_uid,
+        study_instance_uid=first.study_instance_uid,
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        sop_instance_uids=tuple(frame.sop_instance_uid for frame in frames),
+        source_shape=source_shape,
+        source_offset=source_offset,
+    )
+
+
 def _overview(
     geometry: SeriesGeometry, reduce: int, slice_step: int, workers: int | None
 ) -> Volume:
@@ -342,7 +373,6 @@ def _overview(
         raise ValueError(f"reduce: expected 0..5, got {reduce}")
     if slice_step < 1:
         raise ValueError(f"slice_step: expected 1 or more, got {slice_step}")
-    first = geometry.frames[0]
     _, rows, columns = geometry.shape
     frames = geometry.frames[::slice_step]
     requests = [
@@ -352,18 +382,12 @@ def _overview(
     voxels = decode_frames(requests, workers=workers)
     step = 1 << reduce
     centre = (step - 1) / 2.0  # a reduced sample stands for its block (both decode paths)
-    s, r, c = geometry.spacing
-    return Volume(
-        voxels=voxels,
-        origin=geometry.index_to_patient(np.array((0.0, centre, centre))),
-        row_direction=geometry.row_direction,
-        column_direction=geometry.column_direction,
-        slice_direction=geometry.slice_direction,
-        spacing=(s * slice_step, r * step, c * step),
-        series_instance_uid=first.series_instance_uid,
-        study_instance_uid=first.study_instance_uid,
-        frame_of_reference_uid=first.frame_of_reference_uid,
-        sop_instance_uids=tuple(frame.sop_instance_uid for frame in frames),
+    return _volume_of(
+        geometry,
+        voxels,
+        first_index=(0.0, centre, centre),
+        scale=(slice_step, step, step),
+        frames=frames,
     )
 
 
@@ -396,21 +420,8 @@ def load_binned(
         )
         output[index // kb] += decode_block_sums(request, (rb, cb))
     voxels = (output / (kb * rb * cb)).astype(np.float32)
-    s, r, c = geometry.spacing
     centre = np.array(start, dtype=np.float64) + (np.array(bins, dtype=np.float64) - 1.0) / 2.0
-    first = geometry.frames[0]
-    return Volume(
-        voxels=voxels,
-        origin=geometry.index_to_patient(centre),
-        row_direction=geometry.row_direction,
-        column_direction=geometry.column_direction,
-        slice_direction=geometry.slice_direction,
-        spacing=(s * kb, r * rb, c * cb),
-        series_instance_uid=first.series_instance_uid,
-        study_instance_uid=first.study_instance_uid,
-        frame_of_reference_uid=first.frame_of_reference_uid,
-        sop_instance_uids=tuple(frame.sop_instance_uid for frame in frames),
-    )
+    return _volume_of(geometry, voxels, first_index=centre, scale=bins, frames=frames)
 
 
 def load_volume(
@@ -462,17 +473,12 @@ def load_volume(
         c1,
     )
     offset = (k0, r0, c0)
-    return Volume(
-        voxels=voxels,
-        origin=geometry.index_to_patient(np.array(offset, dtype=np.float64)),
-        row_direction=geometry.row_direction,
-        column_direction=geometry.column_direction,
-        slice_direction=geometry.slice_direction,
-        spacing=geometry.spacing,
-        series_instance_uid=first.series_instance_uid,
-        study_instance_uid=first.study_instance_uid,
-        frame_of_reference_uid=first.frame_of_reference_uid,
-        sop_instance_uids=tuple(r.header.sop_instance_uid for r in requests),
+    return _volume_of(
+        geometry,
+        voxels,
+        first_index=offset,
+        scale=(1, 1, 1),
+        frames=[r.header for r in requests],
         source_shape=geometry.shape,
         source_offset=offset,
     )
