@@ -36,13 +36,16 @@ def ris() -> Iterator[MllpListener]:
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One malignant and one benign synthetic study (a held-out seed)."""
-    from model.synthetic.cases import make_case
+def cases(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> dict[str, Any]:
+    """A held-out malignant and a held-out benign synthetic study the model calls right from
+    the reader's ROI."""
+    from tests.answers import case_called_right
 
     folder = tmp_path_factory.mktemp("e2e-cases")
     return {
-        label: make_case(folder, patient_id=f"E2E-{label}", label=label, seed=4242)
+        label: case_called_right(
+            folder, demo_checkpoint, patient_id=f"E2E-{label}", label=label, mode="reader"
+        )
         for label in ("malignant", "benign")
     }
 

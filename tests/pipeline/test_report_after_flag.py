@@ -22,7 +22,7 @@ from dicom_node.archive.schema import AutoJob, AutoJobState, Delivery, TriageRes
 from dicom_node.dicom.ingest import StoreContext, store_instance
 from dicom_node.settings import Settings
 from dicom_node.web.worklist_query import build_study_detail
-from model.synthetic.cases import make_case
+from tests.answers import case_called_right
 from tests.support import free_port
 from tests.system import case_files
 from worker import automatic
@@ -36,9 +36,14 @@ class _WorkerDied(BaseException):
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return make_case(
-        tmp_path_factory.mktemp("flag-first"), patient_id="FLAG-FIRST", label="malignant", seed=4243
+def case(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Any:
+    """A held-out malignant phantom the model flags automatically."""
+    return case_called_right(
+        tmp_path_factory.mktemp("flag-first"),
+        demo_checkpoint,
+        patient_id="FLAG-FIRST",
+        label="malignant",
+        mode="automatic",
     )
 
 

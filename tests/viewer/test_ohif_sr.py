@@ -64,13 +64,17 @@ def viewer_pacs() -> Iterator[Orthanc]:
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A malignant and a benign synthetic study (held-out seed), as the end-to-end test."""
+def cases(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> dict[str, Any]:
+    """A held-out malignant and benign synthetic study the model calls right from the
+    reader's ROI, as the end-to-end test; two more for the reader and automatic cases."""
     from model.synthetic.cases import make_case
+    from tests.answers import case_called_right
 
     folder = tmp_path_factory.mktemp("ohif-cases")
     made = {
-        label: make_case(folder, patient_id=f"OHIF-{label}", label=label, seed=4243)
+        label: case_called_right(
+            folder, demo_checkpoint, patient_id=f"OHIF-{label}", label=label, mode="reader"
+        )
         for label in ("malignant", "benign")
     }
     made["reader"] = make_case(folder, patient_id="OHIF-reader", label="malignant", seed=4244)
