@@ -10,6 +10,11 @@ paravertebral mass reaches beyond it (with ``margin_mm=0`` the box is tight on t
 leaves any mass out). The phantom is the truth, so the outline is known exactly; the jitter
 stands for the localiser's error.
 
+:func:`localised_body_rois` gives instead the ROIs the localiser itself proposes on the
+written series, each matched to the phantom body it lies on: what an automatic job will
+classify, biases of the localiser included (its outline of a phantom body is not the
+phantom's), so a model trained on them is trained on what it serves.
+
 Normal bodies are the ones without any fracture feature: not the fractured one, not a
 compressed one, and in a malignant case not the fractured one's neighbours either (metastases
 spread, and the phantom may put a second lesion there).
@@ -19,10 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pydicom
 
-from model.serving.localiser import AUTOMATIC_MARGIN_MM, automatic_polygon
+from model.io.volume import read_series_geometry
+from model.serving.localiser import AUTOMATIC_MARGIN_MM, automatic_polygon, localise, propose_rois
+from model.serving.overview import load_overview
 from model.serving.roi import Roi
 from model.synthetic.design import ROI_Z_CLEARANCE_MM
 from model.synthetic.phantom import SpinePhantom
@@ -179,3 +188,38 @@ def body_roi(
         polygon_yz_mm=polygon,
         vertebra=vertebra.name,
     )
+
+
+def localised_body_rois(
+    series_dir: Path,
+    phantom: SpinePhantom,
+    *,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    slices: int = BODY_ROI_SLICES,
+    margin_mm: float = AUTOMATIC_MARGIN_MM,
+) -> dict[int, Roi]:
+    """The ROIs the automatic localiser proposes on the series in ``series_dir``, read as an
+    automatic job reads it, keyed by the index of the phantom body each one's centre lies in
+    (between the body's endplates); where two fall in one body, the more confident one. A
+    body the localiser missed has no entry."""
+    files = sorted(p for p in Path(series_dir).rglob("*") if p.is_file())
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    overview = load_overview(read_series_geometry(files, headers))
+    proposals = propose_rois(
+        localise(overview),
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        slices=slices,
+        margin_mm=margin_mm,
+    )
+    found: dict[int, tuple[float, Roi]] = {}
+    for proposal in proposals:
+        zs = [z for _, z in proposal.roi.polygon_yz_mm]
+        centre = (min(zs) + max(zs)) / 2.0
+        for index, vertebra in enumerate(phantom.vertebrae):
+            if vertebra.z_bottom <= centre <= vertebra.z_top:
+                if index not in found or proposal.confidence > found[index][0]:
+                    found[index] = (proposal.confidence, proposal.roi)
+                break
+    return {index: roi for index, (_, roi) in sorted(found.items())}

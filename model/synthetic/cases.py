@@ -32,7 +32,7 @@ import numpy as np
 
 from model.serving.localiser import AUTOMATIC_MARGIN_MM
 from model.serving.roi import Roi
-from model.synthetic.body_rois import body_roi, normal_bodies
+from model.synthetic.body_rois import body_roi, localised_body_rois, normal_bodies
 from model.synthetic.design import design_phantom, design_roi
 from model.synthetic.phantom import Label, SpinePhantom
 from model.synthetic.series import SeriesIdentity, SeriesLayout, TransferSyntaxName, write_ct_series
@@ -137,6 +137,9 @@ def _write_roi(path: Path, roi: Roi) -> Path:
     return path
 
 
+BodyRoiSource = Literal["phantom", "localiser"]
+
+
 def _body_rois(
     case_dir: Path,
     phantom: SpinePhantom,
@@ -147,10 +150,25 @@ def _body_rois(
     label: Label,
     slices: int,
     margin_mm: float,
+    source: BodyRoiSource,
 ) -> tuple[BodyRoi, ...]:
-    """The fractured body's localiser ROI and up to ``normals`` on normal bodies."""
+    """The fractured body's localiser ROI and up to ``normals`` on normal bodies: drawn from
+    the phantom's truth, or (``source="localiser"``) the localiser's own proposals on the
+    written series, the truth's ROI standing in for a fractured body it missed."""
+    proposed: dict[int, Roi] = {}
+    if source == "localiser":
+        proposed = localised_body_rois(
+            case_dir / SERIES_FOLDER,
+            phantom,
+            study_instance_uid=roi.study_instance_uid,
+            series_instance_uid=roi.series_instance_uid,
+            slices=slices,
+            margin_mm=margin_mm,
+        )
 
     def make(index: int) -> Roi:
+        if index in proposed:
+            return proposed[index]
         return body_roi(
             phantom,
             index,
@@ -172,6 +190,8 @@ def _body_rois(
         )
     ]
     candidates = normal_bodies(phantom, slice_z_mm, margin_mm=margin_mm)
+    if source == "localiser":
+        candidates = tuple(i for i in candidates if i in proposed)
     count = min(normals, len(candidates))
     chosen = sorted(int(i) for i in rng.choice(candidates, size=count, replace=False))
     for number, index in enumerate(chosen, start=1):
@@ -194,6 +214,7 @@ def make_case(
     normals: int = 0,
     body_roi_slices: int = 5,
     body_roi_margin_mm: float = AUTOMATIC_MARGIN_MM,
+    body_rois_from: BodyRoiSource = "phantom",
     **options: Any,
 ) -> SynthCase:
     """Write one synthetic case under ``out_dir/patient_id``; see :class:`SynthOptions`.
@@ -201,12 +222,18 @@ def make_case(
     ``normals`` > 0 also writes the localiser-like ROIs (the fractured body's and up to
     ``normals`` normal bodies'), each with ``body_roi_slices`` slices and the localiser's
     margin ``body_roi_margin_mm`` in front and behind; the series and the reader's ROI are the
-    same as without them.
+    same as without them. ``body_rois_from="localiser"``: those ROIs are the localiser's own
+    proposals on the written series (:func:`model.synthetic.body_rois.localised_body_rois`)
+    rather than drawn from the phantom's truth.
     """
     if label not in ("benign", "malignant"):
         raise ValueError(f"label: expected 'benign' or 'malignant', got {label!r}")
     if normals < 0:
         raise ValueError(f"normals: expected 0 or more, got {normals}")
+    if body_rois_from not in ("phantom", "localiser"):
+        raise ValueError(
+            f"body_rois_from: expected 'phantom' or 'localiser', got {body_rois_from!r}"
+        )
     if not patient_id or "/" in patient_id or patient_id.startswith("."):
         raise ValueError(f"patient_id: not usable as a folder name: {patient_id!r}")
     settings = SynthOptions.from_kwargs(options)
@@ -252,6 +279,7 @@ def make_case(
             case_label,
             body_roi_slices,
             body_roi_margin_mm,
+            body_rois_from,
         )
     (case_dir / "label.json").write_text(
         json.dumps(
@@ -266,6 +294,7 @@ def make_case(
                     {"roi": b.path.name, "label": b.label, "vertebra": b.roi.vertebra}
                     for b in bodies
                 ],
+                "body_rois_from": body_rois_from if bodies else None,
             },
             indent=2,
         )

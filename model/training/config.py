@@ -34,6 +34,10 @@ class TrainConfig:
     # after each epoch, re-estimate BatchNorm statistics on the (unaugmented) training slices
     # with the epoch's final weights ("precise BN"); not in the paper, off by default
     recalibrate_batchnorm: bool = False
+    # > 0: the weights averaged over the last N epochs instead of the best epoch's
+    # (stochastic weight averaging, Izmailov et al., UAI 2018), BatchNorm statistics then
+    # re-estimated; needs patience 0 (every epoch run). Not in the paper, off by default
+    average_last: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.augmentation_factor < 1:
@@ -46,6 +50,10 @@ class TrainConfig:
             raise ValueError("validation fraction must lie in [0, 1)")
         if self.patience < 0:
             raise ValueError("patience must be 0 (off) or positive")
+        if not 0 <= self.average_last <= self.epochs:
+            raise ValueError(f"average_last must lie in 0..{self.epochs} (the epochs)")
+        if self.average_last and self.patience:
+            raise ValueError("average_last needs patience 0: every epoch is run and averaged")
         if self.init not in ("imagenet", "random"):
             raise ValueError(f"init must be 'imagenet' or 'random', not {self.init!r}")
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from model.serving.checkpoint import TASK_AUTOMATIC, TASK_READER_ROI, save_checkpoint
@@ -97,6 +98,7 @@ class FitResult:
     initialisation: str  # one plain sentence for reports
     device: str
     seconds: float
+    averaged_epochs: int = 0  # > 0: the weights are the average of the last N epochs'
 
     @property
     def epochs_run(self) -> int:
@@ -107,6 +109,7 @@ class FitResult:
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "best_validation_loss": self.best_validation_loss,
+            "averaged_epochs": self.averaged_epochs,
             "stopped_early": self.stopped_early,
             "init_used": self.init_used,
             "initialisation": self.initialisation,
@@ -242,7 +245,9 @@ def fit(
     description: str = "training",
     keep_progress_bar: bool = True,
 ) -> FitResult:
-    """Train from scratch; keep the weights of the epoch with the lowest validation loss.
+    """Train from scratch; keep the weights of the epoch with the lowest validation loss, or
+    with ``config.average_last`` the average of the last epochs' weights (BatchNorm statistics
+    re-estimated on the training slices; its validation loss is the one reported).
 
     Without validation patients the training loss is monitored instead (said in the summary).
     """
@@ -266,6 +271,7 @@ def fit(
     history: list[EpochRecord] = []
     stopping = EarlyStopping(config.patience)
     best_state: dict[str, torch.Tensor] = {}
+    averaged = AveragedModel(model) if config.average_last else None
     epochs = tqdm(range(1, config.epochs + 1), desc=description, unit="epoch", disable=not progress)
     for epoch in epochs:
         epoch_start = time.perf_counter()
@@ -297,10 +303,28 @@ def fit(
             elapsed,
             elapsed / epoch * (config.epochs - epoch),
         )
+        if averaged is not None and epoch > config.epochs - config.average_last:
+            averaged.update_parameters(model)
         if stopping.update(epoch, monitored):
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         elif stopping.should_stop:
             break
+    best_epoch, best_loss = stopping.best_epoch, stopping.best_loss
+    if averaged is not None:
+        model = averaged.module
+        recalibrate_batchnorm(model, train_set, device=device)
+        validation_loss = evaluate(model, criterion, validation_set, device=device).loss
+        best_epoch = len(history)
+        best_loss = train_loss if validation_loss is None else validation_loss
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        logger.info(
+            "%s: weights averaged over epochs %d-%d, %s loss %.4f",
+            description,
+            len(history) - config.average_last + 1,
+            len(history),
+            "training" if validation_loss is None else "validation",
+            best_loss,
+        )
     model.load_state_dict(best_state)
     model.eval()
     seconds = time.perf_counter() - started
@@ -309,9 +333,9 @@ def fit(
         description,
         len(history),
         seconds,
-        stopping.best_epoch,
+        best_epoch,
         "training" if not validation_patients else "validation",
-        stopping.best_loss,
+        best_loss,
         init_used,
         device,
     )
@@ -319,13 +343,14 @@ def fit(
         model=model,
         state_dict={k: v.contiguous() for k, v in best_state.items()},
         history=tuple(history),
-        best_epoch=stopping.best_epoch,
-        best_validation_loss=stopping.best_loss if validation_patients else None,
+        best_epoch=best_epoch,
+        best_validation_loss=best_loss if validation_patients else None,
         stopped_early=len(history) < config.epochs,
         init_used=init_used,
         initialisation=initialisation,
         device=str(device),
         seconds=seconds,
+        averaged_epochs=config.average_last,
     )
 
 

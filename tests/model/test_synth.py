@@ -354,3 +354,56 @@ def test_synth_command_writes_body_rois(tmp_path: Path, capsys: pytest.CaptureFi
     assert (
         main(["synth", "--out", str(out), "--patients", "1", "--seed", "5", "--normals", "-1"]) == 2
     )
+    other = tmp_path / "from-localiser"
+    args = ["synth", "--out", str(other), "--patients", "1", "--seed", "5", "--normals", "1"]
+    assert main([*args, "--body-rois-from", "localiser"]) == 0
+    (label,) = other.glob("*/label.json")
+    assert json.loads(label.read_text())["body_rois_from"] == "localiser"
+
+
+def test_body_rois_from_the_localiser_are_its_own_proposals(tmp_path: Path) -> None:
+    """``body_rois_from="localiser"``: each body ROI is one the localiser proposes on the
+    written series (read as an automatic job reads it), on the body it names, normal ones on
+    normal bodies; the series and the reader's ROI are those of the truth-drawn case."""
+    from model.io.volume import read_series_geometry
+    from model.serving.localiser import localise, propose_rois
+    from model.serving.overview import load_overview
+
+    for label in ("malignant", "benign"):
+        case = make_case(
+            tmp_path / "localiser",
+            patient_id=f"L-{label}",
+            label=label,
+            seed=20210,
+            normals=3,
+            body_roi_slices=3,
+            body_rois_from="localiser",
+        )
+        truth = make_case(
+            tmp_path / "phantom", patient_id=f"L-{label}", label=label, seed=20210, normals=3
+        )
+        assert case.roi == truth.roi and case.slice_z_mm == truth.slice_z_mm
+        files = sorted(case.series_dir.iterdir())
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+        proposed = propose_rois(
+            localise(load_overview(read_series_geometry(files, headers))),
+            study_instance_uid=case.roi.study_instance_uid,
+            series_instance_uid=case.roi.series_instance_uid,
+            slices=3,
+        )
+        rois = [p.roi for p in proposed]
+        phantom = case.phantom
+        assert case.body_rois and case.body_rois[0].label == label
+        assert case.body_rois[0].vertebra_index == phantom.abnormal_index
+        for body in case.body_rois:
+            assert body.roi in rois, body  # the localiser's own ROI, not one drawn from truth
+            assert body.roi == Roi.from_json(json.loads(body.path.read_text()))
+            zs = [z for _, z in body.roi.polygon_yz_mm]
+            vertebra = phantom.vertebrae[body.vertebra_index]
+            assert vertebra.z_bottom <= (min(zs) + max(zs)) / 2 <= vertebra.z_top
+        normals = [b.vertebra_index for b in case.normal_rois]
+        assert normals and set(normals) <= set(normal_bodies(phantom, case.slice_z_mm))
+        recorded = json.loads((case.series_dir.parent / "label.json").read_text())
+        assert recorded["body_rois_from"] == "localiser"
+    with pytest.raises(ValueError, match="body_rois_from"):
+        make_case(tmp_path, patient_id="X", label="benign", seed=1, normals=1, body_rois_from="x")  # type: ignore[arg-type]

@@ -20,11 +20,17 @@ from model.synthetic.demo import (
     ensure_demo_checkpoint,
 )
 from model.training.metrics import auroc
+from tests.answers import automatic_answer
 from worker.cli import main
+
+# The automatic path on fresh phantoms: shares of the malignant studies flagged (at least)
+# and of the benign ones (at most), on the maximum over every body the localiser finds.
+AUTOMATIC_MALIGNANT_FLAGGED = 0.75
+AUTOMATIC_BENIGN_FLAGGED = 0.5
 
 TINY = DemoRecipe(
     patients=4,
-    train=replace(DEMO_RECIPE.train, epochs=1, augmentation_factor=1),
+    train=replace(DEMO_RECIPE.train, epochs=1, augmentation_factor=1, average_last=0),
     threads=1,
 )
 
@@ -119,3 +125,17 @@ def test_demo_model_separates_held_out_synthetic_patients(
     )
     assert specificity >= 0.85
     assert flagged_right >= 13
+
+    # what an automatic job answers: the localiser's bodies, the maximum over all of them
+    flagged = {"malignant": 0, "benign": 0}
+    for case in cases:
+        bodies = automatic_answer(path, case)
+        flagged[case.label] += bodies[0].prediction.priority == "HIGH"
+    malignant = sum(case.label == "malignant" for case in cases)
+    benign = len(cases) - malignant
+    print(
+        f"automatic: {flagged['malignant']}/{malignant} malignant and "
+        f"{flagged['benign']}/{benign} benign studies flagged"
+    )
+    assert flagged["malignant"] >= AUTOMATIC_MALIGNANT_FLAGGED * malignant
+    assert flagged["benign"] <= AUTOMATIC_BENIGN_FLAGGED * benign

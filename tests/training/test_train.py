@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,6 +88,45 @@ def test_fit_returns_the_weights_of_the_best_validation_epoch() -> None:
     assert again.loss == pytest.approx(result.best_validation_loss, rel=1e-5)
     for name, tensor in result.model.state_dict().items():
         assert torch.equal(tensor, result.state_dict[name]), name
+
+
+def test_weight_averaging_returns_the_mean_of_the_last_epochs() -> None:
+    """``average_last=2``: each parameter is the mean of the last two epochs' (the same seed
+    retraced to epoch 2 and to epoch 3), BatchNorm statistics re-estimated, and the reported
+    validation loss is the averaged model's."""
+    patients = _patients(8, seed=2)
+    base = TrainConfig(
+        epochs=3,
+        patience=0,
+        learning_rate=3e-3,
+        augmentation_factor=1,
+        augment=NO_AUGMENT,
+        init="random",
+        batch_size=8,
+    )
+
+    def run(epochs: int, average_last: int) -> Any:
+        config = TrainConfig(**{**base.__dict__, "epochs": epochs, "average_last": average_last})
+        return fit(patients[:6], patients[6:], config)
+
+    second, third, averaged = run(2, 1), run(3, 1), run(3, 2)
+    parameters = dict(averaged.model.named_parameters())
+    assert parameters
+    for name, value in parameters.items():
+        mean = (second.state_dict[name] + third.state_dict[name]) / 2
+        assert torch.allclose(value.detach(), mean, atol=1e-6), name
+    assert averaged.summary()["averaged_epochs"] == 2 and averaged.best_epoch == 3
+    again = evaluate(
+        averaged.model,
+        nn.BCEWithLogitsLoss(),
+        load_data(patients[6:], torch.device("cpu")),
+        device=torch.device("cpu"),
+    )
+    assert again.loss == pytest.approx(averaged.best_validation_loss, rel=1e-5)
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(epochs=3, patience=2, average_last=2)
+    with pytest.raises(ValueError, match="average_last"):
+        TrainConfig(epochs=3, patience=0, average_last=4)
 
 
 def test_same_seed_same_model_on_cpu() -> None:

@@ -24,9 +24,11 @@ per patient an axial CT series as DICOM files (CT Image Storage, or one Enhanced
 with --multiframe), the ROI a radiologist would draw on the fractured vertebra (roi.json, the
 JSON the REST API accepts) and the label with the features the phantom shows (label.json).
 With --normals N each case also gets the ROIs an automatic localiser would propose: on the
-fractured body (roi-body.json) and on up to N normal bodies (roi-normal-1.json, ...). A
-manifest.csv (patient_id,label,series_dir,roi,roi_source; one row per ROI, label normal on a
-normal body) lists them for training and evaluation.
+fractured body (roi-body.json) and on up to N normal bodies (roi-normal-1.json, ...): drawn
+from the phantom's truth, or with --body-rois-from localiser the localiser's own proposals on
+the written series (what an automatic job classifies). A manifest.csv
+(patient_id,label,series_dir,roi,roi_source; one row per ROI, label normal on a normal body)
+lists them for training and evaluation.
 
 Phantoms have 5-7 vertebral bodies with cortex and cancellous bone, discs, rough posterior
 elements, muscles, fat, air and noise. Benign cases show compression, a sclerotic fracture
@@ -86,6 +88,13 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="also write localiser-like ROIs: on the fractured body and on up to N normal "
         "bodies per case (default 0: the reader's ROI only)",
+    )
+    synth.add_argument(
+        "--body-rois-from",
+        choices=["phantom", "localiser"],
+        default="phantom",
+        help="with --normals: the body ROIs drawn from the phantom's truth (default) or the "
+        "localiser's own proposals on the written series",
     )
     synth.add_argument(
         "--transfer-syntax",
@@ -157,6 +166,7 @@ def run_synth(args: argparse.Namespace) -> int:
             seed=args.seed,
             malignant_fraction=args.malignant_fraction,
             normals=args.normals,
+            body_rois_from=args.body_rois_from,
             **options,
         )
     except ValueError as exc:

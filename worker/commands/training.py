@@ -111,6 +111,14 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         "epoch (the best epoch is kept either way; default 10)",
     )
     group.add_argument(
+        "--average-last",
+        type=int,
+        metavar="N",
+        help="keep the average of the last N epochs' weights instead of the best epoch's "
+        "(stochastic weight averaging; needs --patience 0; default 0, the demonstration "
+        "recipe 5)",
+    )
+    group.add_argument(
         "--validation-fraction",
         type=float,
         metavar="F",
@@ -257,8 +265,14 @@ def _training_config(args: argparse.Namespace, base: Any) -> Any:
             max_scale=_pick(args.max_scale, augment.max_scale),
             max_rotation_degrees=_pick(args.max_rotation, augment.max_rotation_degrees),
         )
+    epochs = base.epochs if args.epochs is None else args.epochs
+    patience = base.patience if args.patience is None else args.patience
+    average_last = getattr(args, "average_last", None)
+    if average_last is None:  # the base's averaging, fitted to the epochs and patience asked for
+        average_last = 0 if patience else min(base.average_last, epochs)
     return with_overrides(
         base,
+        average_last=average_last,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
