@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -153,11 +154,20 @@ def test_a_hung_audit_repository_never_holds_up_ingest(
     # Every study stored and audited in the table while the sender is still stuck in its
     # first TLS handshake with a repository that never answers.
     assert blackhole.connections, "the sender never tried the repository"
+
+    # A transfer is recorded when its association is released, which the sender may see
+    # before the node's release handler has run: wait for the last one, briefly.
+    def received() -> list[str]:
+        return sorted(
+            e.study_instance_uid for e in _events(node) if e.event_type == "instances-transferred"
+        )
+
+    deadline = time.monotonic() + 10.0
+    while received() != sorted(studies) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert received() == sorted(studies)
     stats = trail.forwarder.stats
     assert stats.sent == 0
-    events = _events(node)
-    received = [e.study_instance_uid for e in events if e.event_type == "instances-transferred"]
-    assert sorted(received) == sorted(studies)
     # 1 start + 6 studies recorded; one in the sender's hands, 2 queued, the rest dropped
     assert stats.dropped >= 7 - 1 - 2
     from prometheus_client import CollectorRegistry, generate_latest
