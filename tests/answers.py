@@ -24,6 +24,7 @@ from model.serving.inference import Classifier
 from model.serving.prediction import Prediction
 from model.serving.preprocess import load_roi_volume
 from model.synthetic.cases import SynthCase, make_case
+from tests.system import case_files
 from worker.automatic import (
     Body,
     classify_bodies,
@@ -45,18 +46,14 @@ def classifier(checkpoint: Path) -> Classifier:
     return Classifier.load(checkpoint, device="cpu")
 
 
-def _files(case: SynthCase) -> list[Path]:
-    return sorted(Path(case.series_dir).rglob("*.dcm"))
-
-
 def reader_answer(checkpoint: Path, case: SynthCase) -> Prediction:
     """The model's answer on the case's reader ROI."""
-    return classifier(checkpoint).predict(load_roi_volume(_files(case), case.roi), case.roi)
+    return classifier(checkpoint).predict(load_roi_volume(case_files(case), case.roi), case.roi)
 
 
 def automatic_answer(checkpoint: Path, case: SynthCase) -> list[Body]:
     """What an automatic job answers on the case: every proposed body, most suspicious first."""
-    files = _files(case)
+    files = case_files(case)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     series = Series(
         case.roi.study_instance_uid,

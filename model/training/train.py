@@ -303,14 +303,18 @@ def fit(
             elapsed,
             elapsed / epoch * (config.epochs - epoch),
         )
-        if averaged is not None and epoch > config.epochs - config.average_last:
-            averaged.update_parameters(model)
-        if stopping.update(epoch, monitored):
+        improved = stopping.update(epoch, monitored)
+        if averaged is not None:  # every epoch runs; the last ones are averaged
+            if epoch > config.epochs - config.average_last:
+                averaged.update_parameters(model)
+        elif improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         elif stopping.should_stop:
             break
     best_epoch, best_loss = stopping.best_epoch, stopping.best_loss
-    if averaged is not None:
+    if averaged is None:
+        model.load_state_dict(best_state)
+    else:
         model = averaged.module
         recalibrate_batchnorm(model, train_set, device=device)
         validation_loss = evaluate(model, criterion, validation_set, device=device).loss
@@ -325,7 +329,6 @@ def fit(
             "training" if validation_loss is None else "validation",
             best_loss,
         )
-    model.load_state_dict(best_state)
     model.eval()
     seconds = time.perf_counter() - started
     logger.info(

@@ -27,6 +27,18 @@ NO_AUGMENT = AugmentParams(
 )
 
 
+def _quick(**changes: Any) -> TrainConfig:
+    """A few fast epochs on the code-made inputs: no augmentation, random weights."""
+    settings: dict[str, Any] = {
+        "learning_rate": 3e-3,
+        "augmentation_factor": 1,
+        "augment": NO_AUGMENT,
+        "init": "random",
+        "batch_size": 8,
+    }
+    return TrainConfig(**{**settings, **changes})
+
+
 def _patients(count: int, seed: int) -> list[RoiInputs]:
     """Inputs made by code: malignant ones carry a dark blob, benign ones a bright bar."""
     rng = np.random.default_rng(seed)
@@ -60,15 +72,7 @@ def test_early_stopping_tracks_the_lowest_loss() -> None:
 
 def test_fit_returns_the_weights_of_the_best_validation_epoch() -> None:
     patients = _patients(10, seed=0)
-    config = TrainConfig(
-        epochs=4,
-        patience=2,
-        learning_rate=3e-3,
-        augmentation_factor=1,
-        augment=NO_AUGMENT,
-        init="random",
-        batch_size=8,
-    )
+    config = _quick(epochs=4, patience=2)
     result = fit(patients[:8], patients[8:], config)
     losses = [r.validation_loss for r in result.history if r.validation_loss is not None]
     assert len(losses) == len(result.history)
@@ -95,18 +99,9 @@ def test_weight_averaging_returns_the_mean_of_the_last_epochs() -> None:
     retraced to epoch 2 and to epoch 3), BatchNorm statistics re-estimated, and the reported
     validation loss is the averaged model's."""
     patients = _patients(8, seed=2)
-    base = TrainConfig(
-        epochs=3,
-        patience=0,
-        learning_rate=3e-3,
-        augmentation_factor=1,
-        augment=NO_AUGMENT,
-        init="random",
-        batch_size=8,
-    )
 
     def run(epochs: int, average_last: int) -> Any:
-        config = TrainConfig(**{**base.__dict__, "epochs": epochs, "average_last": average_last})
+        config = _quick(epochs=epochs, patience=0, average_last=average_last)
         return fit(patients[:6], patients[6:], config)
 
     second, third, averaged = run(2, 1), run(3, 1), run(3, 2)

@@ -267,7 +267,7 @@ def _training_config(args: argparse.Namespace, base: Any) -> Any:
         )
     epochs = base.epochs if args.epochs is None else args.epochs
     patience = base.patience if args.patience is None else args.patience
-    average_last = getattr(args, "average_last", None)
+    average_last = args.average_last
     if average_last is None:  # the base's averaging, fitted to the epochs and patience asked for
         average_last = 0 if patience else min(base.average_last, epochs)
     return with_overrides(
