@@ -13,10 +13,12 @@ one: wall time waits on whatever else runs.
 
     python benchmarks/bench_ingest.py [--instances 300] [--runs 5] [--senders 1]
         [--listeners 1] [--database-url postgresql+psycopg2://...] [--set NAME=VALUE]
+        [--compare NAME=VALUE]
 
 ``--senders 4`` splits the files over 4 concurrent ``storescu`` associations (then
 ``storescp --fork`` is the reference and ``--listeners`` the node's listener processes).
-TCP_NODELAY=1 is set for the DCMTK tools (see shared PERFORMANCE.md).
+TCP_NODELAY=1 is set for the DCMTK tools (see shared PERFORMANCE.md). ``--compare NAME=VALUE``
+adds a node with that one setting changed to every run, for a before/after in the same runs.
 
 Each run also sends to two bare pynetdicom receivers (``bare_scp.py``, unless ``--no-bare``):
 one whose handler does nothing and one that writes ``event.encoded_dataset()`` without fsync
@@ -50,6 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dicom_node.settings import Settings  # noqa: E402
 from tests.dicom_factory import write_ct_series  # noqa: E402
 from tests.services import Orthanc  # noqa: E402
 
@@ -324,6 +327,14 @@ def main() -> int:
         help="a node setting for the run, e.g. --set dicom_poll_interval_ms=1 (repeatable)",
     )
     parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also time a node with this setting changed, in the same runs "
+        "(e.g. --compare dicom_stream_writes=false; repeatable: one node each)",
+    )
+    parser.add_argument(
         "--no-bare",
         action="store_true",
         help="skip the bare pynetdicom receivers (bare_scp.py) in each run",
@@ -336,6 +347,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
+    for item in (*args.set, *args.compare):  # the node ignores unknown settings: say so here
+        if "=" not in item or item.split("=", 1)[0] not in Settings.model_fields:
+            parser.error(f"{item!r} is not NAME=VALUE with NAME a node setting")
     overrides = dict(item.split("=", 1) for item in args.set)
     fork = args.senders > 1
     node_name = "node ({}, {} listener(s))".format(
@@ -369,6 +383,17 @@ def main() -> int:
             overrides=overrides,
         ),
     )
+    for item in args.compare:
+        name, value = item.split("=", 1)
+        receivers[f"node_{name}_{value}"] = (
+            f"{node_name}, {name}={value}",
+            partial(
+                run_node,
+                listeners=args.listeners,
+                database_url=args.database_url,
+                overrides={**overrides, name: value},
+            ),
+        )
 
     times: dict[str, list[float]] = {key: [] for key in receivers}
     cpus: dict[str, list[float]] = {key: [] for key in receivers}

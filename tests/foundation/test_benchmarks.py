@@ -36,11 +36,21 @@ def test_bench_ingest_measures_storescp_the_bare_receivers_orthanc_and_the_node(
     require_binary("Orthanc")
     out = tmp_path / "ingest.json"
     result = _run_benchmark(
-        "bench_ingest.py", "--instances", "4", "--runs", "1", "--json", str(out)
+        "bench_ingest.py",
+        *("--instances", "4", "--runs", "1", "--json", str(out)),
+        *("--compare", "dicom_poll_interval_ms=2"),  # a second node, one setting changed
     )
     figures = json.loads(out.read_text())
     assert figures["instances"] == 4
-    receivers = ("storescp", "bare_nothing", "bare_write", "orthanc", "orthanc_nosync", "node")
+    receivers = (
+        "storescp",
+        "bare_nothing",
+        "bare_write",
+        "orthanc",
+        "orthanc_nosync",
+        "node",
+        "node_dicom_poll_interval_ms_2",
+    )
     for key in receivers:
         assert figures[f"{key}_s"] > 0, key
         assert figures[f"{key}_cpu_ms_per_inst"] >= 0, key  # the receiver's CPU, from /proc
@@ -51,6 +61,18 @@ def test_bench_ingest_measures_storescp_the_bare_receivers_orthanc_and_the_node(
     assert "Orthanc, SyncStorageArea on" in result.stdout
     assert "Orthanc, SyncStorageArea off" in result.stdout
     assert "node (sqlite, 1 listener(s))" in result.stdout
+    assert "node (sqlite, 1 listener(s)), dicom_poll_interval_ms=2" in result.stdout
+
+
+def test_bench_ingest_refuses_a_setting_the_node_does_not_have() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ingest.py"), "--compare", "no_such=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "not NAME=VALUE with NAME a node setting" in result.stderr
 
 
 def test_bench_store_path_reports_every_stage(tmp_path: Path) -> None:
