@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -52,7 +52,12 @@ from model.serving.localiser import (
 )
 from model.serving.overview import load_for_rois
 from model.serving.overview import load_overview as read_overview
-from model.serving.prediction import Prediction, suspicion_order
+from model.serving.prediction import (
+    Prediction,
+    outside_domain,
+    series_outside_domain,
+    suspicion_order,
+)
 from model.serving.preprocess import build_inputs
 from model.serving.roi import Roi
 from worker import shadow
@@ -266,7 +271,9 @@ def classify_bodies(
     classifier: Classifier, volume: Volume, proposals: Sequence[Proposal]
 ) -> list[Body]:
     """Every proposed body classified in one batch; most suspicious first. A body whose ROI
-    reaches outside the series is left out (logged); none left is unanalysable."""
+    reaches outside the series is left out (logged); none left is unanalysable. When the
+    median of the bodies' domain scores lies above the threshold, the series is outside the
+    model's training domain and every body is reported so (never flagged)."""
     kept, inputs = [], []
     for proposal in proposals:
         try:
@@ -289,6 +296,10 @@ def classify_bodies(
         )
         bodies.append(Body(proposal.roi, proposal.confidence, prediction))
         start = end
+    if series_outside_domain([body.prediction for body in bodies]):
+        # most bodies lie outside the training domain: the series does, none of it is trusted
+        log.info("series outside the model's training domain (median of its bodies' scores)")
+        bodies = [replace(body, prediction=outside_domain(body.prediction)) for body in bodies]
     # A flagged body first (a body outside the training domain is never flagged), then the
     # bodies the model may judge by probability, then those outside its training domain.
     bodies.sort(key=lambda body: suspicion_order(body.prediction))

@@ -9,8 +9,9 @@ ROUTINE whatever the probability, and ``in_domain`` says why.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from model.serving.domain import DomainVerdict
@@ -28,6 +29,9 @@ class Prediction:
     ``domain_score`` / ``domain_threshold`` / ``in_domain``: the out-of-domain guard's ROI score
     (the maximum over the slices), its threshold and the verdict; all None for a checkpoint
     without a domain description. Outside the domain the priority is ROUTINE.
+    ``domain_basis``: "roi" when the verdict is this ROI's score against the threshold,
+    "series" when the ROI's series as a whole lies outside (:func:`series_outside_domain`),
+    whatever this ROI's own score.
     """
 
     x_mm: tuple[float, ...]
@@ -39,6 +43,7 @@ class Prediction:
     domain_score: float | None = None
     domain_threshold: float | None = None
     in_domain: bool | None = None
+    domain_basis: Literal["roi", "series"] = "roi"
 
     @property
     def outside_domain(self) -> bool:
@@ -61,7 +66,10 @@ class Prediction:
         domain = (self.domain_score, self.domain_threshold, self.in_domain)
         if any(value is None for value in domain) and any(value is not None for value in domain):
             raise ValueError("domain score, threshold and verdict are given together or not at all")
-        if (
+        if self.domain_basis == "series":
+            if self.in_domain is not False:
+                raise ValueError("a series-level domain verdict can only be 'outside'")
+        elif (
             self.domain_score is not None
             and self.domain_threshold is not None
             and self.in_domain != (self.domain_score <= self.domain_threshold)
@@ -109,3 +117,30 @@ def suspicion_order(prediction: Prediction) -> tuple[bool, bool, float]:
         prediction.in_domain is False,
         -prediction.patient_probability,
     )
+
+
+def series_outside_domain(predictions: Sequence[Prediction]) -> bool:
+    """Whether a series lies outside the model's training domain as a whole: the median of
+    its bodies' domain scores is above the threshold.
+
+    A domain shift (another scanner, reconstruction kernel, dose or anatomy than the training
+    data) belongs to the acquisition, so it touches every body of the series; a body's score
+    alone has a tail (on the demonstration model about one in twenty of its own held-out
+    phantoms' ROIs scores above the threshold, measured), and one body of a shifted series
+    can land below it by chance, as on the real CT with some trainings. When most bodies lie
+    outside, none of them is trusted (:func:`outside_domain`). False without a guard."""
+    scores = [p.domain_score for p in predictions if p.domain_score is not None]
+    thresholds = {p.domain_threshold for p in predictions if p.domain_threshold is not None}
+    if not scores or len(thresholds) != 1:
+        return False
+    return statistics.median(scores) > thresholds.pop()
+
+
+def outside_domain(prediction: Prediction) -> Prediction:
+    """The same answer for a body of a series outside the training domain: not flagged,
+    reported as outside (its own score kept as measured)."""
+    if prediction.in_domain is None:
+        raise ValueError("no domain verdict to change: the model has no guard")
+    if prediction.in_domain is False:
+        return prediction  # outside on its own score already
+    return replace(prediction, in_domain=False, priority="ROUTINE", domain_basis="series")
