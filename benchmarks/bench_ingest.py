@@ -332,7 +332,7 @@ def main() -> int:
         default=[],
         metavar="NAME=VALUE",
         help="also time a node with this setting changed, in the same runs "
-        "(e.g. --compare dicom_stream_writes=false; repeatable: one node each)",
+        "(e.g. --compare dicom_poll_interval_ms=0.2; repeatable: one node each)",
     )
     parser.add_argument(
         "--no-bare",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.io.volume import SeriesError, load_series
+from model.io.volume import load_series
 from model.serving.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -25,7 +25,6 @@ from model.serving.checkpoint import (
 )
 from model.serving.domain import DomainVerdict
 from model.serving.inference import Classifier
-from model.serving.localiser import localise, propose_rois
 from model.serving.prediction import (
     Prediction,
     outside_domain,
@@ -34,6 +33,7 @@ from model.serving.prediction import (
 )
 from model.synthetic.cases import make_case
 from tests.real_ct import REAL_CT_PATIENT_ID, write_real_ct_series
+from worker.automatic import classify_bodies, localise_bodies, propose
 
 HELD_OUT_SEED = 4242  # the demonstration model never trained on these phantoms
 
@@ -81,21 +81,11 @@ def test_held_out_phantoms_lie_inside_the_training_domain(
 
 
 def _body_predictions(classifier: Classifier, series_dir: Path) -> list[Prediction]:
-    """The classifier's answer on every body the localiser proposes in ``series_dir``."""
+    """What the automatic job's own steps answer on every body found in ``series_dir``
+    (a body cut by the field of view left out, the series rule applied)."""
     volume = load_series(sorted(p for p in series_dir.rglob("*") if p.is_file()))
-    proposals = propose_rois(
-        localise(volume),
-        study_instance_uid=volume.study_instance_uid,
-        series_instance_uid=volume.series_instance_uid,
-        slices=5,
-    )
-    predictions = []
-    for proposal in proposals:
-        try:
-            predictions.append(classifier.predict(volume, proposal.roi))
-        except SeriesError:  # a body cut by the field of view: the job leaves it out too
-            continue
-    return predictions
+    bodies = classify_bodies(classifier, volume, propose(localise_bodies(volume), volume))
+    return [body.prediction for body in bodies]
 
 
 def test_the_real_ct_series_lies_outside_the_demonstration_models_domain(
@@ -109,7 +99,7 @@ def test_the_real_ct_series_lies_outside_the_demonstration_models_domain(
     above = [score for score in scores if score is not None and score > threshold]
     assert len(above) * 2 > len(scores), (scores, threshold)  # most of its bodies
     assert series_outside_domain(predictions)
-    for prediction in map(outside_domain, predictions):  # what the automatic job reports
+    for prediction in predictions:  # what the automatic job reports
         assert prediction.in_domain is False and prediction.priority == "ROUTINE"
 
 
